@@ -1,0 +1,131 @@
+//! Time sources. tollgate reads time as integer microseconds since the Unix epoch, the
+//! unit the Redis scripts use too, so memory and Redis compute identical answers.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A source of wall-clock time for rate decisions.
+///
+/// Implement it to drive tollgate from your own time source; use [`ManualClock`] in tests.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Microseconds since the Unix epoch.
+    fn now_micros(&self) -> u64;
+}
+
+/// The default clock: the system time read once at construction, advanced by a monotonic
+/// clock, so a wall-clock jump after start-up never moves it backwards.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    base_micros: u64,
+    base: Instant,
+}
+
+impl SystemClock {
+    /// Reads the system time now; every later reading is this plus monotonic elapsed time.
+    pub fn new() -> Self {
+        let base_micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| duration_micros(d));
+        SystemClock {
+            base_micros,
+            base: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    #[inline]
+    fn now_micros(&self) -> u64 {
+        self.base_micros
+            .saturating_add(duration_micros(self.base.elapsed()))
+    }
+}
+
+/// A clock that moves only when told to, for deterministic tests (yours and ours).
+///
+/// It starts at [`ManualClock::START`], 2023-11-15T00:00:00Z: a whole number of days
+/// since the epoch, so an aligned window of any period that divides a day starts exactly
+/// there. Clones share one time.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use tollgate::ManualClock;
+///
+/// let clock = ManualClock::new();
+/// let other = clock.clone();
+/// clock.advance(Duration::from_secs(90));
+/// assert_eq!(other.now(), UNIX_EPOCH + ManualClock::START + Duration::from_secs(90));
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    micros: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// Where every `ManualClock` starts, as time since the Unix epoch: 19 676 days.
+    pub const START: Duration = Duration::from_secs(19_676 * 86_400);
+
+    /// A clock at [`ManualClock::START`].
+    pub fn new() -> Self {
+        ManualClock {
+            micros: Arc::new(AtomicU64::new(duration_micros(Self::START))),
+        }
+    }
+
+    /// Moves time forward by `by` (saturating).
+    pub fn advance(&self, by: Duration) {
+        let by = duration_micros(by);
+        let _ = self
+            .micros
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_add(by))
+            });
+    }
+
+    /// Moves time backward by `by` (saturating at the epoch), as a wall clock stepped back
+    /// by NTP would.
+    pub fn rewind(&self, by: Duration) {
+        let by = duration_micros(by);
+        let _ = self
+            .micros
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                Some(t.saturating_sub(by))
+            });
+    }
+
+    /// Sets the time to `since_epoch` after the Unix epoch.
+    pub fn set(&self, since_epoch: Duration) {
+        self.micros
+            .store(duration_micros(since_epoch), Ordering::SeqCst);
+    }
+
+    /// The current time.
+    pub fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(self.micros.load(Ordering::SeqCst))
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for ManualClock {
+    #[inline]
+    fn now_micros(&self) -> u64 {
+        self.micros.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) fn duration_micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,830 @@
+//! `RateLimitConfig`: what to limit and how, validated as a whole at start-up.
+//!
+//! A config that exists is valid: deserializing, [`RateLimitConfig::from_toml_str`] and
+//! [`RateLimitConfigBuilder::build`] all run the same validation and report every problem
+//! at once in a [`ConfigError`], one line per problem, each naming its field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::de::{self, IgnoredAny};
+use serde::Deserialize;
+
+use crate::{Algorithm, Rate};
+
+/// What happens to a request over its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Over the limit → `429 Too Many Requests`; the inner service is not called.
+    #[default]
+    Enforce,
+    /// Count and decide as `Enforce`, but never reject: a would-be rejection is logged at
+    /// `warn` (rule and tool only) and the call goes through with its rate headers.
+    Permissive,
+    /// Pass every request straight through: count nothing, add nothing.
+    Disabled,
+}
+
+/// What happens when the store fails and no fallback answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FailMode {
+    /// Forward the request without rate headers (the service keeps serving).
+    #[default]
+    Open,
+    /// Answer `503` with code `BACKEND_UNAVAILABLE` and `Retry-After: 1`.
+    Closed,
+}
+
+/// Which rate headers responses carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum HeaderStyle {
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
+    #[default]
+    Legacy,
+    /// `RateLimit-Policy` and `RateLimit` from draft-ietf-httpapi-ratelimit-headers.
+    Ietf,
+    /// Both sets.
+    Both,
+    /// No rate headers (a 429 still carries `Retry-After`).
+    None,
+}
+
+/// Where counters live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// In this process: [`MemoryStore`](crate::MemoryStore).
+    #[default]
+    Memory,
+    /// In Redis, shared by every instance (feature `redis`).
+    Redis,
+}
+
+/// What answers while Redis is failing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    /// A local memory store with the same rules (limits then hold per instance).
+    #[default]
+    Memory,
+    /// Nothing: [`FailMode`] decides.
+    None,
+}
+
+/// `[identity]`: request headers to read identities from. Read only when named; trust
+/// them only behind a proxy that sets them and strips them from clients.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityConfig {
+    user_header: Option<HeaderName>,
+    tenant_header: Option<HeaderName>,
+    tool_header: Option<HeaderName>,
+}
+
+impl IdentityConfig {
+    /// Header carrying the user id.
+    pub fn user_header(&self) -> Option<&HeaderName> {
+        self.user_header.as_ref()
+    }
+    /// Header carrying the tenant id.
+    pub fn tenant_header(&self) -> Option<&HeaderName> {
+        self.tenant_header.as_ref()
+    }
+    /// Header carrying the tool name.
+    pub fn tool_header(&self) -> Option<&HeaderName> {
+        self.tool_header.as_ref()
+    }
+}
+
+/// `[backend]`: where counters live and how Redis is reached.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    kind: BackendKind,
+    url: Option<String>,
+    key_prefix: String,
+    pool_size: u32,
+    timeout: Duration,
+    fallback: Fallback,
+    max_keys: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            kind: BackendKind::Memory,
+            url: None,
+            key_prefix: "rl".into(),
+            pool_size: 16,
+            timeout: Duration::from_millis(50),
+            fallback: Fallback::Memory,
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// `memory` or `redis`.
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+    /// The Redis URL (`redis://`, `rediss://` or `unix://`), when `kind = "redis"`.
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
+    /// Prefix of every Redis key (default `rl`).
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+    /// Redis connections kept (default 16).
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size
+    }
+    /// Longest a Redis call may take before the fallback answers (default 50 ms).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// What answers while Redis fails (default `memory`).
+    pub fn fallback(&self) -> Fallback {
+        self.fallback
+    }
+    /// Most keys a memory store holds (default 1 000 000).
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+}
+
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A Redis URL may carry a password.
+        f.debug_struct("BackendConfig")
+            .field("kind", &self.kind)
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("key_prefix", &self.key_prefix)
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .field("fallback", &self.fallback)
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+/// A validated rate-limit configuration. See the crate docs for the TOML reference.
+///
+/// ```
+/// use tollgate::{RateLimitConfig, Rate};
+///
+/// let cfg = RateLimitConfig::from_toml_str(r#"
+///     by_user = "30/m"
+///     [by_tool]
+///     " Search " = "10/m"
+/// "#).unwrap();
+/// assert_eq!(cfg.by_user(), Some(Rate::per_minute(30)));
+/// assert_eq!(cfg.tool_rate("search"), Some(Rate::per_minute(10)));
+///
+/// let err = RateLimitConfig::from_toml_str(r#"
+///     by_user = "abc/m"
+///     mode = "strict"
+/// "#).unwrap_err();
+/// assert_eq!(err.to_string(), "by_user: invalid rate \"abc/m\": count must be a positive \
+///     integer no larger than 1000000000\nmode: unknown mode \"strict\": expected enforce, \
+///     permissive or disabled");
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Raw")]
+pub struct RateLimitConfig {
+    by_user: Option<Rate>,
+    by_tenant: Option<Rate>,
+    by_tool: BTreeMap<String, Rate>,
+    algorithm: Algorithm,
+    mode: Mode,
+    fail_mode: FailMode,
+    headers: HeaderStyle,
+    identity: IdentityConfig,
+    backend: BackendConfig,
+}
+
+impl RateLimitConfig {
+    /// A builder that starts from the defaults (no limits).
+    pub fn builder() -> RateLimitConfigBuilder {
+        RateLimitConfigBuilder::default()
+    }
+
+    /// Parses and validates TOML; syntax errors and every invalid value are reported.
+    pub fn from_toml_str(text: &str) -> Result<RateLimitConfig, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let mut err = ConfigError::default();
+            err.push("toml", e.message().trim());
+            err
+        })?;
+        RateLimitConfig::try_from(raw)
+    }
+
+    /// The per-user rate.
+    pub fn by_user(&self) -> Option<Rate> {
+        self.by_user
+    }
+    /// The per-tenant rate.
+    pub fn by_tenant(&self) -> Option<Rate> {
+        self.by_tenant
+    }
+    /// Per-tool rates, by normalised (trimmed, lower-cased) tool name.
+    pub fn by_tool(&self) -> impl Iterator<Item = (&str, Rate)> + '_ {
+        self.by_tool.iter().map(|(name, rate)| (name.as_str(), *rate))
+    }
+    /// The rate of one tool; `name` is normalised as requests are.
+    pub fn tool_rate(&self, name: &str) -> Option<Rate> {
+        self.by_tool.get(&normalize_tool(name)).copied()
+    }
+    /// The counting algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+    /// Enforce, permissive or disabled.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// What happens when the store fails.
+    pub fn fail_mode(&self) -> FailMode {
+        self.fail_mode
+    }
+    /// Which rate headers are written.
+    pub fn headers(&self) -> HeaderStyle {
+        self.headers
+    }
+    /// Identity headers.
+    pub fn identity(&self) -> &IdentityConfig {
+        &self.identity
+    }
+    /// Backend settings.
+    pub fn backend(&self) -> &BackendConfig {
+        &self.backend
+    }
+}
+
+/// Every problem found in a configuration. `Display` prints one per line, each starting
+/// with the field it concerns, e.g. `by_tool["search"]: invalid rate "abc/m": ...`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigError {
+    problems: Vec<(String, String)>,
+}
+
+impl ConfigError {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push((field.into(), message.into()));
+    }
+
+    /// `(field, message)` for each problem, in the order found.
+    pub fn problems(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.problems.iter().map(|(f, m)| (f.as_str(), m.as_str()))
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (field, message)) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{field}: {message}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A rate given to the builder: a [`Rate`] or its text (`"30/m"`), checked at `build`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateSpec(Scalar);
+
+impl From<Rate> for RateSpec {
+    fn from(rate: Rate) -> Self {
+        RateSpec(Scalar::Text(rate.to_string()))
+    }
+}
+impl From<&str> for RateSpec {
+    fn from(text: &str) -> Self {
+        RateSpec(Scalar::Text(text.to_owned()))
+    }
+}
+impl From<String> for RateSpec {
+    fn from(text: String) -> Self {
+        RateSpec(Scalar::Text(text))
+    }
+}
+
+/// Builds a [`RateLimitConfig`] in code; [`build`](Self::build) validates like a file.
+///
+/// ```
+/// use tollgate::{Algorithm, RateLimitConfig, Rate};
+/// let cfg = RateLimitConfig::builder()
+///     .by_user("30/m")
+///     .by_tenant(Rate::per_minute(3000))
+///     .tool("search", "10/m")
+///     .algorithm(Algorithm::SlidingWindow)
+///     .build()
+///     .unwrap();
+/// assert_eq!(cfg.by_tenant(), Some(Rate::per_minute(3000)));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct RateLimitConfigBuilder {
+    raw: Raw,
+}
+
+impl RateLimitConfigBuilder {
+    /// Limit each user to `rate`.
+    pub fn by_user(mut self, rate: impl Into<RateSpec>) -> Self {
+        self.raw.by_user = Some(rate.into().0);
+        self
+    }
+    /// Limit each tenant to `rate`.
+    pub fn by_tenant(mut self, rate: impl Into<RateSpec>) -> Self {
+        self.raw.by_tenant = Some(rate.into().0);
+        self
+    }
+    /// Limit the tool `name` (shared by all callers) to `rate`.
+    pub fn tool(mut self, name: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw
+            .by_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// The counting algorithm.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.raw.algorithm = Some(Scalar::Text(algorithm.as_str().into()));
+        self
+    }
+    /// Enforce, permissive or disabled.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.raw.mode = Some(Scalar::Text(mode_name(mode).into()));
+        self
+    }
+    /// What happens when the store fails and no fallback answers.
+    pub fn fail_mode(mut self, fail_mode: FailMode) -> Self {
+        let name = match fail_mode {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        };
+        self.raw.fail_mode = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Which rate headers to write.
+    pub fn headers(mut self, style: HeaderStyle) -> Self {
+        let name = match style {
+            HeaderStyle::Legacy => "legacy",
+            HeaderStyle::Ietf => "ietf",
+            HeaderStyle::Both => "both",
+            HeaderStyle::None => "none",
+        };
+        self.raw.headers = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Read the user id from this header.
+    pub fn user_header(mut self, name: impl Into<String>) -> Self {
+        self.raw.identity.user_header = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Read the tenant id from this header.
+    pub fn tenant_header(mut self, name: impl Into<String>) -> Self {
+        self.raw.identity.tenant_header = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Read the tool name from this header.
+    pub fn tool_header(mut self, name: impl Into<String>) -> Self {
+        self.raw.identity.tool_header = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Keep counters in Redis at `url`.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.raw.backend.kind = Some(Scalar::Text("redis".into()));
+        self.raw.backend.url = Some(Scalar::Text(url.into()));
+        self
+    }
+    /// Prefix of every Redis key.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.raw.backend.key_prefix = Some(Scalar::Text(prefix.into()));
+        self
+    }
+    /// Redis connections kept.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.raw.backend.pool_size = Some(Scalar::Int(i128::from(size)));
+        self
+    }
+    /// Longest a Redis call may take.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.raw.backend.timeout_ms = Some(Scalar::Int(timeout.as_millis() as i128));
+        self
+    }
+    /// What answers while Redis fails.
+    pub fn fallback(mut self, fallback: Fallback) -> Self {
+        let name = match fallback {
+            Fallback::Memory => "memory",
+            Fallback::None => "none",
+        };
+        self.raw.backend.fallback = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Most keys the memory store holds.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.raw.backend.max_keys = Some(Scalar::Int(max_keys as i128));
+        self
+    }
+    /// Validates everything, reporting every problem.
+    pub fn build(self) -> Result<RateLimitConfig, ConfigError> {
+        RateLimitConfig::try_from(self.raw)
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::Permissive => "permissive",
+        Mode::Disabled => "disabled",
+    }
+}
+
+/// Trims and lower-cases a tool name, as configuration keys and requests both are.
+pub(crate) fn normalize_tool(name: &str) -> String {
+    name.trim().to_lowercase()
+}
+
+// ---- raw form and validation ----
+
+/// A scalar as written, kept loose so a wrong type is one reported problem among others
+/// rather than an abort.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Scalar {
+    Text(String),
+    Int(i128),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(v.to_owned()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Int(v.into()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Other("a float"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other("a boolean"))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("an array"))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut a: A) -> Result<Scalar, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other("a table"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn deserialize_tools<'de, D: de::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<(String, Scalar)>>, D::Error> {
+    let map = Option::<BTreeMap<String, Scalar>>::deserialize(d)?;
+    Ok(map.map(|m| m.into_iter().collect()))
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct Raw {
+    by_user: Option<Scalar>,
+    by_tenant: Option<Scalar>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    by_tool: Option<Vec<(String, Scalar)>>,
+    algorithm: Option<Scalar>,
+    mode: Option<Scalar>,
+    fail_mode: Option<Scalar>,
+    headers: Option<Scalar>,
+    identity: RawIdentity,
+    backend: RawBackend,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawIdentity {
+    user_header: Option<Scalar>,
+    tenant_header: Option<Scalar>,
+    tool_header: Option<Scalar>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawBackend {
+    kind: Option<Scalar>,
+    url: Option<Scalar>,
+    key_prefix: Option<Scalar>,
+    pool_size: Option<Scalar>,
+    timeout_ms: Option<Scalar>,
+    fallback: Option<Scalar>,
+    max_keys: Option<Scalar>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+/// Collects problems while turning raw values into typed ones.
+struct Check {
+    err: ConfigError,
+}
+
+impl Check {
+    fn text<'a>(&mut self, field: &str, value: &'a Option<Scalar>) -> Option<&'a str> {
+        match value {
+            None => None,
+            Some(Scalar::Text(t)) => Some(t),
+            Some(Scalar::Int(_)) => {
+                self.err.push(field, "expected a string, found an integer");
+                None
+            }
+            Some(Scalar::Other(what)) => {
+                self.err.push(field, format!("expected a string, found {what}"));
+                None
+            }
+        }
+    }
+
+    fn rate(&mut self, field: &str, value: &Option<Scalar>) -> Option<Rate> {
+        if let Some(Scalar::Int(n)) = value {
+            self.err.push(
+                field,
+                format!("expected a rate like \"{n}/m\", found the bare number {n}"),
+            );
+            return None;
+        }
+        let text = self.text(field, value)?;
+        match text.parse::<Rate>() {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                self.err.push(field, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        field: &str,
+        what: &str,
+        value: &Option<Scalar>,
+        options: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(text) = self.text(field, value) else {
+            return default;
+        };
+        let wanted = text.trim().to_ascii_lowercase();
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == wanted) {
+            return *v;
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        let expected = match names.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => names.join(""),
+        };
+        self.err.push(
+            field,
+            format!("unknown {what} {text:?}: expected {expected}"),
+        );
+        default
+    }
+
+    fn int(&mut self, field: &str, value: &Option<Scalar>, range: (i128, i128), default: i128) -> i128 {
+        match value {
+            None => default,
+            Some(Scalar::Int(n)) if (range.0..=range.1).contains(n) => *n,
+            Some(Scalar::Int(n)) => {
+                self.err.push(field, format!("{n} is out of range: must be {} to {}", range.0, range.1));
+                default
+            }
+            Some(Scalar::Text(_)) => {
+                self.err.push(field, "expected an integer, found a string");
+                default
+            }
+            Some(Scalar::Other(what)) => {
+                self.err.push(field, format!("expected an integer, found {what}"));
+                default
+            }
+        }
+    }
+
+    fn header(&mut self, field: &str, value: &Option<Scalar>) -> Option<HeaderName> {
+        let text = self.text(field, value)?;
+        match HeaderName::from_bytes(text.trim().as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.err.push(field, format!("{text:?} is not a valid HTTP header name"));
+                None
+            }
+        }
+    }
+
+    fn unknown(&mut self, section: &str, keys: &BTreeMap<String, IgnoredAny>) {
+        for key in keys.keys() {
+            self.err.push(format!("{section}{key}"), "unknown field");
+        }
+    }
+}
+
+impl TryFrom<Raw> for RateLimitConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: Raw) -> Result<RateLimitConfig, ConfigError> {
+        let mut c = Check {
+            err: ConfigError::default(),
+        };
+        let by_user = c.rate("by_user", &raw.by_user);
+        let by_tenant = c.rate("by_tenant", &raw.by_tenant);
+
+        let mut by_tool = BTreeMap::new();
+        let mut written: BTreeMap<String, String> = BTreeMap::new();
+        for (name, rate) in raw.by_tool.iter().flatten() {
+            let field = format!("by_tool[{name:?}]");
+            let rate = c.rate(&field, &Some(rate.clone()));
+            let normalized = normalize_tool(name);
+            if normalized.is_empty() {
+                c.err.push(field, "tool name is empty");
+                continue;
+            }
+            if let Some(first) = written.get(&normalized) {
+                c.err.push(
+                    field,
+                    format!("same tool as by_tool[{first:?}] after trimming and lower-casing"),
+                );
+                continue;
+            }
+            written.insert(normalized.clone(), name.clone());
+            if let Some(rate) = rate {
+                by_tool.insert(normalized, rate);
+            }
+        }
+
+        let algorithm = c.choice(
+            "algorithm",
+            "algorithm",
+            &raw.algorithm,
+            &[
+                ("fixed_window", Algorithm::FixedWindow),
+                ("sliding_window", Algorithm::SlidingWindow),
+                ("token_bucket", Algorithm::TokenBucket),
+            ],
+            Algorithm::FixedWindow,
+        );
+        let mode = c.choice(
+            "mode",
+            "mode",
+            &raw.mode,
+            &[
+                ("enforce", Mode::Enforce),
+                ("permissive", Mode::Permissive),
+                ("disabled", Mode::Disabled),
+            ],
+            Mode::Enforce,
+        );
+        let fail_mode = c.choice(
+            "fail_mode",
+            "fail mode",
+            &raw.fail_mode,
+            &[("open", FailMode::Open), ("closed", FailMode::Closed)],
+            FailMode::Open,
+        );
+        let headers = c.choice(
+            "headers",
+            "header style",
+            &raw.headers,
+            &[
+                ("legacy", HeaderStyle::Legacy),
+                ("ietf", HeaderStyle::Ietf),
+                ("both", HeaderStyle::Both),
+                ("none", HeaderStyle::None),
+            ],
+            HeaderStyle::Legacy,
+        );
+
+        let rules = by_user
+            .map(|r| ("by_user".to_owned(), r))
+            .into_iter()
+            .chain(by_tenant.map(|r| ("by_tenant".to_owned(), r)))
+            .chain(by_tool.iter().map(|(name, r)| (format!("by_tool[{name:?}]"), *r)));
+        for (field, rate) in rules {
+            if !algorithm.supports(rate) {
+                c.err.push(
+                    field,
+                    format!("rate \"{rate}\" is too large for sliding_window: count × period in milliseconds must not exceed 2^53"),
+                );
+            }
+        }
+
+        let identity = IdentityConfig {
+            user_header: c.header("identity.user_header", &raw.identity.user_header),
+            tenant_header: c.header("identity.tenant_header", &raw.identity.tenant_header),
+            tool_header: c.header("identity.tool_header", &raw.identity.tool_header),
+        };
+
+        let b = &raw.backend;
+        let defaults = BackendConfig::default();
+        let kind = c.choice(
+            "backend.kind",
+            "backend",
+            &b.kind,
+            &[("memory", BackendKind::Memory), ("redis", BackendKind::Redis)],
+            BackendKind::Memory,
+        );
+        let url = c.text("backend.url", &b.url).map(|u| u.trim().to_owned());
+        if kind == BackendKind::Redis {
+            match &url {
+                None => c.err.push("backend.url", "required when backend.kind = \"redis\""),
+                Some(u)
+                    if !["redis://", "rediss://", "unix://", "redis+unix://"]
+                        .iter()
+                        .any(|s| u.starts_with(s)) =>
+                {
+                    c.err.push(
+                        "backend.url",
+                        "must start with redis://, rediss://, unix:// or redis+unix://",
+                    )
+                }
+                Some(_) => {}
+            }
+            if !cfg!(feature = "redis") {
+                c.err.push(
+                    "backend.kind",
+                    "\"redis\" needs tollgate built with its `redis` feature",
+                );
+            }
+        }
+        let key_prefix = c
+            .text("backend.key_prefix", &b.key_prefix)
+            .map(str::to_owned)
+            .unwrap_or(defaults.key_prefix);
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || !key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !matches!(b, b'{' | b'}'))
+        {
+            c.err.push(
+                "backend.key_prefix",
+                "must be 1 to 64 printable ASCII characters without spaces, '{' or '}'",
+            );
+        }
+        let pool_size = c.int("backend.pool_size", &b.pool_size, (1, 1024), 16) as u32;
+        let timeout_ms = c.int("backend.timeout_ms", &b.timeout_ms, (1, 60_000), 50) as u64;
+        let fallback = c.choice(
+            "backend.fallback",
+            "fallback",
+            &b.fallback,
+            &[("memory", Fallback::Memory), ("none", Fallback::None)],
+            Fallback::Memory,
+        );
+        let max_keys =
+            c.int("backend.max_keys", &b.max_keys, (1, 1_000_000_000), 1_000_000) as usize;
+
+        c.unknown("", &raw.unknown);
+        c.unknown("identity.", &raw.identity.unknown);
+        c.unknown("backend.", &raw.backend.unknown);
+
+        if !c.err.problems.is_empty() {
+            return Err(c.err);
+        }
+        Ok(RateLimitConfig {
+            by_user,
+            by_tenant,
+            by_tool,
+            algorithm,
+            mode,
+            fail_mode,
+            headers,
+            identity,
+            backend: BackendConfig {
+                kind,
+                url,
+                key_prefix,
+                pool_size,
+                timeout: Duration::from_millis(timeout_ms),
+                fallback,
+                max_keys,
+            },
+        })
+    }
+}

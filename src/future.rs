@@ -1,0 +1,161 @@
+//! `ResponseFuture`: a hand-written state machine, no box on the memory path.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::layer::Shared;
+use crate::response::{self, ResponseBody};
+use crate::service::{act, panicked, Action, Plan};
+use crate::store::{Outcomes, StoreError};
+use crate::{Decision, HeaderStyle};
+
+type Check = Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
+
+pin_project! {
+    /// The future of [`RateLimit`](crate::RateLimit): checking the store (Redis only),
+    /// then calling the inner service, or answering directly.
+    pub struct ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        #[pin]
+        state: State<S, ReqB>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        Checking {
+            check: Check,
+            svc: Option<S>,
+            req: Option<Request<ReqB>>,
+            shared: Arc<Shared>,
+            plan: Plan,
+        },
+        Calling {
+            #[pin]
+            fut: S::Future,
+            decision: Option<Decision>,
+            style: HeaderStyle,
+        },
+        Respond {
+            resp: Option<Response<Bytes>>,
+        },
+    }
+}
+
+impl<S, ReqB> ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, style: HeaderStyle) -> Self {
+        ResponseFuture {
+            state: State::Calling {
+                fut,
+                decision,
+                style,
+            },
+        }
+    }
+
+    pub(crate) fn respond(resp: Response<Bytes>) -> Self {
+        ResponseFuture {
+            state: State::Respond { resp: Some(resp) },
+        }
+    }
+
+    pub(crate) fn checking(
+        check: Check,
+        svc: S,
+        req: Request<ReqB>,
+        shared: Arc<Shared>,
+        plan: Plan,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Checking {
+                check,
+                svc: Some(svc),
+                req: Some(req),
+                shared,
+                plan,
+            },
+        }
+    }
+}
+
+impl<S, ReqB> fmt::Debug for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+impl<S, ReqB, ResB> Future for ResponseFuture<S, ReqB>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                StateProj::Checking {
+                    check,
+                    svc,
+                    req,
+                    shared,
+                    plan,
+                } => {
+                    let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
+                        .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
+                    let result = ready!(polled);
+                    let next = match act(shared, plan, result) {
+                        Action::Respond(resp) => State::Respond { resp: Some(resp) },
+                        Action::Forward(decision) => {
+                            let mut svc = svc.take().expect("polled after completion");
+                            let req = req.take().expect("polled after completion");
+                            State::Calling {
+                                fut: svc.call(req),
+                                decision,
+                                style: shared.headers,
+                            }
+                        }
+                    };
+                    state.set(next);
+                }
+                StateProj::Calling {
+                    fut,
+                    decision,
+                    style,
+                } => {
+                    let mut resp = ready!(fut.poll(cx))?;
+                    if let Some(decision) = decision.take() {
+                        response::write_headers(*style, &decision, resp.headers_mut(), false);
+                        resp.extensions_mut().insert(decision);
+                    }
+                    return Poll::Ready(Ok(resp.map(ResponseBody::inner)));
+                }
+                StateProj::Respond { resp } => {
+                    let resp = resp.take().expect("polled after completion");
+                    return Poll::Ready(Ok(resp.map(ResponseBody::full)));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `RateLimitLayer`: a small `Clone` holder of the one `Arc` every service shares.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use tower_layer::Layer;
+
+use crate::config::IdentityConfig;
+use crate::{
+    Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Store,
+    SystemClock,
+};
+
+/// Applies a [`RateLimitConfig`] to a service. Cloning the layer, or the services it
+/// makes, shares every counter.
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use std::convert::Infallible;
+/// use tollgate::{ManualClock, RateLimitConfig, RateLimitLayer};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let cfg = RateLimitConfig::builder().by_user("1/s").build().unwrap();
+/// let svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(cfg).with_clock(ManualClock::new()))
+///     .service(service_fn(|_req: Request<String>| async {
+///         Ok::<_, Infallible>(Response::new(String::from("hello")))
+///     }));
+///
+/// let first = svc.clone().oneshot(Request::new(String::new())).await.unwrap();
+/// assert_eq!(first.status(), StatusCode::OK);
+/// assert_eq!(first.headers()["x-ratelimit-remaining"], "0");
+///
+/// let second = svc.clone().oneshot(Request::new(String::new())).await.unwrap();
+/// assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(second.headers()["retry-after"], "1");
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Everything a request needs, shared by every clone of the layer and its services.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) rules: Arc<Rules>,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) mode: Mode,
+    pub(crate) fail_mode: FailMode,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) identity: IdentityConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) health: Arc<Health>,
+}
+
+/// The configured rates, ready for lookup.
+pub(crate) struct Rules {
+    pub(crate) user: Option<Rate>,
+    pub(crate) tenant: Option<Rate>,
+    tools: HashMap<Box<str>, (u16, Rate)>,
+    tool_names: Vec<Box<str>>,
+}
+
+/// Longest tool name normalised without allocating.
+const TOOL_STACK: usize = 64;
+
+impl Rules {
+    fn new(cfg: &RateLimitConfig) -> Rules {
+        let tool_names: Vec<Box<str>> = cfg.by_tool().map(|(n, _)| n.into()).collect();
+        let tools = cfg
+            .by_tool()
+            .enumerate()
+            .map(|(i, (name, rate))| (name.into(), (i as u16, rate)))
+            .collect();
+        Rules {
+            user: cfg.by_user(),
+            tenant: cfg.by_tenant(),
+            tools,
+            tool_names,
+        }
+    }
+
+    /// The configured tool matching `raw` (already trimmed) after lower-casing, with its
+    /// index and rate. ASCII names up to 64 bytes are folded on the stack.
+    pub(crate) fn tool(&self, raw: &[u8]) -> Option<(u16, Rate)> {
+        if self.tools.is_empty() {
+            return None;
+        }
+        if raw.is_ascii() && raw.len() <= TOOL_STACK {
+            let mut buf = [0u8; TOOL_STACK];
+            let folded = &mut buf[..raw.len()];
+            folded.copy_from_slice(raw);
+            folded.make_ascii_lowercase();
+            let name = std::str::from_utf8(folded).ok()?;
+            return self.tools.get(name).copied();
+        }
+        let name = std::str::from_utf8(raw).ok()?.trim().to_lowercase();
+        self.tools.get(name.as_str()).copied()
+    }
+
+    pub(crate) fn tool_name(&self, index: u16) -> &str {
+        &self.tool_names[usize::from(index)]
+    }
+}
+
+/// Failure counters, and the gate that keeps failure logs to one line a second.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) fail_open: AtomicU64,
+    pub(crate) fail_closed: AtomicU64,
+    next_log_at: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl Health {
+    /// `Some(lines suppressed since the last one)` if a failure line may be logged now.
+    pub(crate) fn may_log(&self, now: u64) -> Option<u64> {
+        let next = self.next_log_at.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_log_at
+                .compare_exchange(next, now + 1_000_000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Failure counts since the layer was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Store calls that failed (error, timeout or panic).
+    pub store_errors: u64,
+    /// Requests forwarded without a decision because the store failed (fail_mode open).
+    pub fail_open: u64,
+    /// Requests answered 503 because the store failed (fail_mode closed).
+    pub fail_closed: u64,
+}
+
+impl RateLimitLayer {
+    /// A layer for `cfg`, with the store its `[backend]` names. Never fails: the config
+    /// is valid by construction, and a Redis backend connects lazily (its fallback
+    /// answers until Redis does).
+    pub fn new(cfg: RateLimitConfig) -> Self {
+        let store = crate::store::for_config(&cfg);
+        Self::build(&cfg, store)
+    }
+
+    /// A layer for `cfg` whose counters live in `store` (its `[backend]` is ignored).
+    /// Layers given clones of one store share counters.
+    pub fn with_store(cfg: RateLimitConfig, store: impl Store) -> Self {
+        Self::build(&cfg, Arc::new(store))
+    }
+
+    fn build(cfg: &RateLimitConfig, store: Arc<dyn Store>) -> Self {
+        RateLimitLayer {
+            shared: Arc::new(Shared {
+                rules: Arc::new(Rules::new(cfg)),
+                algorithm: cfg.algorithm(),
+                mode: cfg.mode(),
+                fail_mode: cfg.fail_mode(),
+                headers: cfg.headers(),
+                identity: cfg.identity().clone(),
+                store,
+                clock: Arc::new(SystemClock::new()),
+                health: Arc::default(),
+            }),
+        }
+    }
+
+    /// The same layer reading time from `clock` (e.g. a [`ManualClock`](crate::ManualClock)).
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        let mut shared = (*self.shared).clone();
+        shared.clock = Arc::new(clock);
+        RateLimitLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Failure counts so far.
+    pub fn stats(&self) -> Stats {
+        let h = &self.shared.health;
+        Stats {
+            store_errors: h.store_errors.load(Ordering::Relaxed),
+            fail_open: h.fail_open.load(Ordering::Relaxed),
+            fail_closed: h.fail_closed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.shared;
+        f.debug_struct("RateLimitLayer")
+            .field("by_user", &s.rules.user)
+            .field("by_tenant", &s.rules.tenant)
+            .field("by_tool", &s.rules.tool_names)
+            .field("algorithm", &s.algorithm)
+            .field("mode", &s.mode)
+            .field("fail_mode", &s.fail_mode)
+            .field("headers", &s.headers)
+            .field("store", &s.store)
+            .field("clock", &s.clock)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit::new(inner, self.shared.clone())
+    }
+}

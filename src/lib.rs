@@ -1,0 +1,69 @@
+//! # tollgate
+//!
+//! A tower middleware that rate-limits HTTP services per user, per tenant and per tool,
+//! with the counters in this process ([`MemoryStore`]) or in Redis (`RedisStore`, feature
+//! `redis`) so that every instance of a service shares one limit.
+//!
+//! Over the limit, a caller gets `429 Too Many Requests` with a problem+json body and
+//! headers saying when to come back; under it, the call goes through with headers saying
+//! what is left. If tollgate itself fails, the service keeps serving (fail-open).
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use tollgate::{RateLimitConfig, RateLimitLayer};
+//!
+//! let cfg = RateLimitConfig::from_toml_str(r#"
+//!     by_user = "30/m"
+//!     by_tenant = "3000/m"
+//!     [by_tool]
+//!     search = "10/m"
+//!     [identity]
+//!     user_header = "x-user-id"
+//! "#).expect("every mistake is reported here, at start-up");
+//! let app: Router = Router::new()
+//!     .route("/tools/{name}", post(|| async { "ok" }))
+//!     .layer(RateLimitLayer::new(cfg));
+//! ```
+//!
+//! Identities come from the [`Identity`] and [`ToolName`] request extensions (set them in
+//! your auth and routing layers), or from headers named in `[identity]` — only trust those
+//! behind a proxy that sets them.
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod algorithm;
+mod clock;
+mod config;
+mod decision;
+mod future;
+mod identity;
+mod key;
+mod layer;
+mod rate;
+mod response;
+mod service;
+mod store;
+
+pub use algorithm::Algorithm;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{
+    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig,
+    Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec,
+};
+pub use decision::Decision;
+pub use future::ResponseFuture;
+pub use identity::{Identity, ToolName, MAX_IDENTITY_LEN};
+pub use key::{Key, RuleKind, Subject};
+pub use layer::{RateLimitLayer, Stats};
+pub use rate::{Rate, RateError};
+pub use response::ResponseBody;
+pub use service::RateLimit;
+pub use store::memory::MemoryStore;
+pub use store::{
+    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest,
+};

@@ -1,0 +1,231 @@
+//! What tollgate writes: rate headers, and the 429 / 503 / 400 problem+json responses.
+
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::{Decision, HeaderStyle, RuleKind};
+
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+
+pin_project! {
+    /// The body of a response that went through tollgate: the inner service's body, or
+    /// the problem+json body of a response tollgate answered itself.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        ResponseBody {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        ResponseBody {
+            kind: Kind::Full { data: Some(data) },
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            Kind::Full { .. } => f.write_str("ResponseBody::Full"),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+fn number(n: u64) -> HeaderValue {
+    HeaderValue::from_str(itoa::Buffer::new().format(n)).expect("digits are a valid header value")
+}
+
+/// Writes the decision's rate headers in `style`; `Retry-After` too when `rejected`.
+pub(crate) fn write_headers(
+    style: HeaderStyle,
+    decision: &Decision,
+    headers: &mut HeaderMap,
+    rejected: bool,
+) {
+    if rejected {
+        headers.insert(RETRY_AFTER, number(decision.retry_after_secs()));
+    }
+    let Some(speaker) = decision.speaking_verdict() else {
+        return;
+    };
+    if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
+        headers.insert(X_LIMIT.clone(), number(speaker.rate.count()));
+        headers.insert(X_REMAINING.clone(), number(speaker.outcome.remaining));
+        if let Some(reset) = decision.reset_epoch_secs() {
+            headers.insert(X_RESET.clone(), number(reset));
+        }
+    }
+    if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) {
+        let mut policy = String::with_capacity(48);
+        for (i, v) in decision.verdicts().enumerate() {
+            let sep = if i > 0 { ", " } else { "" };
+            let _ = write!(
+                policy,
+                "{sep}\"{}\";q={};w={}",
+                v.kind,
+                v.rate.count(),
+                v.rate.period_secs()
+            );
+        }
+        let reset = speaker.outcome.reset_after.div_ceil(1_000_000);
+        let current = format!(
+            "\"{}\";r={};t={}",
+            speaker.kind, speaker.outcome.remaining, reset
+        );
+        headers.insert(POLICY.clone(), HeaderValue::try_from(policy).expect("ASCII"));
+        headers.insert(RATELIMIT.clone(), HeaderValue::try_from(current).expect("ASCII"));
+    }
+}
+
+/// The 429 answer: rate headers, `Retry-After`, and a problem+json body that names the
+/// rules (and the tool, when the tool's rule was exceeded) but never a user or tenant.
+pub(crate) fn too_many_requests(
+    style: HeaderStyle,
+    decision: &Decision,
+    tool: Option<&str>,
+) -> Response<Bytes> {
+    let retry = decision.retry_after_secs();
+    let mut violated = String::new();
+    let mut tool_violated = false;
+    for (i, kind) in decision.violated().enumerate() {
+        if i > 0 {
+            violated.push(',');
+        }
+        let _ = write!(violated, "\"{kind}\"");
+        tool_violated |= kind == RuleKind::Tool;
+    }
+    let detail = match (tool, tool_violated) {
+        (Some(tool), true) => format!("Rate limit exceeded for tool '{tool}'"),
+        _ => match decision.speaking_verdict() {
+            Some(v) => format!("Rate limit exceeded: {} limit of {}", v.kind, v.rate),
+            None => "Rate limit exceeded".to_owned(),
+        },
+    };
+    let body = format!(
+        "{{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
+         \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
+         \"detail\":{},\"retry_after\":{retry},\"violated\":[{violated}]}}",
+        json_string(&detail)
+    );
+    let mut resp = problem(StatusCode::TOO_MANY_REQUESTS, body);
+    write_headers(style, decision, resp.headers_mut(), true);
+    resp
+}
+
+/// The 503 answer when the store is down, no fallback answers and fail_mode = closed.
+pub(crate) fn backend_unavailable() -> Response<Bytes> {
+    let mut resp = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{\"type\":\"about:blank\",\"title\":\"Rate limiter unavailable\",\"status\":503,\
+         \"code\":\"BACKEND_UNAVAILABLE\",\"detail\":\"The rate-limit backend is unavailable; \
+         retry shortly.\",\"retry_after\":1}"
+            .to_owned(),
+    );
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// The 400 answer for an identity tollgate will not guess at.
+pub(crate) fn bad_identity(detail: &str) -> Response<Bytes> {
+    problem(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "{{\"type\":\"about:blank\",\"title\":\"Invalid identity\",\"status\":400,\
+             \"code\":\"INVALID_IDENTITY\",\"detail\":{}}}",
+            json_string(detail)
+        ),
+    )
+}
+
+fn problem(status: StatusCode, body: String) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, PROBLEM_JSON.clone());
+    resp
+}
+
+/// A JSON string literal for `s`.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_string;
+
+    #[test]
+    fn json_strings_escape_quotes_and_controls() {
+        assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+    }
+}

@@ -1,0 +1,235 @@
+//! `RateLimit<S>`: decides in `call`, answers 429 itself, forwards the rest.
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::decision::{Decision, Verdict};
+use crate::future::ResponseFuture;
+use crate::identity::{self, Who};
+use crate::layer::Shared;
+use crate::response::{self, ResponseBody};
+use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+use crate::{FailMode, Key, Mode, Rate, RuleKind, Subject};
+
+/// The rate-limiting service; see [`RateLimitLayer`](crate::RateLimitLayer).
+///
+/// Over the limit it answers `429` itself (an ordinary response, so `Error = S::Error`);
+/// otherwise it calls the inner service and adds rate headers to its response.
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> RateLimit<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        RateLimit { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone> Clone for RateLimit<S> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which rules a request is counted under: at most one each of user, tenant, tool.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    rules: [Option<(RuleKind, Rate)>; 3],
+    tool: Option<u16>,
+    pub(crate) now: u64,
+}
+
+/// What to do with a request once the store has answered.
+pub(crate) enum Action {
+    /// Answer without calling the inner service.
+    Respond(Response<Bytes>),
+    /// Call the inner service; add the decision's headers to its response, if any.
+    Forward(Option<Decision>),
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for RateLimit<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let shared = &*self.shared;
+        if shared.mode == Mode::Disabled {
+            return ResponseFuture::calling(self.inner.call(req), None, shared.headers);
+        }
+        let now = shared.clock.now_micros();
+        let who = match identity::extract(&req, &shared.identity) {
+            Ok(who) => who,
+            Err(bad) if shared.mode == Mode::Enforce => {
+                tracing::debug!(reason = bad.detail(), "tollgate: refused an ambiguous identity");
+                return ResponseFuture::respond(response::bad_identity(bad.detail()));
+            }
+            Err(bad) => {
+                tracing::warn!(
+                    reason = bad.detail(),
+                    "tollgate: ambiguous identity counted as anonymous (permissive)"
+                );
+                Who {
+                    user: Subject::Anonymous,
+                    tenant: None,
+                    tool: None,
+                }
+            }
+        };
+
+        let placeholder = Key::new(RuleKind::User, Subject::Anonymous, Rate::per_second(1), shared.algorithm);
+        let mut keys = [placeholder; 3];
+        let mut plan = Plan {
+            rules: [None; 3],
+            tool: None,
+            now,
+        };
+        let mut n = 0;
+        let mut add = |kind, subject, rate: Rate| {
+            keys[n] = Key::new(kind, subject, rate, shared.algorithm);
+            plan.rules[n] = Some((kind, rate));
+            n += 1;
+        };
+        let rules = &*shared.rules;
+        if let Some(rate) = rules.user {
+            add(RuleKind::User, who.user, rate);
+        }
+        if let (Some(rate), Some(tenant)) = (rules.tenant, who.tenant) {
+            add(RuleKind::Tenant, Subject::Named(tenant), rate);
+        }
+        if let Some((index, rate)) = who.tool.and_then(|t| rules.tool(t)) {
+            add(RuleKind::Tool, Subject::Named(rules.tool_name(index).as_bytes()), rate);
+            plan.tool = Some(index);
+        }
+        if n == 0 {
+            let decision = Decision::unlimited(now);
+            return ResponseFuture::calling(self.inner.call(req), Some(decision), shared.headers);
+        }
+
+        let request = StoreRequest::new(&keys[..n], now);
+        let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
+            .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
+        match answer {
+            StoreFuture::Ready(result) => match act(shared, &plan, result) {
+                Action::Respond(resp) => ResponseFuture::respond(resp),
+                Action::Forward(decision) => {
+                    ResponseFuture::calling(self.inner.call(req), decision, shared.headers)
+                }
+            },
+            StoreFuture::Pending(check) => {
+                // The instance polled ready goes with the request; this one is a fresh clone.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan)
+            }
+        }
+    }
+}
+
+pub(crate) fn panicked() -> StoreError {
+    StoreError::new(StoreErrorKind::Internal, "the store panicked")
+}
+
+/// Turns the store's answer into what happens to the request (contract items 7–11).
+pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreError>) -> Action {
+    let expected = plan.rules.iter().flatten().count();
+    let result = result.and_then(|o| {
+        if o.len() == expected {
+            Ok(o)
+        } else {
+            Err(StoreError::new(
+                StoreErrorKind::Protocol,
+                "the store answered for a different number of keys",
+            ))
+        }
+    });
+    let outcomes = match result {
+        Ok(outcomes) => outcomes,
+        Err(error) => return store_failed(shared, plan, &error),
+    };
+    let mut verdicts = [None; 3];
+    for ((slot, rule), outcome) in verdicts.iter_mut().zip(plan.rules.iter().flatten()).zip(outcomes.iter()) {
+        *slot = Some(Verdict {
+            kind: rule.0,
+            rate: rule.1,
+            outcome: *outcome,
+        });
+    }
+    let decision = Decision::new(verdicts, plan.now);
+    if decision.is_allowed() {
+        return Action::Forward(Some(decision));
+    }
+    let tool = plan.tool.map(|i| shared.rules.tool_name(i));
+    let rule = decision.rule().map_or("", RuleKind::as_str);
+    match shared.mode {
+        Mode::Permissive => {
+            tracing::warn!(
+                rule,
+                tool = tool.unwrap_or(""),
+                "tollgate: rate limit exceeded; request forwarded (permissive mode)"
+            );
+            Action::Forward(Some(decision))
+        }
+        _ => {
+            tracing::debug!(rule, tool = tool.unwrap_or(""), "tollgate: rate limit exceeded");
+            let mut resp = response::too_many_requests(shared.headers, &decision, tool);
+            resp.extensions_mut().insert(decision);
+            Action::Respond(resp)
+        }
+    }
+}
+
+fn store_failed(shared: &Shared, plan: &Plan, error: &StoreError) -> Action {
+    let health = &shared.health;
+    health.store_errors.fetch_add(1, Ordering::Relaxed);
+    let closed = shared.fail_mode == FailMode::Closed;
+    if closed {
+        health.fail_closed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        health.fail_open.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(suppressed) = health.may_log(plan.now) {
+        tracing::error!(
+            %error,
+            suppressed,
+            action = if closed { "503" } else { "forwarded" },
+            "tollgate: rate-limit store failed"
+        );
+    }
+    if closed {
+        Action::Respond(response::backend_unavailable())
+    } else {
+        Action::Forward(None)
+    }
+}

@@ -1,0 +1,376 @@
+//! The in-process store: sharded, exact under concurrency, bounded, self-evicting.
+
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use hashbrown::DefaultHashBuilder;
+
+use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest};
+use crate::algorithm::{State, Step};
+use crate::key::{Key, RuleKind, Subject};
+use crate::Algorithm;
+
+/// How often (µs) a shard drops expired entries on its own, while it is being written.
+const PURGE_EVERY: u64 = 1_000_000;
+const MAX_SHARDS: usize = 64;
+/// Shards are only split while each keeps at least this many keys.
+const MIN_KEYS_PER_SHARD: usize = 1_024;
+
+/// Counters in this process: one shared limit per process.
+///
+/// Keys are spread over up to 64 shards, each behind its own lock, so threads working on
+/// different keys rarely meet. A request's keys are locked together (in shard order), so
+/// all-or-nothing holds exactly under any concurrency. The store never holds more than
+/// `max_keys` keys: writes drop expired entries as they go, and at the bound the entries
+/// nearest their expiry are evicted and counted ([`MemoryStore::evictions`]).
+///
+/// Clones share the counters.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Shard]>,
+    shard_shift: u32,
+    per_shard: usize,
+    max_keys: usize,
+    hasher: DefaultHashBuilder,
+}
+
+#[repr(align(128))]
+struct Shard(Mutex<Table>);
+
+struct Table {
+    map: HashTable<Entry>,
+    next_purge: u64,
+    evictions: u64,
+}
+
+struct Entry {
+    subject: Box<[u8]>,
+    period_secs: u32,
+    tag: u8,
+    state: State,
+    expires_at: u64,
+}
+
+impl MemoryStore {
+    /// A store holding at most 1 000 000 keys.
+    pub fn new() -> Self {
+        Self::with_max_keys(1_000_000)
+    }
+
+    /// A store holding at most `max_keys` keys (at least 1).
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        let mut shards = 1;
+        while shards < MAX_SHARDS && max_keys / (shards * 2) >= MIN_KEYS_PER_SHARD {
+            shards *= 2;
+        }
+        let per_shard = max_keys / shards;
+        MemoryStore {
+            inner: Arc::new(Inner {
+                shards: (0..shards)
+                    .map(|_| {
+                        Shard(Mutex::new(Table {
+                            map: HashTable::new(),
+                            next_purge: 0,
+                            evictions: 0,
+                        }))
+                    })
+                    .collect(),
+                shard_shift: 64 - shards.trailing_zeros(),
+                per_shard,
+                max_keys,
+                hasher: DefaultHashBuilder::default(),
+            }),
+        }
+    }
+
+    /// Keys held now (expired ones not yet dropped included).
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bound on keys held.
+    pub fn max_keys(&self) -> usize {
+        self.inner.max_keys
+    }
+
+    /// Live keys evicted so far because the store was full.
+    pub fn evictions(&self) -> u64 {
+        self.inner.shards.iter().map(|s| lock(s).evictions).sum()
+    }
+
+    /// Checks and counts `keys` at `now` (µs since the epoch), all-or-nothing.
+    pub(crate) fn check_now(&self, keys: &[Key<'_>], now: u64) -> Outcomes {
+        let inner = &*self.inner;
+        let mut out = Outcomes::new();
+        match keys {
+            [] => {}
+            [key] => {
+                let probe = Probe::new(inner, key);
+                let mut table = lock(&inner.shards[probe.shard]);
+                let step = table.step(&probe, key, now);
+                if step.allowed {
+                    table.write(inner, &probe, key, &step, now);
+                }
+                out.push(outcome(&step));
+            }
+            _ => {
+                let mut probes = [None, None, None];
+                for (slot, key) in probes.iter_mut().zip(keys) {
+                    *slot = Some(Probe::new(inner, key));
+                }
+                let probes = &probes[..keys.len().min(3)];
+                // Lock each distinct shard once, in ascending order: no deadlock, and the
+                // whole check-then-write is one atomic step for these keys.
+                let mut order: [usize; 3] = [usize::MAX; 3];
+                for (o, p) in order.iter_mut().zip(probes.iter().flatten()) {
+                    *o = p.shard;
+                }
+                order.sort_unstable();
+                let mut guards: Guards<'_> = [None, None, None];
+                let mut held = 0;
+                for shard in order.into_iter().filter(|s| *s != usize::MAX) {
+                    if held == 0 || guards[held - 1].as_ref().map(|g| g.0) != Some(shard) {
+                        guards[held] = Some((shard, lock(&inner.shards[shard])));
+                        held += 1;
+                    }
+                }
+                let mut steps: [Option<Step>; 3] = [None; 3];
+                for ((step, probe), key) in steps.iter_mut().zip(probes.iter().flatten()).zip(keys) {
+                    *step = Some(table_of(&mut guards, probe.shard).step(probe, key, now));
+                }
+                let all = steps.iter().flatten().all(|s| s.allowed);
+                for ((step, probe), key) in steps.iter().zip(probes.iter().flatten()).zip(keys) {
+                    let step = step.as_ref().expect("one step per key");
+                    if all {
+                        table_of(&mut guards, probe.shard).write(inner, probe, key, step, now);
+                    }
+                    out.push(outcome(step));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.shards.len())
+            .field("max_keys", &self.inner.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store for MemoryStore {
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        StoreFuture::Ready(Ok(self.check_now(request.keys, request.now)))
+    }
+}
+
+fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
+    // A panic elsewhere while holding the lock cannot leave a table half-written (every
+    // write is one assignment), so a poisoned lock is safe to keep using.
+    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type Guards<'a> = [Option<(usize, MutexGuard<'a, Table>)>; 3];
+
+fn table_of<'g>(guards: &'g mut Guards<'_>, shard: usize) -> &'g mut Table {
+    let found = guards.iter_mut().flatten().find(|g| g.0 == shard);
+    &mut found.expect("every probed shard is locked").1
+}
+
+fn outcome(step: &Step) -> Outcome {
+    Outcome {
+        allowed: step.allowed,
+        remaining: step.remaining,
+        reset_after: step.reset_after,
+        retry_after: step.retry_after,
+    }
+}
+
+/// A key's hash, shard and compact tag, computed once per request.
+#[derive(Clone, Copy)]
+struct Probe {
+    hash: u64,
+    shard: usize,
+    tag: u8,
+}
+
+impl Probe {
+    fn new(inner: &Inner, key: &Key<'_>) -> Probe {
+        let kind = match (key.kind, key.subject) {
+            (_, Subject::Anonymous) => 3,
+            (RuleKind::User, _) => 0,
+            (RuleKind::Tenant, _) => 1,
+            (RuleKind::Tool, _) => 2,
+        };
+        let alg = match key.algorithm {
+            Algorithm::FixedWindow => 0,
+            Algorithm::SlidingWindow => 1,
+            Algorithm::TokenBucket => 2,
+        };
+        let tag = kind | alg << 2;
+        let hash = hash_of(inner, tag, key.rate.period_secs(), subject_bytes(key));
+        let shard = if inner.shards.len() == 1 {
+            0
+        } else {
+            (hash >> inner.shard_shift) as usize
+        };
+        Probe { hash, shard, tag }
+    }
+}
+
+fn subject_bytes<'a>(key: &Key<'a>) -> &'a [u8] {
+    match key.subject {
+        Subject::Anonymous => &[],
+        Subject::Named(bytes) => bytes,
+    }
+}
+
+fn hash_of(inner: &Inner, tag: u8, period_secs: u32, subject: &[u8]) -> u64 {
+    inner.hasher.hash_one((tag, period_secs, subject))
+}
+
+impl Table {
+    fn step(&self, probe: &Probe, key: &Key<'_>, now: u64) -> Step {
+        let subject = subject_bytes(key);
+        let period = key.rate.period_secs();
+        let state = self
+            .map
+            .find(probe.hash, |e| {
+                e.tag == probe.tag && e.period_secs == period && *e.subject == *subject
+            })
+            .map(|e| e.state);
+        key.algorithm.check(state, now, key.rate)
+    }
+
+    fn write(&mut self, inner: &Inner, probe: &Probe, key: &Key<'_>, step: &Step, now: u64) {
+        if now >= self.next_purge || self.next_purge - now > PURGE_EVERY {
+            self.map.retain(|e| e.expires_at > now);
+            self.next_purge = now.saturating_add(PURGE_EVERY);
+        }
+        let subject = subject_bytes(key);
+        let period = key.rate.period_secs();
+        let hasher = |e: &Entry| hash_of(inner, e.tag, e.period_secs, &e.subject);
+        let matches =
+            |e: &Entry| e.tag == probe.tag && e.period_secs == period && *e.subject == *subject;
+        if let Some(e) = self.map.find_mut(probe.hash, matches) {
+            e.state = step.next;
+            e.expires_at = step.expires_at;
+            return;
+        }
+        if self.map.len() >= inner.per_shard {
+            self.make_room(inner.per_shard, now);
+        }
+        match self.map.entry(probe.hash, matches, hasher) {
+            TableEntry::Occupied(_) => unreachable!("looked up above"),
+            TableEntry::Vacant(v) => {
+                v.insert(Entry {
+                    subject: subject.into(),
+                    period_secs: period,
+                    tag: probe.tag,
+                    state: step.next,
+                    expires_at: step.expires_at,
+                });
+            }
+        }
+    }
+
+    /// Brings the shard below `cap`: drops expired entries, then if still full evicts the
+    /// sixteenth of entries nearest their expiry.
+    fn make_room(&mut self, cap: usize, now: u64) {
+        self.map.retain(|e| e.expires_at > now);
+        if self.map.len() < cap {
+            return;
+        }
+        let batch = (cap / 16).max(1).min(self.map.len());
+        let mut expiries: Vec<u64> = self.map.iter().map(|e| e.expires_at).collect();
+        let (_, &mut threshold, _) = expiries.select_nth_unstable(batch - 1);
+        let below = expiries.iter().filter(|t| **t < threshold).count();
+        let mut ties = batch - below;
+        let before = self.map.len();
+        self.map.retain(|e| {
+            if e.expires_at < threshold {
+                false
+            } else if e.expires_at == threshold && ties > 0 {
+                ties -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.evictions += (before - self.map.len()) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Rate;
+
+    fn user(id: &[u8], rate: Rate) -> Key<'_> {
+        Key::new(RuleKind::User, Subject::Named(id), rate, Algorithm::FixedWindow)
+    }
+
+    #[test]
+    fn never_holds_more_than_max_keys_and_counts_evictions() {
+        for max in [1, 10, 1_000, 5_000] {
+            let store = MemoryStore::with_max_keys(max);
+            let rate = Rate::per_hour(5);
+            for i in 0..5 * max {
+                let id = i.to_string();
+                store.check_now(&[user(id.as_bytes(), rate)], 1_000_000 + i as u64);
+                assert!(store.len() <= max, "{} > {max}", store.len());
+            }
+            assert!(store.evictions() >= (4 * max) as u64, "max {max}: {}", store.evictions());
+        }
+    }
+
+    #[test]
+    fn expired_state_is_dropped_without_help() {
+        let store = MemoryStore::with_max_keys(100_000);
+        let rate = Rate::per_second(1);
+        for i in 0..1_000u32 {
+            let id = i.to_be_bytes();
+            store.check_now(&[user(&id, rate)], 10_000_000);
+        }
+        assert_eq!(store.len(), 1_000);
+        // Writes after the keys expired sweep them away; no eviction is counted.
+        // Enough writes to reach every shard.
+        for i in 0..5_000u32 {
+            let id = (1_000_000 + i).to_be_bytes();
+            store.check_now(&[user(&id, rate)], 20_000_000);
+        }
+        assert_eq!(store.len(), 5_000);
+        assert_eq!(store.evictions(), 0);
+    }
+
+    #[test]
+    fn anonymous_is_not_a_user_called_anonymous() {
+        let store = MemoryStore::new();
+        let rate = Rate::per_minute(1);
+        let anon = Key::new(RuleKind::User, Subject::Anonymous, rate, Algorithm::FixedWindow);
+        assert!(store.check_now(&[anon], 0).iter().all(Outcome::is_allowed));
+        assert!(store.check_now(&[user(b"anonymous", rate)], 0).iter().all(Outcome::is_allowed));
+        assert!(!store.check_now(&[anon], 0).iter().all(Outcome::is_allowed));
+    }
+}

@@ -1,0 +1,204 @@
+//! The `Store` trait: where counters live. One call per request carries every key the
+//! request is counted under; the store allows the request only if every key allows it,
+//! and then counts it under every key (all-or-nothing).
+
+pub(crate) mod memory;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::Key;
+
+/// What a store is asked for one request.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreRequest<'a> {
+    pub(crate) keys: &'a [Key<'a>],
+    pub(crate) now: u64,
+}
+
+impl<'a> StoreRequest<'a> {
+    /// A request for `keys` at `now_micros` µs since the Unix epoch.
+    pub fn new(keys: &'a [Key<'a>], now_micros: u64) -> Self {
+        StoreRequest {
+            keys,
+            now: now_micros,
+        }
+    }
+
+    /// The keys, in rule order (user, tenant, tool); at most three.
+    pub fn keys(&self) -> &'a [Key<'a>] {
+        self.keys
+    }
+
+    /// The caller's clock, µs since the Unix epoch.
+    pub fn now_micros(&self) -> u64 {
+        self.now
+    }
+}
+
+/// One key's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub(crate) allowed: bool,
+    pub(crate) remaining: u64,
+    pub(crate) reset_after: u64,
+    pub(crate) retry_after: u64,
+}
+
+impl Outcome {
+    /// The key allows the request and has `remaining` left until it resets.
+    pub fn allowed(remaining: u64, reset_after: Duration) -> Self {
+        Outcome {
+            allowed: true,
+            remaining,
+            reset_after: crate::clock::duration_micros(reset_after),
+            retry_after: 0,
+        }
+    }
+
+    /// The key rejects the request; it would allow one after `retry_after`.
+    pub fn rejected(reset_after: Duration, retry_after: Duration) -> Self {
+        Outcome {
+            allowed: false,
+            remaining: 0,
+            reset_after: crate::clock::duration_micros(reset_after),
+            retry_after: crate::clock::duration_micros(retry_after).max(1),
+        }
+    }
+
+    /// Whether this key allows the request.
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+}
+
+/// The answers for one request, one per key, in the order of the request's keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    items: [Option<Outcome>; 3],
+}
+
+impl Outcomes {
+    /// No answers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends the next key's answer. Returns `false` (and keeps nothing) past three.
+    pub fn push(&mut self, outcome: Outcome) -> bool {
+        match self.items.iter_mut().find(|o| o.is_none()) {
+            Some(slot) => {
+                *slot = Some(outcome);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many answers there are.
+    pub fn len(&self) -> usize {
+        self.items.iter().flatten().count()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items[0].is_none()
+    }
+
+    /// The answers in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &Outcome> {
+        self.items.iter().flatten()
+    }
+}
+
+/// A store's answer: ready now (the memory store: no allocation, no await), or later.
+pub enum StoreFuture {
+    /// Answered synchronously.
+    Ready(Result<Outcomes, StoreError>),
+    /// Answered by a future (a network round trip).
+    Pending(Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>),
+}
+
+impl fmt::Debug for StoreFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreFuture::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            StoreFuture::Pending(_) => f.write_str("Pending(..)"),
+        }
+    }
+}
+
+/// Where counters live. Implementations must be all-or-nothing: allow only when every key
+/// allows, and then count under every key; a rejected request counts nowhere.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Checks and counts one request.
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture;
+}
+
+/// A shared store is a store: layers given clones of one `Arc` share its counters.
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        (**self).check(request)
+    }
+}
+
+/// What kind of failure a store had.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store did not answer in time.
+    Timeout,
+    /// The store cannot be reached, or is refusing work (circuit open, connection lost).
+    Unavailable,
+    /// The store answered something unexpected.
+    Protocol,
+    /// A bug: a panic or broken invariant inside tollgate or a custom store.
+    Internal,
+}
+
+/// A store failure. Its message never contains a key or an identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: Cow<'static, str>,
+}
+
+impl StoreError {
+    /// A failure of `kind`, described by `message` (which must not contain identities).
+    pub fn new(kind: StoreErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        StoreError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The store a config's `[backend]` names.
+pub(crate) fn for_config(cfg: &crate::RateLimitConfig) -> std::sync::Arc<dyn Store> {
+    use crate::config::BackendKind;
+    match cfg.backend().kind() {
+        BackendKind::Memory => std::sync::Arc::new(memory::MemoryStore::with_max_keys(
+            cfg.backend().max_keys(),
+        )),
+        // Validation refuses `kind = "redis"` unless the feature is on.
+        BackendKind::Redis => std::sync::Arc::new(memory::MemoryStore::with_max_keys(
+            cfg.backend().max_keys(),
+        )),
+    }
+}

@@ -1,0 +1,67 @@
+//! Shared test harness: a backend makes layers whose counters live in one kind of store,
+//! so the behaviour suite runs, from one definition, against every store.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use tollgate::{ManualClock, MemoryStore, RateLimitConfig, RateLimitLayer};
+use tower::{service_fn, ServiceBuilder};
+
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// Makes a layer for `cfg` whose store is fresh (no counters shared with other tests)
+/// and whose time comes from `clock`.
+pub trait Backend {
+    /// The backend's name, for messages.
+    fn name(&self) -> &'static str;
+    /// A layer over a fresh store. Calling it twice on one backend value gives two layers
+    /// sharing one store (as two instances sharing Redis would).
+    fn layer(&self, cfg: RateLimitConfig, clock: &ManualClock) -> RateLimitLayer;
+}
+
+/// The in-process store.
+#[derive(Default)]
+pub struct Memory {
+    store: Mutex<Option<MemoryStore>>,
+}
+
+impl Backend for Memory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn layer(&self, cfg: RateLimitConfig, clock: &ManualClock) -> RateLimitLayer {
+        let mut slot = self.store.lock().unwrap();
+        let store = slot
+            .get_or_insert_with(|| MemoryStore::with_max_keys(cfg.backend().max_keys()))
+            .clone();
+        RateLimitLayer::with_store(cfg, store).with_clock(clock.clone())
+    }
+}
+
+pub type Body = String;
+
+/// A service that answers 200 "ok" and counts its calls.
+pub fn counting_service(
+    layer: RateLimitLayer,
+) -> (
+    impl tower::Service<
+            Request<Body>,
+            Response = Response<tollgate::ResponseBody<Body>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let svc = ServiceBuilder::new().layer(layer).service(service_fn(move |_req: Request<Body>| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Body::from("ok"))) }
+    }));
+    (svc, calls)
+}

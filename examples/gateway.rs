@@ -1,0 +1,352 @@
+//! A small MCP-style tool gateway protected by tollgate.
+//!
+//! ```text
+//! cargo run --example gateway                                  # embedded default limits
+//! cargo run --example gateway -- --config examples/gateway.toml --listen 127.0.0.1:3000
+//!
+//! curl -i -X POST -H 'x-user-id: alice' -d '{"q":1}' http://127.0.0.1:3000/tools/echo
+//! curl -i http://127.0.0.1:3000/healthz
+//! ```
+//!
+//! * `POST /tools/{name}` is a tool call. The tool is the path segment, handed to tollgate
+//!   as the [`ToolName`] request extension; the handler answers JSON
+//!   (`{"tool":"echo","ok":true,"echo":<request body>}`).
+//! * `GET /healthz` is never limited.
+//! * Identity comes from the `x-user-id` / `x-tenant-id` headers. This example plays the
+//!   trusted proxy that set them and turns them into the [`Identity`] extension. In a real
+//!   deployment these headers must be set by your auth proxy and stripped from client
+//!   requests, or any client can pick whose quota it spends.
+//!
+//! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tollgate::{Identity, RateLimitConfig, RateLimitLayer, ToolName, MAX_IDENTITY_LEN};
+use tower::ServiceBuilder;
+
+const USAGE: &str = "\
+tollgate example gateway: POST /tools/{name} rate-limited per user, tenant and tool.
+
+USAGE:
+    gateway [--config FILE] [--listen ADDR]
+
+OPTIONS:
+    --config FILE   TOML rate-limit config (see examples/gateway.toml). Without it:
+                      by_user = \"30/m\", by_tenant = \"3000/m\", [by_tool] search = \"10/m\"
+    --listen ADDR   address to listen on [default: 127.0.0.1:3000]; port 0 picks a free
+                    port, and the address actually bound is printed
+    -h, --help      print this help
+
+Identity is read from the x-user-id and x-tenant-id headers, which this example trusts
+as if a proxy had set them. Stop with Ctrl-C or SIGTERM (graceful shutdown).";
+
+/// The limits used without `--config`.
+const DEFAULT_CONFIG: &str = r#"
+by_user = "30/m"
+by_tenant = "3000/m"
+
+[by_tool]
+search = "10/m"
+"#;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+
+static USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
+static TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant-id");
+
+#[derive(Debug)]
+struct Args {
+    config: Option<String>,
+    listen: String,
+}
+
+/// `Ok(None)`: `--help` was asked for.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut parsed = Args {
+        config: None,
+        listen: DEFAULT_LISTEN.to_owned(),
+    };
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--config" => parsed.config = Some(value("--config")?),
+            "--listen" => parsed.listen = value("--listen")?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Some(parsed))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("gateway: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let (source, text) = match &args.config {
+        None => (
+            "the embedded default config".to_owned(),
+            DEFAULT_CONFIG.to_owned(),
+        ),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => (path.clone(), text),
+            Err(e) => {
+                eprintln!("gateway: cannot read config {path}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    // Every problem, one per line, each naming its field.
+    let cfg = match RateLimitConfig::from_toml_str(&text) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("gateway: invalid config in {source}:\n{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gateway: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cfg, &args.listen)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
+    describe(&cfg);
+    // Built inside the runtime: a Redis backend may spawn its connection tasks here.
+    let limiter = RateLimitLayer::new(cfg);
+    let app = app(limiter);
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    // The one line on stdout; scripts and tests read the port from it.
+    println!("tollgate gateway listening on http://{addr}");
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    eprintln!("gateway: shut down cleanly");
+    Ok(())
+}
+
+/// The gateway's routes.
+///
+/// `Router::layer` runs *before* routing, when the `{name}` path parameter is not known
+/// yet, and would also cover `/healthz` and unmatched paths. So the limiter goes on the
+/// tool route with `MethodRouter::route_layer`, which runs after routing and only for a
+/// matched method: `Path` is available there, and `/healthz`, a 404 or a 405 (`GET
+/// /tools/x`) never touch the limiter or spend anyone's quota.
+/// Within that stack (outermost first): identity from the proxy headers, then the tool
+/// name from the path, then tollgate, which reads both extensions.
+fn app(limiter: RateLimitLayer) -> Router {
+    let tool_call = post(call_tool).route_layer(
+        ServiceBuilder::new()
+            .layer(middleware::from_fn(identity_from_proxy_headers))
+            .layer(middleware::from_fn(tool_from_path))
+            .layer(limiter),
+    );
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/tools/{name}", tool_call)
+}
+
+/// Logs the limits in force (never any identity).
+fn describe(cfg: &RateLimitConfig) {
+    let show = |r: Option<tollgate::Rate>| r.map_or_else(|| "none".to_owned(), |r| r.to_string());
+    let tools: Vec<String> = cfg
+        .by_tool()
+        .map(|(name, rate)| format!("{name}={rate}"))
+        .collect();
+    eprintln!(
+        "gateway: by_user={} by_tenant={} by_tool=[{}] algorithm={:?} mode={:?} backend={:?}",
+        show(cfg.by_user()),
+        show(cfg.by_tenant()),
+        tools.join(", "),
+        cfg.algorithm(),
+        cfg.mode(),
+        cfg.backend().kind(),
+    );
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The tool call itself: `echo` sends the request body back, every other tool just
+/// says it ran.
+async fn call_tool(Path(name): Path<String>, body: Bytes) -> Json<serde_json::Value> {
+    if name == "echo" {
+        let echo = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        });
+        Json(serde_json::json!({ "tool": name, "ok": true, "echo": echo }))
+    } else {
+        Json(serde_json::json!({ "tool": name, "ok": true }))
+    }
+}
+
+/// Hands the `{name}` segment to tollgate as [`ToolName`] (tollgate trims and lower-cases
+/// it, so `/tools/Search` and `/tools/search` share the `search` limit).
+async fn tool_from_path(Path(name): Path<String>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(ToolName::new(name));
+    next.run(req).await
+}
+
+/// The trusted-proxy step: `x-user-id` / `x-tenant-id` become the [`Identity`] extension.
+///
+/// A header that is repeated, longer than [`MAX_IDENTITY_LEN`] or not UTF-8 is refused
+/// with 400 rather than guessed at (first or last value, truncated, lossily decoded):
+/// any guess would let a caller spend someone else's quota. The answer names the header,
+/// never its value.
+async fn identity_from_proxy_headers(mut req: Request, next: Next) -> Response {
+    let identity = match identity(req.headers()) {
+        Ok(identity) => identity,
+        Err(detail) => return invalid_identity(detail),
+    };
+    req.extensions_mut().insert(identity);
+    next.run(req).await
+}
+
+fn identity(headers: &HeaderMap) -> Result<Identity, &'static str> {
+    Ok(Identity {
+        user: single(headers, &USER_HEADER, IdErrors::USER)?,
+        tenant: single(headers, &TENANT_HEADER, IdErrors::TENANT)?,
+    })
+}
+
+struct IdErrors {
+    repeated: &'static str,
+    too_long: &'static str,
+    not_utf8: &'static str,
+}
+
+impl IdErrors {
+    const USER: IdErrors = IdErrors {
+        repeated: "the x-user-id header appears more than once",
+        too_long: "the x-user-id header is longer than 256 bytes",
+        not_utf8: "the x-user-id header is not valid UTF-8",
+    };
+    const TENANT: IdErrors = IdErrors {
+        repeated: "the x-tenant-id header appears more than once",
+        too_long: "the x-tenant-id header is longer than 256 bytes",
+        not_utf8: "the x-tenant-id header is not valid UTF-8",
+    };
+}
+
+fn single(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    errors: IdErrors,
+) -> Result<Option<String>, &'static str> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(errors.repeated);
+    }
+    let text = std::str::from_utf8(value.as_bytes()).map_err(|_| errors.not_utf8)?;
+    let text = text.trim();
+    if text.len() > MAX_IDENTITY_LEN {
+        return Err(errors.too_long);
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// Same shape as tollgate's own 400 for identities it reads from headers.
+fn invalid_identity(detail: &'static str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": "Invalid identity",
+        "status": 400,
+        "code": "INVALID_IDENTITY",
+        "detail": detail,
+    });
+    let mut resp = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+/// Resolves on Ctrl-C, or SIGTERM on Unix; in-flight requests then finish.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            eprintln!("gateway: cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(e) => {
+                eprintln!("gateway: cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    eprintln!("gateway: shutting down (finishing in-flight requests)");
+}

@@ -27,7 +27,7 @@ impl SystemClock {
     pub fn new() -> Self {
         let base_micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| duration_micros(d));
+            .map_or(0, duration_micros);
         SystemClock {
             base_micros,
             base: Instant::now(),

@@ -228,7 +228,9 @@ impl RateLimitConfig {
     }
     /// Per-tool rates, by normalised (trimmed, lower-cased) tool name.
     pub fn by_tool(&self) -> impl Iterator<Item = (&str, Rate)> + '_ {
-        self.by_tool.iter().map(|(name, rate)| (name.as_str(), *rate))
+        self.by_tool
+            .iter()
+            .map(|(name, rate)| (name.as_str(), *rate))
     }
     /// The rate of one tool; `name` is normalised as requests are.
     pub fn tool_rate(&self, name: &str) -> Option<Rate> {
@@ -558,7 +560,8 @@ impl Check {
                 None
             }
             Some(Scalar::Other(what)) => {
-                self.err.push(field, format!("expected a string, found {what}"));
+                self.err
+                    .push(field, format!("expected a string, found {what}"));
                 None
             }
         }
@@ -609,12 +612,21 @@ impl Check {
         default
     }
 
-    fn int(&mut self, field: &str, value: &Option<Scalar>, range: (i128, i128), default: i128) -> i128 {
+    fn int(
+        &mut self,
+        field: &str,
+        value: &Option<Scalar>,
+        range: (i128, i128),
+        default: i128,
+    ) -> i128 {
         match value {
             None => default,
             Some(Scalar::Int(n)) if (range.0..=range.1).contains(n) => *n,
             Some(Scalar::Int(n)) => {
-                self.err.push(field, format!("{n} is out of range: must be {} to {}", range.0, range.1));
+                self.err.push(
+                    field,
+                    format!("{n} is out of range: must be {} to {}", range.0, range.1),
+                );
                 default
             }
             Some(Scalar::Text(_)) => {
@@ -622,7 +634,8 @@ impl Check {
                 default
             }
             Some(Scalar::Other(what)) => {
-                self.err.push(field, format!("expected an integer, found {what}"));
+                self.err
+                    .push(field, format!("expected an integer, found {what}"));
                 default
             }
         }
@@ -633,7 +646,8 @@ impl Check {
         match HeaderName::from_bytes(text.trim().as_bytes()) {
             Ok(name) => Some(name),
             Err(_) => {
-                self.err.push(field, format!("{text:?} is not a valid HTTP header name"));
+                self.err
+                    .push(field, format!("{text:?} is not a valid HTTP header name"));
                 None
             }
         }
@@ -725,7 +739,11 @@ impl TryFrom<Raw> for RateLimitConfig {
             .map(|r| ("by_user".to_owned(), r))
             .into_iter()
             .chain(by_tenant.map(|r| ("by_tenant".to_owned(), r)))
-            .chain(by_tool.iter().map(|(name, r)| (format!("by_tool[{name:?}]"), *r)));
+            .chain(
+                by_tool
+                    .iter()
+                    .map(|(name, r)| (format!("by_tool[{name:?}]"), *r)),
+            );
         for (field, rate) in rules {
             if !algorithm.supports(rate) {
                 c.err.push(
@@ -747,13 +765,18 @@ impl TryFrom<Raw> for RateLimitConfig {
             "backend.kind",
             "backend",
             &b.kind,
-            &[("memory", BackendKind::Memory), ("redis", BackendKind::Redis)],
+            &[
+                ("memory", BackendKind::Memory),
+                ("redis", BackendKind::Redis),
+            ],
             BackendKind::Memory,
         );
         let url = c.text("backend.url", &b.url).map(|u| u.trim().to_owned());
         if kind == BackendKind::Redis {
             match &url {
-                None => c.err.push("backend.url", "required when backend.kind = \"redis\""),
+                None => c
+                    .err
+                    .push("backend.url", "required when backend.kind = \"redis\""),
                 Some(u)
                     if !["redis://", "rediss://", "unix://", "redis+unix://"]
                         .iter()
@@ -797,8 +820,12 @@ impl TryFrom<Raw> for RateLimitConfig {
             &[("memory", Fallback::Memory), ("none", Fallback::None)],
             Fallback::Memory,
         );
-        let max_keys =
-            c.int("backend.max_keys", &b.max_keys, (1, 1_000_000_000), 1_000_000) as usize;
+        let max_keys = c.int(
+            "backend.max_keys",
+            &b.max_keys,
+            (1, 1_000_000_000),
+            1_000_000,
+        ) as usize;
 
         c.unknown("", &raw.unknown);
         c.unknown("identity.", &raw.identity.unknown);

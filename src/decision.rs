@@ -158,7 +158,14 @@ mod tests {
 
     #[test]
     fn rejecting_rule_with_soonest_reset_speaks() {
-        let d = Decision::new([v(User, true, 5, 1), v(Tenant, false, 0, 30), v(Tool, false, 0, 20)], 0);
+        let d = Decision::new(
+            [
+                v(User, true, 5, 1),
+                v(Tenant, false, 0, 30),
+                v(Tool, false, 0, 20),
+            ],
+            0,
+        );
         assert!(!d.is_allowed());
         assert_eq!(d.rule(), Some(Tool));
         assert_eq!(d.violated().collect::<Vec<_>>(), [Tenant, Tool]);
@@ -167,11 +174,32 @@ mod tests {
 
     #[test]
     fn ties_go_to_user_then_tenant_then_tool() {
-        let d = Decision::new([v(User, false, 0, 9), v(Tenant, false, 0, 9), v(Tool, false, 0, 9)], 0);
+        let d = Decision::new(
+            [
+                v(User, false, 0, 9),
+                v(Tenant, false, 0, 9),
+                v(Tool, false, 0, 9),
+            ],
+            0,
+        );
         assert_eq!(d.rule(), Some(User));
-        let d = Decision::new([v(User, true, 0, 9), v(Tenant, false, 0, 9), v(Tool, false, 0, 9)], 0);
+        let d = Decision::new(
+            [
+                v(User, true, 0, 9),
+                v(Tenant, false, 0, 9),
+                v(Tool, false, 0, 9),
+            ],
+            0,
+        );
         assert_eq!(d.rule(), Some(Tenant));
-        let d = Decision::new([v(User, true, 3, 9), v(Tenant, true, 3, 1), v(Tool, true, 3, 1)], 0);
+        let d = Decision::new(
+            [
+                v(User, true, 3, 9),
+                v(Tenant, true, 3, 1),
+                v(Tool, true, 3, 1),
+            ],
+            0,
+        );
         assert_eq!(d.rule(), Some(User));
         let d = Decision::new([None, v(Tenant, true, 2, 9), v(Tool, true, 2, 1)], 0);
         assert_eq!(d.rule(), Some(Tenant));
@@ -179,15 +207,28 @@ mod tests {
 
     #[test]
     fn fewest_remaining_speaks_when_all_allow() {
-        let d = Decision::new([v(User, true, 7, 1), v(Tenant, true, 2, 50), v(Tool, true, 4, 3)], 0);
+        let d = Decision::new(
+            [
+                v(User, true, 7, 1),
+                v(Tenant, true, 2, 50),
+                v(Tool, true, 4, 3),
+            ],
+            0,
+        );
         assert!(d.is_allowed());
-        assert_eq!((d.rule(), d.remaining(), d.retry_after()), (Some(Tenant), Some(2), None));
+        assert_eq!(
+            (d.rule(), d.remaining(), d.retry_after()),
+            (Some(Tenant), Some(2), None)
+        );
     }
 
     #[test]
     fn no_rule_means_allowed_without_a_speaker() {
         let d = Decision::unlimited(5);
         assert!(d.is_allowed());
-        assert_eq!((d.rule(), d.limit(), d.reset_epoch_secs()), (None, None, None));
+        assert_eq!(
+            (d.rule(), d.limit(), d.reset_epoch_secs()),
+            (None, None, None)
+        );
     }
 }

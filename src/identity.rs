@@ -107,9 +107,7 @@ impl BadIdentity {
     pub(crate) fn detail(self) -> &'static str {
         match self {
             BadIdentity::Repeated("user") => "the user identity header appears more than once",
-            BadIdentity::Repeated("tenant") => {
-                "the tenant identity header appears more than once"
-            }
+            BadIdentity::Repeated("tenant") => "the tenant identity header appears more than once",
             BadIdentity::Repeated(_) => "the tool header appears more than once",
             BadIdentity::TooLong("user") => "the user id is longer than 256 bytes",
             BadIdentity::TooLong(_) => "the tenant id is longer than 256 bytes",

@@ -162,7 +162,18 @@ mod tests {
 
     #[test]
     fn separators_and_lookalikes_stay_apart() {
-        let cases: &[&[u8]] = &[b"a:b", b"a%3Ab", b"a", b"a\n", b"{x}", b"%", b"-", b"=", b"", b"anonymous"];
+        let cases: &[&[u8]] = &[
+            b"a:b",
+            b"a%3Ab",
+            b"a",
+            b"a\n",
+            b"{x}",
+            b"%",
+            b"-",
+            b"=",
+            b"",
+            b"anonymous",
+        ];
         let mut seen = std::collections::HashSet::new();
         for id in cases {
             assert!(seen.insert(key(RuleKind::User, Subject::Named(id), 60)));
@@ -179,7 +190,15 @@ mod tests {
     #[test]
     fn debug_hides_the_subject() {
         let rate = Rate::per_second(1);
-        let shown = format!("{:?}", Key::new(RuleKind::User, Subject::Named(b"alice"), rate, Algorithm::FixedWindow));
+        let shown = format!(
+            "{:?}",
+            Key::new(
+                RuleKind::User,
+                Subject::Named(b"alice"),
+                rate,
+                Algorithm::FixedWindow
+            )
+        );
         assert!(!shown.contains("alice"), "{shown}");
     }
 

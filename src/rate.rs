@@ -187,7 +187,9 @@ impl FromStr for Rate {
 
         let period = period.trim();
         if period.is_empty() {
-            return Err(err("missing period after '/': use s, m, h or d, e.g. \"30/m\""));
+            return Err(err(
+                "missing period after '/': use s, m, h or d, e.g. \"30/m\"",
+            ));
         }
         let digits = period.bytes().take_while(u8::is_ascii_digit).count();
         let (multiplier, unit) = period.split_at(digits);
@@ -204,7 +206,11 @@ impl FromStr for Rate {
             "m" | "min" | "mins" | "minute" | "minutes" => 60,
             "h" | "hr" | "hrs" | "hour" | "hours" => 3_600,
             "d" | "day" | "days" => 86_400,
-            _ => return Err(err("unknown period unit: use s, m, h or d (e.g. \"10/30s\")")),
+            _ => {
+                return Err(err(
+                    "unknown period unit: use s, m, h or d (e.g. \"10/30s\")",
+                ))
+            }
         };
         let secs = multiplier
             .checked_mul(unit_secs)
@@ -249,7 +255,11 @@ mod tests {
             ("5/ 2 sec", 5, 2),
         ] {
             let rate: Rate = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!((rate.count(), rate.period().as_secs()), (count, secs), "{text}");
+            assert_eq!(
+                (rate.count(), rate.period().as_secs()),
+                (count, secs),
+                "{text}"
+            );
         }
     }
 
@@ -281,7 +291,10 @@ mod tests {
         assert_eq!(Rate::per_minute(30).count(), 30);
         assert_eq!(Rate::per_hour(2).to_string(), "2/h");
         assert_eq!(Rate::per_day(9).to_string(), "9/d");
-        assert_eq!(Rate::new(10, Duration::from_secs(90)).unwrap().to_string(), "10/90s");
+        assert_eq!(
+            Rate::new(10, Duration::from_secs(90)).unwrap().to_string(),
+            "10/90s"
+        );
         assert!(Rate::new(0, Duration::from_secs(1)).is_err());
         assert!(Rate::new(1, Duration::from_millis(1500)).is_err());
         assert!(Rate::new(1, Duration::ZERO).is_err());

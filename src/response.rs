@@ -83,7 +83,9 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -129,8 +131,14 @@ pub(crate) fn write_headers(
             "\"{}\";r={};t={}",
             speaker.kind, speaker.outcome.remaining, reset
         );
-        headers.insert(POLICY.clone(), HeaderValue::try_from(policy).expect("ASCII"));
-        headers.insert(RATELIMIT.clone(), HeaderValue::try_from(current).expect("ASCII"));
+        headers.insert(
+            POLICY.clone(),
+            HeaderValue::try_from(policy).expect("ASCII"),
+        );
+        headers.insert(
+            RATELIMIT.clone(),
+            HeaderValue::try_from(current).expect("ASCII"),
+        );
     }
 }
 
@@ -198,7 +206,8 @@ pub(crate) fn bad_identity(detail: &str) -> Response<Bytes> {
 fn problem(status: StatusCode, body: String) -> Response<Bytes> {
     let mut resp = Response::new(Bytes::from(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, PROBLEM_JSON.clone());
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, PROBLEM_JSON.clone());
     resp
 }
 

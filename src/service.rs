@@ -92,7 +92,10 @@ where
         let who = match identity::extract(&req, &shared.identity) {
             Ok(who) => who,
             Err(bad) if shared.mode == Mode::Enforce => {
-                tracing::debug!(reason = bad.detail(), "tollgate: refused an ambiguous identity");
+                tracing::debug!(
+                    reason = bad.detail(),
+                    "tollgate: refused an ambiguous identity"
+                );
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
@@ -108,7 +111,12 @@ where
             }
         };
 
-        let placeholder = Key::new(RuleKind::User, Subject::Anonymous, Rate::per_second(1), shared.algorithm);
+        let placeholder = Key::new(
+            RuleKind::User,
+            Subject::Anonymous,
+            Rate::per_second(1),
+            shared.algorithm,
+        );
         let mut keys = [placeholder; 3];
         let mut plan = Plan {
             rules: [None; 3],
@@ -129,7 +137,11 @@ where
             add(RuleKind::Tenant, Subject::Named(tenant), rate);
         }
         if let Some((index, rate)) = who.tool.and_then(|t| rules.tool(t)) {
-            add(RuleKind::Tool, Subject::Named(rules.tool_name(index).as_bytes()), rate);
+            add(
+                RuleKind::Tool,
+                Subject::Named(rules.tool_name(index).as_bytes()),
+                rate,
+            );
             plan.tool = Some(index);
         }
         if n == 0 {
@@ -179,7 +191,11 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
         Err(error) => return store_failed(shared, plan, &error),
     };
     let mut verdicts = [None; 3];
-    for ((slot, rule), outcome) in verdicts.iter_mut().zip(plan.rules.iter().flatten()).zip(outcomes.iter()) {
+    for ((slot, rule), outcome) in verdicts
+        .iter_mut()
+        .zip(plan.rules.iter().flatten())
+        .zip(outcomes.iter())
+    {
         *slot = Some(Verdict {
             kind: rule.0,
             rate: rule.1,
@@ -202,7 +218,11 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
             Action::Forward(Some(decision))
         }
         _ => {
-            tracing::debug!(rule, tool = tool.unwrap_or(""), "tollgate: rate limit exceeded");
+            tracing::debug!(
+                rule,
+                tool = tool.unwrap_or(""),
+                "tollgate: rate limit exceeded"
+            );
             let mut resp = response::too_many_requests(shared.headers, &decision, tool);
             resp.extensions_mut().insert(decision);
             Action::Respond(resp)

@@ -43,8 +43,22 @@ async fn router_layer_limits_every_route() {
             .body(Body::empty())
             .unwrap()
     };
-    assert_eq!(app.clone().oneshot(call("/tools/echo")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(app.clone().oneshot(call("/tools/echo")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.clone()
+            .oneshot(call("/tools/echo"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.clone()
+            .oneshot(call("/tools/echo"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     let limited = app.clone().oneshot(call("/tools/echo")).await.unwrap();
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(limited.headers()["x-ratelimit-limit"], "2");
@@ -66,14 +80,34 @@ async fn route_layer_sees_the_tool_from_a_routing_middleware() {
         ))
         .route("/healthz", get(|| async { "ok" }));
     let call = |path: &str| Request::post(path).body(Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(call("/tools/Search")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.clone()
+            .oneshot(call("/tools/Search"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     let limited = app.clone().oneshot(call("/tools/search")).await.unwrap();
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
-    let body = http_body_util::BodyExt::collect(limited.into_body()).await.unwrap().to_bytes();
-    assert!(std::str::from_utf8(&body).unwrap().contains("for tool 'search'"));
+    let body = http_body_util::BodyExt::collect(limited.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(std::str::from_utf8(&body)
+        .unwrap()
+        .contains("for tool 'search'"));
     for _ in 0..5 {
-        let health = app.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
-        assert_eq!(health.status(), StatusCode::OK, "healthz is outside the route layer");
+        let health = app
+            .clone()
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            health.status(),
+            StatusCode::OK,
+            "healthz is outside the route layer"
+        );
     }
 }
 
@@ -97,6 +131,13 @@ async fn a_real_server_over_loopback() {
             .unwrap();
         statuses.push(client.request(req).await.unwrap().status());
     }
-    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
     server.abort();
 }

@@ -14,10 +14,16 @@ fn bad_rates_are_rejected_naming_the_field() {
     for bad in ["abc/m", "0/m", "-5/m", "60", "", "/", "10/w", "10/0s"] {
         let lines = problems(&format!("by_user = {bad:?}"));
         assert_eq!(lines.len(), 1, "{bad:?}: {lines:?}");
-        assert!(lines[0].starts_with(&format!("by_user: invalid rate {bad:?}: ")), "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("by_user: invalid rate {bad:?}: ")),
+            "{lines:?}"
+        );
     }
     let lines = problems("by_tenant = 60");
-    assert_eq!(lines, ["by_tenant: expected a rate like \"60/m\", found the bare number 60"]);
+    assert_eq!(
+        lines,
+        ["by_tenant: expected a rate like \"60/m\", found the bare number 60"]
+    );
 }
 
 #[test]
@@ -41,7 +47,10 @@ fn unknown_choices_are_rejected() {
     ] {
         let lines = problems(toml);
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].starts_with(&format!("{field}: unknown ")), "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("{field}: unknown ")),
+            "{lines:?}"
+        );
         assert!(lines[0].contains(&format!("{word:?}")), "{lines:?}");
     }
 }
@@ -51,20 +60,30 @@ fn duplicate_tools_after_normalisation_are_rejected() {
     let lines = problems("[by_tool]\nSearch = \"1/m\"\n\" search \" = \"2/m\"");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("same tool"), "{lines:?}");
-    assert_eq!(problems("[by_tool]\n\" \" = \"1/m\""), ["by_tool[\" \"]: tool name is empty"]);
+    assert_eq!(
+        problems("[by_tool]\n\" \" = \"1/m\""),
+        ["by_tool[\" \"]: tool name is empty"]
+    );
 }
 
 #[test]
 fn redis_without_url_is_rejected() {
     let lines = problems("[backend]\nkind = \"redis\"");
-    assert!(lines.contains(&"backend.url: required when backend.kind = \"redis\"".to_owned()), "{lines:?}");
+    assert!(
+        lines.contains(&"backend.url: required when backend.kind = \"redis\"".to_owned()),
+        "{lines:?}"
+    );
     let lines = problems("[backend]\nkind = \"redis\"\nurl = \"http://x\"");
-    assert!(lines[0].starts_with("backend.url: must start with redis://"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("backend.url: must start with redis://"),
+        "{lines:?}"
+    );
 }
 
 #[test]
 fn three_mistakes_are_all_reported() {
-    let lines = problems("by_user = \"abc/m\"\nalgorithm = \"leaky\"\n[backend]\nkind = \"reddis\"");
+    let lines =
+        problems("by_user = \"abc/m\"\nalgorithm = \"leaky\"\n[backend]\nkind = \"reddis\"");
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[0].starts_with("by_user: "));
     assert!(lines[1].starts_with("algorithm: "));
@@ -85,7 +104,10 @@ fn other_fields_are_checked_too() {
         "backend.max_keys: -1 is out of range",
         "backend.key_prefix: must be",
     ] {
-        assert!(lines.iter().any(|l| l.starts_with(expected)), "{expected} not in {lines:?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "{expected} not in {lines:?}"
+        );
     }
     assert_eq!(lines.len(), 7, "{lines:?}");
 }
@@ -93,7 +115,10 @@ fn other_fields_are_checked_too() {
 #[test]
 fn sliding_window_refuses_rates_it_cannot_compute_exactly() {
     let lines = problems("algorithm = \"sliding_window\"\nby_user = \"1000000000/d\"");
-    assert!(lines[0].starts_with("by_user: rate \"1000000000/d\" is too large for sliding_window"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("by_user: rate \"1000000000/d\" is too large for sliding_window"),
+        "{lines:?}"
+    );
     assert!(RateLimitConfig::from_toml_str("by_user = \"1000000000/d\"").is_ok());
 }
 
@@ -107,7 +132,10 @@ fn toml_syntax_errors_are_reported() {
 #[test]
 fn redis_needs_the_redis_feature() {
     let lines = problems("[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1/\"");
-    assert_eq!(lines, ["backend.kind: \"redis\" needs tollgate built with its `redis` feature"]);
+    assert_eq!(
+        lines,
+        ["backend.kind: \"redis\" needs tollgate built with its `redis` feature"]
+    );
 }
 
 #[cfg(feature = "redis")]
@@ -142,7 +170,10 @@ fn a_full_config_reads_as_documented() {
     .unwrap();
     assert_eq!(cfg.by_user(), Some(Rate::per_minute(30)));
     assert_eq!(cfg.by_tenant(), Some(Rate::per_minute(3000)));
-    assert_eq!(cfg.by_tool().collect::<Vec<_>>(), [("search", Rate::per_minute(10))]);
+    assert_eq!(
+        cfg.by_tool().collect::<Vec<_>>(),
+        [("search", Rate::per_minute(10))]
+    );
     assert_eq!(cfg.algorithm(), Algorithm::TokenBucket);
     assert_eq!(cfg.mode(), Mode::Permissive);
     assert_eq!(cfg.fail_mode(), FailMode::Closed);
@@ -151,9 +182,15 @@ fn a_full_config_reads_as_documented() {
     let b = cfg.backend();
     assert_eq!(b.kind(), BackendKind::Redis);
     assert_eq!(b.url(), Some("redis://127.0.0.1:6379/0"));
-    assert_eq!((b.key_prefix(), b.pool_size(), b.timeout()), ("gw", 4, Duration::from_millis(20)));
+    assert_eq!(
+        (b.key_prefix(), b.pool_size(), b.timeout()),
+        ("gw", 4, Duration::from_millis(20))
+    );
     assert_eq!((b.fallback(), b.max_keys()), (Fallback::None, 5000));
-    assert!(!format!("{cfg:?}").contains("6379"), "Debug hides the URL (it may hold a password)");
+    assert!(
+        !format!("{cfg:?}").contains("6379"),
+        "Debug hides the URL (it may hold a password)"
+    );
 }
 
 #[test]
@@ -169,17 +206,27 @@ fn defaults_and_builder_agree_with_files() {
     )
     .unwrap();
     assert_eq!(built, parsed);
-    let err = RateLimitConfig::builder().by_user("0/m").tool("a", "x").build().unwrap_err();
+    let err = RateLimitConfig::builder()
+        .by_user("0/m")
+        .tool("a", "x")
+        .build()
+        .unwrap_err();
     assert_eq!(err.problems().count(), 2);
     let d = RateLimitConfig::default();
-    assert_eq!((d.by_user(), d.mode(), d.backend().max_keys()), (None, Mode::Enforce, 1_000_000));
+    assert_eq!(
+        (d.by_user(), d.mode(), d.backend().max_keys()),
+        (None, Mode::Enforce, 1_000_000)
+    );
 }
 
 #[test]
 fn serde_deserialization_validates_too() {
     let err = toml::from_str::<RateLimitConfig>("by_user = \"0/m\"\nmode = \"x\"").unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("by_user: invalid rate") && text.contains("mode: unknown mode"), "{text}");
+    assert!(
+        text.contains("by_user: invalid rate") && text.contains("mode: unknown mode"),
+        "{text}"
+    );
     let json: RateLimitConfig = serde_json::from_str(r#"{"by_user": "5/s"}"#).unwrap();
     assert_eq!(json.by_user(), Some(Rate::per_second(5)));
 }

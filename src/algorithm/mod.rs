@@ -141,7 +141,11 @@ mod tests {
         let sixth = Algorithm::TokenBucket.check(state, T0, rate);
         assert!(!sixth.allowed);
         assert_eq!(sixth.retry_after, 200_000);
-        assert!(!Algorithm::TokenBucket.check(state, T0 + 199_999, rate).allowed);
+        assert!(
+            !Algorithm::TokenBucket
+                .check(state, T0 + 199_999, rate)
+                .allowed
+        );
         let later = Algorithm::TokenBucket.check(state, T0 + 200_000, rate);
         assert!(later.allowed);
         assert_eq!(later.remaining, 0);
@@ -164,8 +168,16 @@ mod tests {
     #[test]
     fn retry_after_is_exact_for_every_algorithm() {
         // Waiting `retry_after` allows the request; waiting 1 µs less does not.
-        for alg in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
-            for rate in [Rate::per_second(3), Rate::per_minute(7), Rate::new(5, Duration::from_secs(10)).unwrap()] {
+        for alg in [
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindow,
+            Algorithm::TokenBucket,
+        ] {
+            for rate in [
+                Rate::per_second(3),
+                Rate::per_minute(7),
+                Rate::new(5, Duration::from_secs(10)).unwrap(),
+            ] {
                 let mut state = None;
                 let mut now = T0 + 123_456;
                 for _ in 0..200 {
@@ -175,7 +187,10 @@ mod tests {
                         continue;
                     }
                     assert!(step.retry_after > 0, "{alg} {rate}");
-                    assert!(!alg.check(state, now + step.retry_after - 1, rate).allowed, "{alg} {rate} early");
+                    assert!(
+                        !alg.check(state, now + step.retry_after - 1, rate).allowed,
+                        "{alg} {rate} early"
+                    );
                     now += step.retry_after;
                     assert!(alg.check(state, now, rate).allowed, "{alg} {rate} on time");
                 }

@@ -74,5 +74,7 @@ fn weigh(prev: u64, left_ms: u64, period_ms: u64) -> u64 {
 fn first_ms(room: u64, prev: u64, period_ms: u64) -> u64 {
     let x = u128::from(room) * u128::from(period_ms);
     let ceil = x.div_ceil(u128::from(prev.max(1)));
-    (u128::from(period_ms) + 1).saturating_sub(ceil).min(u128::from(period_ms)) as u64
+    (u128::from(period_ms) + 1)
+        .saturating_sub(ceil)
+        .min(u128::from(period_ms)) as u64
 }

@@ -147,7 +147,8 @@ impl MemoryStore {
                     }
                 }
                 let mut steps: [Option<Step>; 3] = [None; 3];
-                for ((step, probe), key) in steps.iter_mut().zip(probes.iter().flatten()).zip(keys) {
+                for ((step, probe), key) in steps.iter_mut().zip(probes.iter().flatten()).zip(keys)
+                {
                     *step = Some(table_of(&mut guards, probe.shard).step(probe, key, now));
                 }
                 let all = steps.iter().flatten().all(|s| s.allowed);
@@ -328,7 +329,12 @@ mod tests {
     use crate::Rate;
 
     fn user(id: &[u8], rate: Rate) -> Key<'_> {
-        Key::new(RuleKind::User, Subject::Named(id), rate, Algorithm::FixedWindow)
+        Key::new(
+            RuleKind::User,
+            Subject::Named(id),
+            rate,
+            Algorithm::FixedWindow,
+        )
     }
 
     #[test]
@@ -341,7 +347,11 @@ mod tests {
                 store.check_now(&[user(id.as_bytes(), rate)], 1_000_000 + i as u64);
                 assert!(store.len() <= max, "{} > {max}", store.len());
             }
-            assert!(store.evictions() >= (4 * max) as u64, "max {max}: {}", store.evictions());
+            assert!(
+                store.evictions() >= (4 * max) as u64,
+                "max {max}: {}",
+                store.evictions()
+            );
         }
     }
 
@@ -368,9 +378,17 @@ mod tests {
     fn anonymous_is_not_a_user_called_anonymous() {
         let store = MemoryStore::new();
         let rate = Rate::per_minute(1);
-        let anon = Key::new(RuleKind::User, Subject::Anonymous, rate, Algorithm::FixedWindow);
+        let anon = Key::new(
+            RuleKind::User,
+            Subject::Anonymous,
+            rate,
+            Algorithm::FixedWindow,
+        );
         assert!(store.check_now(&[anon], 0).iter().all(Outcome::is_allowed));
-        assert!(store.check_now(&[user(b"anonymous", rate)], 0).iter().all(Outcome::is_allowed));
+        assert!(store
+            .check_now(&[user(b"anonymous", rate)], 0)
+            .iter()
+            .all(Outcome::is_allowed));
         assert!(!store.check_now(&[anon], 0).iter().all(Outcome::is_allowed));
     }
 }

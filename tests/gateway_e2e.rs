@@ -1,0 +1,537 @@
+//! The example gateway, tried as a new user would: the real binary, started on a free
+//! loopback port, called over HTTP.
+//!
+//! `cargo test` builds examples next to the test binaries (`target/<profile>/examples`);
+//! when the gateway binary is missing or older than its sources (e.g. after
+//! `cargo test --test gateway_e2e`), it is built with `cargo build --example gateway`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------
+// Locating (and if needed building) the example binary.
+
+fn gateway_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/gateway_e2e-<hash> → target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps");
+        let bin = profile_dir
+            .join("examples")
+            .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+        if !bin.exists() || is_stale(&bin) {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--example", "gateway"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build --example gateway");
+            assert!(
+                status.success(),
+                "cargo build --example gateway failed: {status}"
+            );
+        }
+        assert!(bin.exists(), "no gateway binary at {}", bin.display());
+        bin
+    })
+}
+
+/// True when a source the example is built from is newer than the binary.
+fn is_stale(bin: &Path) -> bool {
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pending = vec![
+        root.join("src"),
+        root.join("examples/gateway.rs"),
+        root.join("Cargo.toml"),
+    ];
+    let mut seen = 0;
+    while let Some(path) = pending.pop() {
+        seen += 1;
+        if seen > 10_000 {
+            return true;
+        }
+        let Ok(meta) = path.metadata() else { continue };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return true;
+        }
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------------
+// A running gateway, killed on drop (also when an assertion fails).
+
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    fn start(extra: &[&str]) -> Gateway {
+        let mut child = Command::new(gateway_binary())
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the gateway");
+        let stderr = drain(child.stderr.take().expect("piped stderr"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut first = String::new();
+            let mut reader = BufReader::new(stdout);
+            let _ = reader.read_line(&mut first);
+            let _ = tx.send(first);
+            // Keep reading so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        // The guard exists before any assertion, so a failed start still kills the child.
+        let mut gateway = Gateway {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stderr,
+        };
+        let line = rx
+            .recv_timeout(START_TIMEOUT)
+            .unwrap_or_else(|_| panic!("the gateway printed no address within {START_TIMEOUT:?}"));
+        let addr = line
+            .trim()
+            .strip_prefix("tollgate gateway listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        gateway.addr = addr.parse().expect("a socket address");
+        gateway
+    }
+
+    fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        request(self.addr, "POST", path, headers, body)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        request(self.addr, "GET", path, &[], "")
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    #[cfg(unix)]
+    fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        wait_bounded(&mut self.child, Duration::from_secs(10)).expect("exit after SIGTERM")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!(
+                "--- gateway stderr ---\n{}",
+                self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    text
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------
+// A plain HTTP/1.1 client over a TcpStream: one request per connection.
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        let mut found = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+        let first = found.next().map(|(_, v)| v.as_str());
+        assert!(found.next().is_none(), "header {name} repeated in {self:?}");
+        first
+    }
+
+    fn number(&self, name: &str) -> u64 {
+        self.header(name)
+            .unwrap_or_else(|| panic!("no {name} header in {self:?}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a number in {self:?}"))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: body {:?}", self.body))
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        head.push_str("content-type: application/json\r\n");
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("write request");
+    stream.write_all(body.as_bytes()).expect("write body");
+
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let reply = Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    };
+    if let Some(len) = reply.header("content-length") {
+        assert_eq!(
+            len.parse::<usize>().ok(),
+            Some(reply.body.len()),
+            "{reply:?}"
+        );
+    }
+    reply
+}
+
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+// ---------------------------------------------------------------------------------------
+// The tests.
+
+/// The README promise: 31 calls as one user within a minute → 30 × 200 then a 429 with
+/// the documented headers and problem+json body; health checks and other users carry on.
+#[test]
+fn thirty_calls_pass_then_the_31st_is_a_documented_429() {
+    let gw = Gateway::start(&[]);
+    let alice = [("x-user-id", "alice")];
+    for i in 0..30u64 {
+        let reply = gw.post("/tools/echo", &alice, r#"{"n":1}"#);
+        assert_eq!(reply.status, 200, "call {} of 30: {reply:?}", i + 1);
+        let body = reply.json();
+        assert_eq!(body["tool"], "echo");
+        assert_eq!(body["ok"], true);
+        assert_eq!(
+            body["echo"],
+            serde_json::json!({"n": 1}),
+            "echo sends the body back"
+        );
+        assert_eq!(reply.number("x-ratelimit-limit"), 30);
+        assert_eq!(reply.number("x-ratelimit-remaining"), 29 - i);
+        assert!(reply.header("retry-after").is_none(), "{reply:?}");
+    }
+
+    let before = now_epoch();
+    let limited = gw.post("/tools/echo", &alice, r#"{"n":1}"#);
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.number("x-ratelimit-limit"), 30);
+    assert_eq!(limited.number("x-ratelimit-remaining"), 0);
+    let reset = limited.number("x-ratelimit-reset");
+    assert!(
+        reset > before && reset <= before + 61,
+        "reset {reset} should be within the next minute of {before}"
+    );
+    let retry = limited.number("retry-after");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        limited.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem = limited.json();
+    assert_eq!(problem["status"], 429);
+    assert_eq!(problem["code"], "RATE_LIMIT");
+    assert_eq!(problem["title"], "Rate limit exceeded");
+    assert_eq!(problem["violated"], serde_json::json!(["user"]));
+    assert_eq!(problem["retry_after"], retry);
+    assert!(
+        !limited.body.contains("alice"),
+        "the 429 names no user: {limited:?}"
+    );
+
+    let health = gw.get("/healthz");
+    assert_eq!(health.status, 200, "{health:?}");
+    assert!(health.header("x-ratelimit-limit").is_none(), "{health:?}");
+
+    let bob = gw.post("/tools/echo", &[("x-user-id", "bob")], "{}");
+    assert_eq!(bob.status, 200, "another user is unaffected: {bob:?}");
+    assert_eq!(bob.number("x-ratelimit-remaining"), 29);
+
+    let still = gw.post("/tools/echo", &alice, "{}");
+    assert_eq!(still.status, 429, "alice stays limited: {still:?}");
+}
+
+/// `search = "10/m"` protects the tool: ten calls from ten different users use it up,
+/// the eleventh caller (whoever, whatever the case of the name) gets 429 naming the tool.
+#[test]
+fn search_is_limited_at_ten_for_all_callers_together() {
+    let gw = Gateway::start(&[]);
+    for i in 0..10u64 {
+        let user = format!("user-{i}");
+        let reply = gw.post("/tools/search", &[("x-user-id", &user)], "{}");
+        assert_eq!(reply.status, 200, "search call {}: {reply:?}", i + 1);
+        assert_eq!(reply.json()["tool"], "search");
+        assert_eq!(
+            reply.number("x-ratelimit-limit"),
+            10,
+            "the tool rule speaks"
+        );
+        assert_eq!(reply.number("x-ratelimit-remaining"), 9 - i);
+    }
+    let limited = gw.post("/tools/Search", &[("x-user-id", "newcomer")], "{}");
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.number("x-ratelimit-limit"), 10);
+    assert_eq!(limited.number("x-ratelimit-remaining"), 0);
+    let problem = limited.json();
+    assert_eq!(problem["violated"], serde_json::json!(["tool"]));
+    assert_eq!(problem["detail"], "Rate limit exceeded for tool 'search'");
+
+    // The tool limit is not a user limit: the same users still reach other tools.
+    let echo = gw.post("/tools/echo", &[("x-user-id", "newcomer")], "{}");
+    assert_eq!(echo.status, 200, "{echo:?}");
+    assert_eq!(
+        echo.number("x-ratelimit-remaining"),
+        29,
+        "the 429 cost newcomer nothing"
+    );
+}
+
+/// The example builds `Identity` itself, so it must refuse what tollgate refuses when it
+/// reads headers: a repeated or overlong identity is a 400 that echoes no value, and it
+/// spends nobody's quota.
+#[test]
+fn ambiguous_identity_headers_are_refused_without_echoing_them() {
+    let gw = Gateway::start(&[]);
+    let twice = gw.post(
+        "/tools/echo",
+        &[("x-user-id", "mallory"), ("x-user-id", "victim")],
+        "{}",
+    );
+    assert_eq!(twice.status, 400, "{twice:?}");
+    assert_eq!(
+        twice.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(twice.json()["code"], "INVALID_IDENTITY");
+    assert!(
+        !twice.body.contains("mallory") && !twice.body.contains("victim"),
+        "{twice:?}"
+    );
+
+    let tenant_twice = gw.post(
+        "/tools/echo",
+        &[
+            ("x-user-id", "u"),
+            ("x-tenant-id", "t1"),
+            ("x-tenant-id", "t2"),
+        ],
+        "{}",
+    );
+    assert_eq!(tenant_twice.status, 400, "{tenant_twice:?}");
+
+    let long = "v".repeat(tollgate::MAX_IDENTITY_LEN + 1);
+    let overlong = gw.post("/tools/echo", &[("x-user-id", &long)], "{}");
+    assert_eq!(overlong.status, 400, "{overlong:?}");
+    assert!(!overlong.body.contains(&long[..32]), "{overlong:?}");
+
+    let exact = "v".repeat(tollgate::MAX_IDENTITY_LEN);
+    let fits = gw.post("/tools/echo", &[("x-user-id", &exact)], "{}");
+    assert_eq!(fits.status, 200, "{fits:?}");
+
+    let victim = gw.post("/tools/echo", &[("x-user-id", "victim")], "{}");
+    assert_eq!(victim.status, 200, "{victim:?}");
+    assert_eq!(
+        victim.number("x-ratelimit-remaining"),
+        29,
+        "the refused request spent none of victim's quota"
+    );
+}
+
+/// Start-up refuses an invalid config: non-zero exit, every problem on its own line
+/// naming its field, and no listening line.
+#[test]
+fn invalid_config_exits_non_zero_listing_every_problem() {
+    let dir = std::env::temp_dir().join(format!("tollgate-gateway-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("three-mistakes.toml");
+    std::fs::write(
+        &path,
+        "by_user = \"abc/m\"\nalgorithm = \"leaky\"\n[by_tool]\nsearch = \"0/m\"\n",
+    )
+    .unwrap();
+
+    let mut child = Command::new(gateway_binary())
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the gateway");
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let status = wait_bounded(&mut child, START_TIMEOUT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let status = status.expect("the gateway should exit on an invalid config");
+    // The pipes close at exit; give the reader threads a moment to finish.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while Instant::now() < deadline && !stderr.lock().unwrap().contains("algorithm") {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        !stdout.lock().unwrap().contains("listening"),
+        "it must not start"
+    );
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            l.starts_with("by_user:")
+                || l.starts_with("algorithm:")
+                || l.starts_with("by_tool[\"search\"]:")
+        })
+        .collect();
+    assert_eq!(problems.len(), 3, "one line per problem, got:\n{stderr}");
+    assert!(stderr.contains("abc/m") && stderr.contains("leaky") && stderr.contains("0/m"));
+}
+
+/// The shipped example configs start the gateway as their comments say. The Redis one
+/// must start without a reachable Redis (it connects lazily); only `/healthz` is called,
+/// so the test never writes to a Redis that may be running on this machine.
+#[test]
+fn shipped_example_configs_start() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let memory = root.join("examples/gateway.toml");
+    let gw = Gateway::start(&["--config", memory.to_str().unwrap()]);
+    assert_eq!(gw.get("/healthz").status, 200);
+    let call = gw.post("/tools/search", &[("x-user-id", "a")], "{}");
+    assert_eq!(call.status, 200, "{call:?}");
+    assert_eq!(call.number("x-ratelimit-limit"), 10);
+    drop(gw);
+
+    let redis = root.join("examples/gateway-redis.toml");
+    let gw = Gateway::start(&["--config", redis.to_str().unwrap()]);
+    assert_eq!(gw.get("/healthz").status, 200);
+}
+
+/// Ctrl-C / SIGTERM end the server gracefully with a zero exit status.
+#[cfg(unix)]
+#[test]
+fn sigterm_shuts_the_gateway_down_cleanly() {
+    let mut gw = Gateway::start(&[]);
+    assert_eq!(gw.get("/healthz").status, 200);
+    let status = gw.terminate();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[test]
+fn help_prints_usage_and_exits_zero() {
+    let out = Command::new(gateway_binary())
+        .arg("--help")
+        .output()
+        .expect("run gateway --help");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--config") && text.contains("--listen"),
+        "{text}"
+    );
+
+    let bad = Command::new(gateway_binary())
+        .arg("--no-such-flag")
+        .output()
+        .expect("run gateway --no-such-flag");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--no-such-flag"));
+}

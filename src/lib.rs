@@ -52,8 +52,8 @@ mod store;
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig,
-    Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec,
+    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig, Mode,
+    RateLimitConfig, RateLimitConfigBuilder, RateSpec,
 };
 pub use decision::Decision;
 pub use future::ResponseFuture;
@@ -64,6 +64,6 @@ pub use rate::{Rate, RateError};
 pub use response::ResponseBody;
 pub use service::RateLimit;
 pub use store::memory::MemoryStore;
-pub use store::{
-    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest,
-};
+#[cfg(feature = "redis")]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
+pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};

@@ -2,7 +2,11 @@
 //! request is counted under; the store allows the request only if every key allows it,
 //! and then counts it under every key (all-or-nothing).
 
+#[cfg(feature = "redis")]
+pub(crate) mod fallback;
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -193,12 +197,28 @@ impl std::error::Error for StoreError {}
 pub(crate) fn for_config(cfg: &crate::RateLimitConfig) -> std::sync::Arc<dyn Store> {
     use crate::config::BackendKind;
     match cfg.backend().kind() {
-        BackendKind::Memory => std::sync::Arc::new(memory::MemoryStore::with_max_keys(
-            cfg.backend().max_keys(),
-        )),
+        BackendKind::Memory => {
+            std::sync::Arc::new(memory::MemoryStore::with_max_keys(cfg.backend().max_keys()))
+        }
+        // Redis behind a circuit breaker; the fallback (if any) answers while it fails.
+        #[cfg(feature = "redis")]
+        BackendKind::Redis => {
+            let backend = cfg.backend();
+            let fallback = match backend.fallback() {
+                crate::Fallback::Memory => {
+                    Some(memory::MemoryStore::with_max_keys(backend.max_keys()))
+                }
+                crate::Fallback::None => None,
+            };
+            std::sync::Arc::new(fallback::FallbackStore::new(
+                redis::RedisStore::from_config(backend),
+                fallback,
+            ))
+        }
         // Validation refuses `kind = "redis"` unless the feature is on.
-        BackendKind::Redis => std::sync::Arc::new(memory::MemoryStore::with_max_keys(
-            cfg.backend().max_keys(),
-        )),
+        #[cfg(not(feature = "redis"))]
+        BackendKind::Redis => {
+            std::sync::Arc::new(memory::MemoryStore::with_max_keys(cfg.backend().max_keys()))
+        }
     }
 }

@@ -1,0 +1,432 @@
+//! A primary store (Redis) behind a circuit breaker, with a local store answering while it
+//! fails.
+//!
+//! After [`FAILURES_TO_OPEN`] consecutive failures the circuit opens: for [`COOL_DOWN`]
+//! no request reaches the primary (the fallback answers at once, or the error is returned
+//! without awaiting anything). Then one request probes the primary; success closes the
+//! circuit, failure keeps it open for another cool-down. Transitions and fallbacks are
+//! logged at most about once a second, never with a key or an identity.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::memory::MemoryStore;
+use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+use crate::key::{Key, RuleKind, Subject};
+use crate::{Algorithm, Rate};
+
+/// Consecutive failures that open the circuit.
+pub(crate) const FAILURES_TO_OPEN: u32 = 3;
+/// How long an open circuit keeps requests away from the primary before a probe.
+pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
+/// At most one log line per this many µs (per kind of line).
+const LOG_EVERY_MICROS: u64 = 1_000_000;
+
+/// `primary` guarded by a circuit breaker; `fallback` (if any) answers while it fails.
+#[derive(Clone)]
+pub(crate) struct FallbackStore<P> {
+    inner: Arc<Inner<P>>,
+}
+
+struct Inner<P> {
+    primary: P,
+    fallback: Option<MemoryStore>,
+    breaker: Breaker,
+    fallback_log: LogGate,
+}
+
+impl<P: Store> FallbackStore<P> {
+    /// `primary`, answered for by `fallback` (or by nobody) while it fails.
+    pub(crate) fn new(primary: P, fallback: Option<MemoryStore>) -> Self {
+        FallbackStore {
+            inner: Arc::new(Inner {
+                primary,
+                fallback,
+                breaker: Breaker::new(),
+                fallback_log: LogGate::new(),
+            }),
+        }
+    }
+}
+
+impl<P: Store> fmt::Debug for FallbackStore<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackStore")
+            .field("primary", &self.inner.primary)
+            .field("fallback", &self.inner.fallback)
+            .field("circuit_open", &self.inner.breaker.is_open())
+            .finish()
+    }
+}
+
+impl<P: Store> Store for FallbackStore<P> {
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        let inner = &*self.inner;
+        if !inner.breaker.admit() {
+            // Open circuit: no await, no allocation beyond what the fallback does.
+            return StoreFuture::Ready(inner.answer_without_primary(request, None));
+        }
+        match inner.primary.check(request) {
+            StoreFuture::Ready(Ok(outcomes)) => {
+                inner.breaker.success();
+                StoreFuture::Ready(Ok(outcomes))
+            }
+            StoreFuture::Ready(Err(error)) => {
+                inner.breaker.failure();
+                StoreFuture::Ready(inner.answer_without_primary(request, Some(&error)))
+            }
+            StoreFuture::Pending(pending) => {
+                let this = self.inner.clone();
+                let owned = this.fallback.as_ref().map(|_| OwnedRequest::new(request));
+                StoreFuture::Pending(Box::pin(async move {
+                    match pending.await {
+                        Ok(outcomes) => {
+                            this.breaker.success();
+                            Ok(outcomes)
+                        }
+                        Err(error) => {
+                            this.breaker.failure();
+                            match &owned {
+                                Some(owned) => owned.with(|request| {
+                                    this.answer_without_primary(&request, Some(&error))
+                                }),
+                                None => this.answer_without_primary(
+                                    &StoreRequest::new(&[], 0),
+                                    Some(&error),
+                                ),
+                            }
+                        }
+                    }
+                }))
+            }
+        }
+    }
+}
+
+impl<P> Inner<P> {
+    /// The fallback's answer, or the error (`error`, or "circuit open").
+    fn answer_without_primary(
+        &self,
+        request: &StoreRequest<'_>,
+        error: Option<&StoreError>,
+    ) -> Result<Outcomes, StoreError> {
+        let error = error.cloned().unwrap_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                "redis circuit open: not calling redis during its cool-down",
+            )
+        });
+        match &self.fallback {
+            Some(memory) => {
+                if let Some(suppressed) = self.fallback_log.may_log() {
+                    tracing::warn!(
+                        %error,
+                        suppressed,
+                        "tollgate: redis unavailable; the local memory store is answering (limits hold per instance)"
+                    );
+                }
+                Ok(memory.check_now(request.keys(), request.now_micros()))
+            }
+            // The layer logs (rate-limited) and applies fail_mode.
+            None => Err(error),
+        }
+    }
+}
+
+/// The circuit breaker: lock-free, time from a monotonic clock (a test's manual clock
+/// must not keep Redis out for ever).
+struct Breaker {
+    base: Instant,
+    failures: AtomicU32,
+    /// 0 = closed; otherwise µs since `base` when the next probe may go (the circuit is
+    /// open or half-open).
+    open_until: AtomicU64,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            base: Instant::now(),
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // +1: 0 means "closed".
+        u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether this request may call the primary: always when closed; when open, only the
+    /// one request that claims the probe after the cool-down.
+    fn admit(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now();
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + cool_down_micros(),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!("tollgate: redis answers again; circuit closed");
+        }
+    }
+
+    fn failure(&self) {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures < FAILURES_TO_OPEN {
+            return;
+        }
+        let next = self.now() + cool_down_micros();
+        let was = self.open_until.swap(next, Ordering::AcqRel);
+        if was == 0 {
+            // Opening happens at most once per cool-down plus a failed call.
+            tracing::warn!(
+                failures,
+                cool_down_ms = COOL_DOWN.as_millis() as u64,
+                "tollgate: redis failing; circuit opened"
+            );
+        }
+    }
+}
+
+fn cool_down_micros() -> u64 {
+    COOL_DOWN.as_micros() as u64
+}
+
+/// Lets one line through per second; counts the rest.
+struct LogGate {
+    base: Instant,
+    next: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogGate {
+    fn new() -> Self {
+        LogGate {
+            base: Instant::now(),
+            next: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn may_log(&self) -> Option<u64> {
+        let now =
+            u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX - LOG_EVERY_MICROS);
+        let next = self.next.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(
+                    next,
+                    now + LOG_EVERY_MICROS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// A request's keys, owned, so the fallback can answer after the primary's future failed.
+struct OwnedRequest {
+    keys: Vec<OwnedKey>,
+    now: u64,
+}
+
+struct OwnedKey {
+    kind: RuleKind,
+    subject: Option<Box<[u8]>>,
+    rate: Rate,
+    algorithm: Algorithm,
+}
+
+impl OwnedRequest {
+    fn new(request: &StoreRequest<'_>) -> Self {
+        OwnedRequest {
+            keys: request
+                .keys()
+                .iter()
+                .map(|k| OwnedKey {
+                    kind: k.kind(),
+                    subject: match k.subject() {
+                        Subject::Anonymous => None,
+                        Subject::Named(bytes) => Some(bytes.into()),
+                    },
+                    rate: k.rate(),
+                    algorithm: k.algorithm(),
+                })
+                .collect(),
+            now: request.now_micros(),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(StoreRequest<'_>) -> R) -> R {
+        let placeholder = Key::new(
+            RuleKind::User,
+            Subject::Anonymous,
+            Rate::per_second(1),
+            Algorithm::FixedWindow,
+        );
+        let mut keys = [placeholder; 3];
+        let n = self.keys.len().min(3);
+        for (slot, k) in keys.iter_mut().zip(&self.keys) {
+            let subject = match &k.subject {
+                None => Subject::Anonymous,
+                Some(bytes) => Subject::Named(bytes),
+            };
+            *slot = Key::new(k.kind, subject, k.rate, k.algorithm);
+        }
+        f(StoreRequest::new(&keys[..n], self.now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A primary that fails (synchronously) while `failing` is set, counting its calls.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        failing: std::sync::atomic::AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl Store for Flaky {
+        fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                StoreFuture::Ready(Err(StoreError::new(StoreErrorKind::Unavailable, "down")))
+            } else {
+                StoreFuture::Ready(Ok(
+                    MemoryStore::new().check_now(request.keys(), request.now_micros())
+                ))
+            }
+        }
+    }
+
+    fn ready(f: StoreFuture) -> Result<Outcomes, StoreError> {
+        match f {
+            StoreFuture::Ready(r) => r,
+            StoreFuture::Pending(_) => panic!("expected a ready answer"),
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_then_probes_after_the_cool_down() {
+        let flaky = Arc::new(Flaky::default());
+        let store = FallbackStore::new(flaky.clone(), None);
+        let rate = Rate::per_minute(2);
+        let keys = [Key::new(
+            RuleKind::User,
+            Subject::Named(b"u"),
+            rate,
+            Algorithm::FixedWindow,
+        )];
+        let req = StoreRequest::new(&keys, 1_000_000);
+        flaky.failing.store(true, Ordering::SeqCst);
+        for _ in 0..FAILURES_TO_OPEN {
+            assert_eq!(
+                ready(store.check(&req)).unwrap_err().kind(),
+                StoreErrorKind::Unavailable
+            );
+        }
+        assert_eq!(
+            flaky.calls.load(Ordering::SeqCst),
+            FAILURES_TO_OPEN as usize
+        );
+        // Open: the primary is not called, the error comes back at once.
+        for _ in 0..100 {
+            assert!(ready(store.check(&req)).is_err());
+        }
+        assert_eq!(
+            flaky.calls.load(Ordering::SeqCst),
+            FAILURES_TO_OPEN as usize
+        );
+        // After the cool-down one probe goes through; success closes the circuit.
+        flaky.failing.store(false, Ordering::SeqCst);
+        std::thread::sleep(COOL_DOWN + Duration::from_millis(50));
+        assert!(ready(store.check(&req)).is_ok());
+        assert!(!store.inner.breaker.is_open());
+        assert!(ready(store.check(&req)).is_ok());
+        assert_eq!(
+            flaky.calls.load(Ordering::SeqCst),
+            FAILURES_TO_OPEN as usize + 2
+        );
+    }
+
+    #[test]
+    fn the_fallback_enforces_the_same_rules_while_the_primary_fails() {
+        let flaky = Arc::new(Flaky::default());
+        flaky.failing.store(true, Ordering::SeqCst);
+        let store = FallbackStore::new(flaky, Some(MemoryStore::new()));
+        let rate = Rate::per_minute(2);
+        let keys = [Key::new(
+            RuleKind::User,
+            Subject::Named(b"u"),
+            rate,
+            Algorithm::FixedWindow,
+        )];
+        let req = StoreRequest::new(&keys, 1_000_000);
+        let allowed = (0..10)
+            .filter(|_| {
+                ready(store.check(&req))
+                    .unwrap()
+                    .iter()
+                    .all(|o| o.is_allowed())
+            })
+            .count();
+        assert_eq!(allowed, 2);
+    }
+
+    #[test]
+    fn owned_requests_round_trip() {
+        let rate = Rate::per_minute(2);
+        let keys = [
+            Key::new(
+                RuleKind::User,
+                Subject::Anonymous,
+                rate,
+                Algorithm::SlidingWindow,
+            ),
+            Key::new(
+                RuleKind::Tenant,
+                Subject::Named(b"t:{x}"),
+                rate,
+                Algorithm::SlidingWindow,
+            ),
+        ];
+        let req = StoreRequest::new(&keys, 42);
+        OwnedRequest::new(&req).with(|again| {
+            assert_eq!(again.keys(), req.keys());
+            assert_eq!(again.now_micros(), 42);
+        });
+    }
+}

@@ -1,0 +1,84 @@
+-- tollgate sliding-window counter: mirrors src/algorithm/sliding_window.rs line for line.
+-- KEYS[i]: counter keys (hash: t = aligned window start µs, c = current count,
+-- p = previous window's count).
+-- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME.
+-- ARGV[2i], ARGV[2i+1]: key i's count and period in µs (a whole number of seconds).
+-- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
+-- Every value and product stays at or below 2^53 (configuration refuses rates where
+-- count × period in ms exceeds it), so Lua's doubles compute exactly what Rust's
+-- integers do; math.floor/math.ceil stand for Rust's integer divisions.
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+-- floor(prev × left_ms / period_ms)
+local function weigh(prev, left_ms, period_ms)
+  return math.floor(prev * left_ms / period_ms)
+end
+
+-- min(max(period_ms + 1 − ceil(room × period_ms / max(prev, 1)), 0), period_ms)
+local function first_ms(room, prev, period_ms)
+  local c = math.ceil(room * period_ms / math.max(prev, 1))
+  local v = period_ms + 1 - c
+  if v < 0 then v = 0 end
+  if v > period_ms then v = period_ms end
+  return v
+end
+
+local n = #KEYS
+local out = {}
+local writes = {}
+local all = true
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i])
+  local period = tonumber(ARGV[2 * i + 1])
+  local period_ms = period / 1000
+  local s = redis.call('HMGET', KEYS[i], 't', 'c', 'p')
+  local st, sc, sp = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+  if sc == nil or sp == nil then st = nil end
+  -- The clock stepped back behind the stored window: decide as at that window's start.
+  local at = now
+  if st ~= nil and st > now then at = st end
+  local start = at - math.fmod(at, period)
+  local cur, prev = 0, 0
+  if st ~= nil and st == start then
+    cur, prev = sc, sp
+  elseif st ~= nil and st + period == start then
+    cur, prev = 0, sc
+  end
+  local elapsed_ms = math.floor((at - start) / 1000)
+  local weighted = weigh(prev, period_ms - elapsed_ms, period_ms)
+  local used = weighted + cur
+  local reset_after = start + period - now
+  if used < limit then
+    out[#out + 1] = 1
+    out[#out + 1] = limit - used - 1
+    out[#out + 1] = reset_after
+    out[#out + 1] = 0
+    writes[i] = { start, cur + 1, prev, start + 2 * period }
+  else
+    all = false
+    local wait_until
+    if cur < limit then
+      wait_until = start + first_ms(limit - cur, prev, period_ms) * 1000
+    else
+      wait_until = start + period + first_ms(limit, cur, period_ms) * 1000
+    end
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = reset_after
+    out[#out + 1] = wait_until - now
+  end
+end
+
+-- All-or-nothing: write only when every key allows.
+if all then
+  for i = 1, n do
+    local w = writes[i]
+    redis.call('HSET', KEYS[i], 't', string.format('%.0f', w[1]), 'c', string.format('%.0f', w[2]), 'p', string.format('%.0f', w[3]))
+    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((w[4] - now) / 1000)))
+  end
+end
+return out

@@ -1,0 +1,51 @@
+-- tollgate token bucket (GCRA): mirrors src/algorithm/token_bucket.rs line for line.
+-- KEYS[i]: counter keys (hash: t = theoretical arrival time µs, c = 0, p = 0).
+-- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME.
+-- ARGV[2i], ARGV[2i+1]: key i's count and period in µs.
+-- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
+-- Every value stays below 2^53, so Lua's doubles hold them exactly.
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+local n = #KEYS
+local out = {}
+local writes = {}
+local all = true
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i])
+  local period = tonumber(ARGV[2 * i + 1])
+  local interval = math.max(1, math.floor(period / limit))
+  local st = tonumber(redis.call('HGET', KEYS[i], 't'))
+  local tat = now
+  if st ~= nil then
+    tat = math.max(st, now)
+  end
+  local next_tat = tat + interval
+  local span = next_tat - now
+  if span <= period then
+    out[#out + 1] = 1
+    out[#out + 1] = math.min(math.floor((period - span) / interval), limit - 1)
+    out[#out + 1] = span
+    out[#out + 1] = 0
+    writes[i] = next_tat
+  else
+    all = false
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = tat - now
+    out[#out + 1] = span - period
+  end
+end
+
+-- All-or-nothing: write only when every key allows.
+if all then
+  for i = 1, n do
+    local next_tat = writes[i]
+    redis.call('HSET', KEYS[i], 't', string.format('%.0f', next_tat), 'c', '0', 'p', '0')
+    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((next_tat - now) / 1000)))
+  end
+end
+return out

@@ -1,10 +1,11 @@
 //! What tollgate writes: rate headers, and the 429 / 503 / 400 problem+json responses.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -90,8 +91,31 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     }
 }
 
+/// Header values are cut from a per-thread buffer: each value is a slice of one shared
+/// chunk, so formatting a header costs no heap allocation (one 16 KiB chunk serves a few
+/// thousand values, then the next is allocated; a chunk is freed when its last value is).
+const CHUNK: usize = 16 * 1024;
+/// Longest value written at once (an IETF policy with three rules is under 120 bytes).
+const LONGEST: usize = 256;
+
+thread_local! {
+    static VALUES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+fn value(write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
+    VALUES.with(|chunk| {
+        let mut chunk = chunk.borrow_mut();
+        if chunk.capacity() - chunk.len() < LONGEST {
+            *chunk = BytesMut::with_capacity(CHUNK);
+        }
+        write(&mut chunk);
+        let bytes = chunk.split().freeze();
+        HeaderValue::from_maybe_shared(bytes).expect("tollgate writes only visible ASCII")
+    })
+}
+
 fn number(n: u64) -> HeaderValue {
-    HeaderValue::from_str(itoa::Buffer::new().format(n)).expect("digits are a valid header value")
+    value(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()))
 }
 
 /// Writes the decision's rate headers in `style`; `Retry-After` too when `rejected`.
@@ -115,30 +139,28 @@ pub(crate) fn write_headers(
         }
     }
     if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) {
-        let mut policy = String::with_capacity(48);
-        for (i, v) in decision.verdicts().enumerate() {
-            let sep = if i > 0 { ", " } else { "" };
-            let _ = write!(
-                policy,
-                "{sep}\"{}\";q={};w={}",
-                v.kind,
-                v.rate.count(),
-                v.rate.period_secs()
-            );
-        }
+        let policy = value(|buf| {
+            for (i, v) in decision.verdicts().enumerate() {
+                let sep = if i > 0 { ", " } else { "" };
+                let _ = write!(
+                    buf,
+                    "{sep}\"{}\";q={};w={}",
+                    v.kind,
+                    v.rate.count(),
+                    v.rate.period_secs()
+                );
+            }
+        });
         let reset = speaker.outcome.reset_after.div_ceil(1_000_000);
-        let current = format!(
-            "\"{}\";r={};t={}",
-            speaker.kind, speaker.outcome.remaining, reset
-        );
-        headers.insert(
-            POLICY.clone(),
-            HeaderValue::try_from(policy).expect("ASCII"),
-        );
-        headers.insert(
-            RATELIMIT.clone(),
-            HeaderValue::try_from(current).expect("ASCII"),
-        );
+        let current = value(|buf| {
+            let _ = write!(
+                buf,
+                "\"{}\";r={};t={}",
+                speaker.kind, speaker.outcome.remaining, reset
+            );
+        });
+        headers.insert(POLICY.clone(), policy);
+        headers.insert(RATELIMIT.clone(), current);
     }
 }
 

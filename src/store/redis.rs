@@ -6,17 +6,18 @@
 //! from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!
 //! Connections: bb8 creates, health-checks (a `PING` when a connection is taken from it)
-//! and replaces connections, but a request never checks one out. The store keeps a few
-//! `redis::aio::MultiplexedConnection`s taken from the pool once; every request sends on a
-//! clone of one of them (clones share one auto-pipelined socket), and a connection that
-//! fails goes back to the pool, which tests it before anyone gets it again.
+//! and replaces connections, but a request never holds a checkout. The store caches a few
+//! `redis::aio::MultiplexedConnection`s taken from the pool (the checkout ends at once);
+//! every request sends on a clone of one of them (clones share one auto-pipelined socket).
+//! A cached connection that fails is forgotten, and the next request takes one from the
+//! pool again, which tests it (and replaces a broken one) first.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use bb8::{Pool, PooledConnection, RunError};
+use bb8::{Pool, RunError};
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
@@ -75,13 +76,12 @@ struct Scripts {
     token_bucket: Script,
 }
 
-/// One shared connection, checked out of the pool for as long as it works.
+/// One cached connection (a clone of one the pool manages), kept while it works.
 struct Slot(Mutex<Option<Held>>);
 
 struct Held {
     conn: MultiplexedConnection,
     generation: u64,
-    _checked_out: PooledConnection<'static, RedisConnectionManager>,
 }
 
 /// Builds a [`RedisStore`]; see [`RedisStore::builder`].
@@ -279,6 +279,8 @@ impl Inner {
                 .min_idle(None)
                 .connection_timeout(self.timeout)
                 .test_on_check_out(true)
+                .idle_timeout(None)
+                .max_lifetime(None)
                 .build_unchecked(manager.clone())
         }))
     }
@@ -317,35 +319,36 @@ impl Inner {
             return Ok((held.conn.clone(), held.generation));
         }
         let pool = self.pool().ok_or_else(invalid_url)?;
-        let checked_out = pool.get_owned().await.map_err(|e| match e {
-            RunError::TimedOut => {
-                StoreError::new(StoreErrorKind::Timeout, "no redis connection in time")
-            }
-            RunError::User(e) => redis_error(&e),
-        })?;
+        // A short checkout: the pool tests the connection (PING), we keep a clone.
+        let conn = pool
+            .get()
+            .await
+            .map_err(|e| match e {
+                RunError::TimedOut => {
+                    StoreError::new(StoreErrorKind::Timeout, "no redis connection in time")
+                }
+                RunError::User(e) => redis_error(&e),
+            })
+            .map(|checked_out| (*checked_out).clone())?;
         let mut guard = lock(slot);
         if let Some(held) = guard.as_ref() {
-            // Another request filled the slot meanwhile: ours goes back to the pool.
+            // Another request filled the slot meanwhile.
             return Ok((held.conn.clone(), held.generation));
         }
-        let conn = (*checked_out).clone();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *guard = Some(Held {
             conn: conn.clone(),
             generation,
-            _checked_out: checked_out,
         });
         Ok((conn, generation))
     }
 
-    /// Gives slot `index`'s connection back to the pool (which tests it before reuse), if
-    /// it is still the one that failed.
+    /// Forgets slot `index`'s connection if it is still the one that failed; the next
+    /// request takes one from the pool, which tests it first.
     fn release(&self, index: usize, generation: u64) {
         let mut guard = lock(&self.slots[index]);
         if guard.as_ref().is_some_and(|h| h.generation == generation) {
-            let held = guard.take();
-            drop(guard);
-            drop(held);
+            *guard = None;
         }
     }
 }

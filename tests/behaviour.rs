@@ -78,7 +78,11 @@ async fn two_per_second_then_429_then_reset(b: &dyn Backend) {
     let second = send(&svc, user("alice")).await;
     assert_eq!(second.status(), StatusCode::OK);
     assert_eq!(num(second.headers(), "x-ratelimit-remaining"), 0);
-    assert_eq!(num(second.headers(), "x-ratelimit-reset"), reset, "reset moves within a window");
+    assert_eq!(
+        num(second.headers(), "x-ratelimit-reset"),
+        reset,
+        "reset moves within a window"
+    );
     assert!(second.headers().get("retry-after").is_none());
 
     clock.advance(Duration::from_millis(300));
@@ -88,7 +92,11 @@ async fn two_per_second_then_429_then_reset(b: &dyn Backend) {
     assert_eq!(num(third.headers(), "x-ratelimit-remaining"), 0);
     assert_eq!(num(third.headers(), "x-ratelimit-reset"), reset);
     assert!(num(third.headers(), "retry-after") >= 1);
-    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "a 429 never reaches the service");
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a 429 never reaches the service"
+    );
 
     clock.advance(Duration::from_millis(400));
     let fourth = send(&svc, user("alice")).await;
@@ -103,7 +111,10 @@ async fn no_limits_means_no_rate_headers(b: &dyn Backend) {
     for _ in 0..50 {
         let resp = send(&svc, req(Some("alice"), Some("acme"), Some("search"))).await;
         assert_eq!(resp.status(), StatusCode::OK);
-        assert!(!resp.headers().keys().any(|k| k.as_str().contains("ratelimit")));
+        assert!(!resp
+            .headers()
+            .keys()
+            .any(|k| k.as_str().contains("ratelimit")));
         assert!(resp.extensions().get::<Decision>().unwrap().is_allowed());
     }
 }
@@ -123,28 +134,46 @@ async fn a_thousand_users_one_call_each(b: &dyn Backend) {
     let clock = ManualClock::new();
     let (svc, _) = counting_service(b.layer(cfg("by_user = \"1/s\""), &clock));
     for u in 0..1000 {
-        assert_eq!(send(&svc, user(&format!("u{u}"))).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&svc, user(&format!("u{u}"))).await.status(),
+            StatusCode::OK
+        );
     }
 }
 
 async fn unicode_identities_are_distinct_users(b: &dyn Backend) {
     let clock = ManualClock::new();
     let (svc, _) = counting_service(b.layer(cfg("by_user = \"1/m\""), &clock));
-    for name in ["jürgen", "jurgen", "JÜRGEN", "用户", "用戶", "🦀", "e\u{301}", "\u{e9}"] {
-        assert_eq!(send(&svc, user(name)).await.status(), StatusCode::OK, "{name}");
+    for name in [
+        "jürgen", "jurgen", "JÜRGEN", "用户", "用戶", "🦀", "e\u{301}", "\u{e9}",
+    ] {
+        assert_eq!(
+            send(&svc, user(name)).await.status(),
+            StatusCode::OK,
+            "{name}"
+        );
     }
-    assert_eq!(send(&svc, user("用户")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, user("用户")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 async fn missing_and_blank_users_share_the_anonymous_bucket(b: &dyn Backend) {
     let clock = ManualClock::new();
     let (svc, _) = counting_service(b.layer(cfg("by_user = \"3/m\""), &clock));
-    assert_eq!(send(&svc, req(None, None, None)).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&svc, req(None, None, None)).await.status(),
+        StatusCode::OK
+    );
     assert_eq!(send(&svc, user("")).await.status(), StatusCode::OK);
     assert_eq!(send(&svc, user("   ")).await.status(), StatusCode::OK);
     let mut no_extension = Request::new(Body::new());
     no_extension.extensions_mut().insert(ToolName::new("x"));
-    assert_eq!(send(&svc, no_extension).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, no_extension).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // The anonymous bucket never touches named users, not even one called "anonymous".
     for name in ["alice", "anonymous", "-"] {
         let resp = send(&svc, user(name)).await;
@@ -161,7 +190,11 @@ async fn tool_names_are_trimmed_and_lower_cased(b: &dyn Backend) {
         assert_eq!(resp.status(), StatusCode::OK, "{tool:?}");
     }
     let resp = send(&svc, req(Some("u9"), None, Some("SEARCH"))).await;
-    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "one counter for all spellings");
+    assert_eq!(
+        resp.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "one counter for all spellings"
+    );
     // Tools not named in by_tool, and requests without a tool, have no tool rule.
     for tool in [Some("fetch"), None] {
         let resp = send(&svc, req(Some("u9"), None, tool)).await;
@@ -186,7 +219,10 @@ async fn tenants_never_share_a_counter(b: &dyn Backend) {
         assert!(resp.headers().get("x-ratelimit-limit").is_none());
     }
     let resp = send(&svc, req(Some("carol"), Some(""), None)).await;
-    assert!(resp.headers().get("x-ratelimit-limit").is_none(), "empty tenant = none");
+    assert!(
+        resp.headers().get("x-ratelimit-limit").is_none(),
+        "empty tenant = none"
+    );
 }
 
 async fn a_tenant_limit_blocks_every_user_of_the_tenant(b: &dyn Backend) {
@@ -194,7 +230,12 @@ async fn a_tenant_limit_blocks_every_user_of_the_tenant(b: &dyn Backend) {
     let layer = b.layer(cfg("by_user = \"10/m\"\nby_tenant = \"3/m\""), &clock);
     let (svc, _) = counting_service(layer);
     for name in ["alice", "bob", "alice"] {
-        assert_eq!(send(&svc, req(Some(name), Some("acme"), None)).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&svc, req(Some(name), Some("acme"), None))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
     for name in ["alice", "bob"] {
         let resp = send(&svc, req(Some(name), Some("acme"), None)).await;
@@ -202,7 +243,12 @@ async fn a_tenant_limit_blocks_every_user_of_the_tenant(b: &dyn Backend) {
         let decision = resp.extensions().get::<Decision>().unwrap();
         assert_eq!(decision.violated().collect::<Vec<_>>(), [RuleKind::Tenant]);
     }
-    assert_eq!(send(&svc, req(Some("bob"), Some("initech"), None)).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&svc, req(Some("bob"), Some("initech"), None))
+            .await
+            .status(),
+        StatusCode::OK
+    );
 }
 
 async fn a_blocked_user_consumes_no_tenant_or_tool_quota(b: &dyn Backend) {
@@ -213,7 +259,12 @@ async fn a_blocked_user_consumes_no_tenant_or_tool_quota(b: &dyn Backend) {
     );
     let (svc, _) = counting_service(layer);
     for _ in 0..2 {
-        assert_eq!(send(&svc, req(Some("mallory"), Some("acme"), Some("search"))).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&svc, req(Some("mallory"), Some("acme"), Some("search")))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
     for _ in 0..20 {
         let resp = send(&svc, req(Some("mallory"), Some("acme"), Some("search"))).await;
@@ -222,11 +273,25 @@ async fn a_blocked_user_consumes_no_tenant_or_tool_quota(b: &dyn Backend) {
     // The tenant and the tool each counted only mallory's two allowed calls: look at
     // them through layers over the same store that have no user rule.
     let (tenant_view, _) = counting_service(b.layer(cfg("by_tenant = \"10/m\""), &clock));
-    let d = *send(&tenant_view, req(Some("alice"), Some("acme"), None)).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::Tenant), Some(10 - 2 - 1)));
+    let d = *send(&tenant_view, req(Some("alice"), Some("acme"), None))
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::Tenant), Some(10 - 2 - 1))
+    );
     let (tool_view, _) = counting_service(b.layer(cfg("[by_tool]\nsearch = \"10/m\""), &clock));
-    let d = *send(&tool_view, req(Some("alice"), None, Some("search"))).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::Tool), Some(10 - 2 - 1)));
+    let d = *send(&tool_view, req(Some("alice"), None, Some("search")))
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::Tool), Some(10 - 2 - 1))
+    );
 }
 
 async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
@@ -238,16 +303,43 @@ async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
     let (svc, _) = counting_service(layer);
     let call = || req(Some("alice"), Some("acme"), Some("search"));
     // All allow: the fewest remaining speaks. user 3, tenant 5, tool 2 → tool.
-    let d = *send(&svc, call()).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining(), d.limit()), (Some(RuleKind::Tool), Some(2), Some(3)));
+    let d = *send(&svc, call())
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining(), d.limit()),
+        (Some(RuleKind::Tool), Some(2), Some(3))
+    );
     // Ties: user and tool both at 1 → user.
     let other = req(Some("bob"), Some("acme"), None);
-    let d = *send(&svc, other).await.extensions().get::<Decision>().unwrap();
+    let d = *send(&svc, other)
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
     assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::User), Some(3)));
-    let d = *send(&svc, call()).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::Tool), Some(1)), "user 2, tenant 3, tool 1");
-    let d = *send(&svc, call()).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::Tool), Some(0)), "user 1, tenant 2, tool 0");
+    let d = *send(&svc, call())
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::Tool), Some(1)),
+        "user 2, tenant 3, tool 1"
+    );
+    let d = *send(&svc, call())
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::Tool), Some(0)),
+        "user 1, tenant 2, tool 0"
+    );
     // Tool rejects alone.
     let resp = send(&svc, call()).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -256,8 +348,16 @@ async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
     assert_eq!(d.violated().collect::<Vec<_>>(), [RuleKind::Tool]);
     // After the tool's window, alice's own minute is what's left: user 1 left.
     clock.advance(Duration::from_secs(10));
-    let d = *send(&svc, call()).await.extensions().get::<Decision>().unwrap();
-    assert_eq!((d.rule(), d.remaining()), (Some(RuleKind::User), Some(0)), "user 0, tenant 1, tool 2");
+    let d = *send(&svc, call())
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::User), Some(0)),
+        "user 0, tenant 1, tool 2"
+    );
     // Now user and tenant... user rejects (reset ~50 s), tenant allows: user speaks.
     let resp = send(&svc, call()).await;
     let d = *resp.extensions().get::<Decision>().unwrap();
@@ -269,25 +369,49 @@ async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
     assert_eq!(bob.status(), StatusCode::OK);
     let resp = send(&svc, call()).await;
     let d = *resp.extensions().get::<Decision>().unwrap();
-    assert_eq!(d.violated().collect::<Vec<_>>(), [RuleKind::User, RuleKind::Tenant]);
+    assert_eq!(
+        d.violated().collect::<Vec<_>>(),
+        [RuleKind::User, RuleKind::Tenant]
+    );
     assert_eq!(d.rule(), Some(RuleKind::User));
-    assert!(d.retry_after().unwrap() > Duration::from_secs(3000), "{:?}", d.retry_after());
+    assert!(
+        d.retry_after().unwrap() > Duration::from_secs(3000),
+        "{:?}",
+        d.retry_after()
+    );
     assert!(num(resp.headers(), "retry-after") > 3000);
 }
 
 async fn the_429_body_is_problem_json_without_identities(b: &dyn Backend) {
     let clock = ManualClock::new();
     let (svc, _) = counting_service(b.layer(cfg("[by_tool]\nsearch = \"1/m\""), &clock));
-    send(&svc, req(Some("alice-secret"), Some("tenant-secret"), Some("search"))).await;
-    let resp = send(&svc, req(Some("alice-secret"), Some("tenant-secret"), Some("Search"))).await;
+    send(
+        &svc,
+        req(Some("alice-secret"), Some("tenant-secret"), Some("search")),
+    )
+    .await;
+    let resp = send(
+        &svc,
+        req(Some("alice-secret"), Some("tenant-secret"), Some("Search")),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(header(resp.headers(), "content-type"), Some("application/problem+json"));
+    assert_eq!(
+        header(resp.headers(), "content-type"),
+        Some("application/problem+json")
+    );
     let retry = num(resp.headers(), "retry-after");
-    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     let text = std::str::from_utf8(&body).unwrap();
     assert!(!text.contains("secret"), "{text}");
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(json["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded");
+    assert_eq!(
+        json["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
     assert_eq!(json["title"], "Rate limit exceeded");
     assert_eq!(json["status"], 429);
     assert_eq!(json["code"], "RATE_LIMIT");
@@ -308,38 +432,65 @@ async fn ietf_headers_list_every_rule(b: &dyn Backend) {
         header(resp.headers(), "ratelimit-policy"),
         Some("\"user\";q=30;w=60, \"tenant\";q=3000;w=60, \"tool\";q=10;w=60")
     );
-    assert_eq!(header(resp.headers(), "ratelimit"), Some("\"tool\";r=9;t=60"));
+    assert_eq!(
+        header(resp.headers(), "ratelimit"),
+        Some("\"tool\";r=9;t=60")
+    );
     assert!(resp.headers().get("x-ratelimit-limit").is_none());
     let layer = b.layer(cfg("by_user = \"1/m\"\nheaders = \"none\""), &clock);
     let (svc, _) = counting_service(layer);
     let ok = send(&svc, user("z")).await;
-    assert!(!ok.headers().keys().any(|k| k.as_str().contains("ratelimit")));
+    assert!(!ok
+        .headers()
+        .keys()
+        .any(|k| k.as_str().contains("ratelimit")));
     let limited = send(&svc, user("z")).await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert!(!limited.headers().keys().any(|k| k.as_str().contains("ratelimit")));
-    assert!(num(limited.headers(), "retry-after") >= 1, "a 429 always says when to come back");
+    assert!(!limited
+        .headers()
+        .keys()
+        .any(|k| k.as_str().contains("ratelimit")));
+    assert!(
+        num(limited.headers(), "retry-after") >= 1,
+        "a 429 always says when to come back"
+    );
     let layer = b.layer(cfg("by_user = \"1/m\"\nheaders = \"both\""), &clock);
     let (svc, _) = counting_service(layer);
     let resp = send(&svc, user("y")).await;
-    assert!(resp.headers().contains_key("ratelimit") && resp.headers().contains_key("x-ratelimit-limit"));
+    assert!(
+        resp.headers().contains_key("ratelimit")
+            && resp.headers().contains_key("x-ratelimit-limit")
+    );
 }
 
 async fn permissive_never_rejects_and_counts_like_enforce(b: &dyn Backend) {
     let enforce_clock = ManualClock::new();
     let (enforce, _) = counting_service(b.layer(cfg("by_user = \"3/m\""), &enforce_clock));
     let permissive_clock = ManualClock::new();
-    let (permissive, calls) = counting_service(
-        b.layer(cfg("by_user = \"3/m\"\nmode = \"permissive\""), &permissive_clock),
-    );
+    let (permissive, calls) = counting_service(b.layer(
+        cfg("by_user = \"3/m\"\nmode = \"permissive\""),
+        &permissive_clock,
+    ));
     for i in 0..8 {
         let e = send(&enforce, user("p-enforce")).await;
         let p = send(&permissive, user("p-permissive")).await;
         assert_eq!(p.status(), StatusCode::OK, "call {i}");
-        for name in ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"] {
-            assert_eq!(e.headers().get(name), p.headers().get(name), "call {i} {name}");
+        for name in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            assert_eq!(
+                e.headers().get(name),
+                p.headers().get(name),
+                "call {i} {name}"
+            );
         }
         assert!(p.headers().get("retry-after").is_none());
-        let (de, dp) = (e.extensions().get::<Decision>().unwrap(), p.extensions().get::<Decision>().unwrap());
+        let (de, dp) = (
+            e.extensions().get::<Decision>().unwrap(),
+            p.extensions().get::<Decision>().unwrap(),
+        );
         assert_eq!(de.is_allowed(), dp.is_allowed());
         if i == 20 {
             enforce_clock.advance(Duration::from_secs(60));
@@ -354,7 +505,8 @@ async fn permissive_never_rejects_and_counts_like_enforce(b: &dyn Backend) {
 
 async fn disabled_counts_nothing(b: &dyn Backend) {
     let clock = ManualClock::new();
-    let (off, calls) = counting_service(b.layer(cfg("by_user = \"1/m\"\nmode = \"disabled\""), &clock));
+    let (off, calls) =
+        counting_service(b.layer(cfg("by_user = \"1/m\"\nmode = \"disabled\""), &clock));
     for _ in 0..20 {
         let resp = send(&off, user("dora")).await;
         assert_eq!(resp.status(), StatusCode::OK);
@@ -365,12 +517,18 @@ async fn disabled_counts_nothing(b: &dyn Backend) {
     // Same store, now enforcing: dora's counter is untouched.
     let (on, _) = counting_service(b.layer(cfg("by_user = \"1/m\""), &clock));
     assert_eq!(send(&on, user("dora")).await.status(), StatusCode::OK);
-    assert_eq!(send(&on, user("dora")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&on, user("dora")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 async fn sliding_window_matches_the_contract(b: &dyn Backend) {
     let clock = ManualClock::new();
-    let layer = b.layer(cfg("by_user = \"5/s\"\nalgorithm = \"sliding_window\""), &clock);
+    let layer = b.layer(
+        cfg("by_user = \"5/s\"\nalgorithm = \"sliding_window\""),
+        &clock,
+    );
     let (svc, _) = counting_service(layer);
     let mut allowed = 0;
     for _ in 0..5 {
@@ -383,7 +541,10 @@ async fn sliding_window_matches_the_contract(b: &dyn Backend) {
     assert_eq!(allowed, 5);
 
     let clock = ManualClock::new();
-    let layer = b.layer(cfg("by_user = \"5/s\"\nalgorithm = \"sliding_window\""), &clock);
+    let layer = b.layer(
+        cfg("by_user = \"5/s\"\nalgorithm = \"sliding_window\""),
+        &clock,
+    );
     let (svc, _) = counting_service(layer);
     clock.advance(Duration::from_millis(900));
     let mut allowed = 0;
@@ -399,20 +560,33 @@ async fn sliding_window_matches_the_contract(b: &dyn Backend) {
 
 async fn token_bucket_matches_the_contract(b: &dyn Backend) {
     let clock = ManualClock::new();
-    let layer = b.layer(cfg("by_user = \"5/s\"\nalgorithm = \"token_bucket\""), &clock);
+    let layer = b.layer(
+        cfg("by_user = \"5/s\"\nalgorithm = \"token_bucket\""),
+        &clock,
+    );
     let (svc, _) = counting_service(layer);
     for i in 0..5 {
-        assert_eq!(send(&svc, user("tb")).await.status(), StatusCode::OK, "call {i}");
+        assert_eq!(
+            send(&svc, user("tb")).await.status(),
+            StatusCode::OK,
+            "call {i}"
+        );
     }
     let sixth = send(&svc, user("tb")).await;
     assert_eq!(sixth.status(), StatusCode::TOO_MANY_REQUESTS);
     let decision = sixth.extensions().get::<Decision>().unwrap();
     assert_eq!(decision.retry_after(), Some(Duration::from_millis(200)));
     clock.advance(Duration::from_millis(199));
-    assert_eq!(send(&svc, user("tb")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, user("tb")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     clock.advance(Duration::from_millis(1));
     assert_eq!(send(&svc, user("tb")).await.status(), StatusCode::OK);
-    assert_eq!(send(&svc, user("tb")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, user("tb")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 async fn identity_headers_are_read_when_named(b: &dyn Backend) {
@@ -425,17 +599,47 @@ async fn identity_headers_are_read_when_named(b: &dyn Backend) {
     let with = |pairs: &[(&str, &[u8])]| {
         let mut r = Request::new(Body::new());
         for (k, v) in pairs {
-            r.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_bytes(v).unwrap());
+            r.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(v).unwrap(),
+            );
         }
         r
     };
-    assert_eq!(send(&svc, with(&[("x-user-id", b" h-alice ")])).await.status(), StatusCode::OK);
-    assert_eq!(send(&svc, with(&[("x-user-id", b"h-alice")])).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", b" h-alice ")]))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", b"h-alice")]))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // Non-UTF-8 bytes are an opaque, distinct identity.
-    assert_eq!(send(&svc, with(&[("x-user-id", b"h-\xff")])).await.status(), StatusCode::OK);
-    assert_eq!(send(&svc, with(&[("x-user-id", b"h-\xfe")])).await.status(), StatusCode::OK);
-    assert_eq!(send(&svc, with(&[("x-user-id", b"h-\xff")])).await.status(), StatusCode::TOO_MANY_REQUESTS);
-    let resp = send(&svc, with(&[("x-user-id", b"h-bob"), ("x-tenant-id", b"acme"), ("x-tool", b"SEARCH")])).await;
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", b"h-\xff")])).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", b"h-\xfe")])).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", b"h-\xff")])).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let resp = send(
+        &svc,
+        with(&[
+            ("x-user-id", b"h-bob"),
+            ("x-tenant-id", b"acme"),
+            ("x-tool", b"SEARCH"),
+        ]),
+    )
+    .await;
     let d = resp.extensions().get::<Decision>().unwrap();
     assert_eq!(d.rules().count(), 3);
     // The extension wins over headers.
@@ -447,23 +651,40 @@ async fn identity_headers_are_read_when_named(b: &dyn Backend) {
     for name in ["x-user-id", "x-tenant-id", "x-tool"] {
         let resp = send(&svc, with(&[(name, b"h-dave"), (name, b"h-erin")])).await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{name}");
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
         let text = String::from_utf8_lossy(&body);
-        assert!(text.contains("INVALID_IDENTITY") && !text.contains("h-dave") && !text.contains("h-erin"), "{text}");
+        assert!(
+            text.contains("INVALID_IDENTITY")
+                && !text.contains("h-dave")
+                && !text.contains("h-erin"),
+            "{text}"
+        );
     }
     // An id over 256 bytes is refused, not truncated onto someone else's counter.
     let long = vec![b'a'; 300];
-    assert_eq!(send(&svc, with(&[("x-user-id", &long)])).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        send(&svc, with(&[("x-user-id", &long)])).await.status(),
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before);
 }
 
 async fn concurrent_requests_allow_exactly_the_limit(b: &dyn Backend) {
     let clock = ManualClock::new();
-    let (svc, calls) = counting_service(b.layer(cfg("by_user = \"50/m\"\nby_tenant = \"1000/m\""), &clock));
+    let (svc, calls) =
+        counting_service(b.layer(cfg("by_user = \"50/m\"\nby_tenant = \"1000/m\""), &clock));
     let tasks: Vec<_> = (0..200)
         .map(|_| {
             let svc = svc.clone();
-            tokio::spawn(async move { svc.oneshot(req(Some("crowd"), Some("acme"), None)).await.unwrap().status() })
+            tokio::spawn(async move {
+                svc.oneshot(req(Some("crowd"), Some("acme"), None))
+                    .await
+                    .unwrap()
+                    .status()
+            })
         })
         .collect();
     let mut ok = 0;
@@ -474,7 +695,11 @@ async fn concurrent_requests_allow_exactly_the_limit(b: &dyn Backend) {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 50);
     // The tenant counted exactly the 50 allowed requests.
     let (svc2, _) = counting_service(b.layer(cfg("by_tenant = \"1000/m\""), &clock));
-    let d = *send(&svc2, req(Some("other"), Some("acme"), None)).await.extensions().get::<Decision>().unwrap();
+    let d = *send(&svc2, req(Some("other"), Some("acme"), None))
+        .await
+        .extensions()
+        .get::<Decision>()
+        .unwrap();
     assert_eq!(d.remaining(), Some(1000 - 50 - 1));
 }
 
@@ -485,7 +710,10 @@ async fn clones_of_the_layer_and_service_share_counters(b: &dyn Backend) {
     let (b2, _) = counting_service(layer);
     assert_eq!(send(&a, user("c")).await.status(), StatusCode::OK);
     assert_eq!(send(&b2, user("c")).await.status(), StatusCode::OK);
-    assert_eq!(send(&a.clone(), user("c")).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&a.clone(), user("c")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 /// Defines each case as a test for each backend.

@@ -30,7 +30,10 @@ impl Write for Captured {
 struct Down;
 impl Store for Down {
     fn check(&self, _: &StoreRequest<'_>) -> StoreFuture {
-        StoreFuture::Ready(Err(StoreError::new(StoreErrorKind::Unavailable, "connection refused")))
+        StoreFuture::Ready(Err(StoreError::new(
+            StoreErrorKind::Unavailable,
+            "connection refused",
+        )))
     }
 }
 
@@ -39,7 +42,8 @@ const TENANT: &str = "tenant-91bc-secret";
 
 fn request(tool: &str) -> Request<Body> {
     let mut req = Request::new(Body::new());
-    req.extensions_mut().insert(Identity::user(USER).with_tenant(TENANT));
+    req.extensions_mut()
+        .insert(Identity::user(USER).with_tenant(TENANT));
     req.extensions_mut().insert(ToolName::new(tool));
     req
 }
@@ -54,7 +58,10 @@ fn no_identity_reaches_a_log_line() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let limits = "by_user = \"1/m\"\nby_tenant = \"1/m\"\n[by_tool]\nsearch = \"1/m\"\n[identity]\nuser_header = \"x-user-id\"";
         for extra in ["", "mode = \"permissive\"\n"] {
@@ -79,7 +86,13 @@ fn no_identity_reaches_a_log_line() {
     });
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     // Each path logged something (so this test can see a leak if there were one)...
-    for expected in ["permissive", "rate limit exceeded", "store failed", "identity", "tool=\"search\""] {
+    for expected in [
+        "permissive",
+        "rate limit exceeded",
+        "store failed",
+        "identity",
+        "tool=\"search\"",
+    ] {
         assert!(text.contains(expected), "no {expected:?} in:\n{text}");
     }
     // ...and no line names the user or the tenant.

@@ -59,9 +59,11 @@ pub fn counting_service(
 ) {
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
-    let svc = ServiceBuilder::new().layer(layer).service(service_fn(move |_req: Request<Body>| {
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::new(Body::from("ok"))) }
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_req: Request<Body>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Body::from("ok"))) }
+        }));
     (svc, calls)
 }

@@ -175,7 +175,7 @@ async fn every_key_under_the_prefix_has_a_ttl_within_one_period() {
         }
         let mut conn = server.conn().await;
         let keys = keys_under(&mut conn, backend.prefix()).await;
-        assert!(keys.len() >= 7 + 3 + 1, "{alg}: {keys:?}");
+        assert_eq!(keys.len(), 7 + 3 + 1, "{alg}: {keys:?}");
         for key in keys {
             let ttl: i64 = redis::cmd("PTTL")
                 .arg(&key)

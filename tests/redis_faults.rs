@@ -339,3 +339,97 @@ async fn down_without_fallback_fail_open_forwards_without_headers() {
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     assert_eq!(layer.stats().fail_open, 5);
 }
+
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Fallbacks and circuit transitions are logged about once a second, never per request,
+/// and never with a user or tenant id (redis errors can echo keys).
+#[test]
+fn outage_logs_are_rate_limited_and_identity_free() {
+    let Some(mut server) = RedisServer::private("outage_logs_are_rate_limited_and_identity_free")
+    else {
+        return;
+    };
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // One thread, so the thread-local subscriber sees every line.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = common::redis::fresh_prefix();
+    let requests = rt.block_on(async {
+        let layer = layer(
+            "by_user = \"3/m\"\nby_tenant = \"1000/m\"",
+            server.url(),
+            &prefix,
+            "timeout_ms = 100",
+        );
+        let (svc, _) = counting_service(layer.clone());
+        let send = |i: usize| {
+            let mut r = Request::new(Body::new());
+            r.extensions_mut().insert(
+                Identity::user(format!("secret-user-{}", i % 7)).with_tenant("secret-tenant"),
+            );
+            svc.clone().oneshot(r)
+        };
+        for i in 0..20 {
+            send(i).await.unwrap();
+        }
+        server.kill();
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_millis(2_500) && n < 5_000 {
+            let status = send(n).await.unwrap().status();
+            assert!(
+                status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                "{status}"
+            );
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !counted_in_redis(&server, &prefix, "secret-user-0").await {
+            assert!(Instant::now() < deadline, "never back on Redis");
+            send(0).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        n
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(requests > 200, "only {requests} requests during the outage");
+    assert!(text.contains("circuit opened"), "{text}");
+    assert!(text.contains("memory store is answering"), "{text}");
+    assert!(text.contains("circuit closed"), "{text}");
+    let fallback_lines = text
+        .lines()
+        .filter(|l| l.contains("memory store is answering"))
+        .count();
+    assert!(
+        fallback_lines <= 5,
+        "{fallback_lines} fallback lines for {requests} requests in ~2.5 s:\n{text}"
+    );
+    assert!(
+        !text.contains("secret"),
+        "an identity reached a log line:\n{text}"
+    );
+    assert!(!text.contains(&prefix), "a key reached a log line:\n{text}");
+}

@@ -16,7 +16,7 @@ use tollgate::{
     RateLimitConfig, RateLimitLayer, ResponseBody, RuleKind, Store, StoreError, StoreErrorKind,
     StoreFuture, StoreRequest, Subject, ToolName,
 };
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 /// Ids with separators, so a percent-encoded or escaped leak is caught by the markers.
 const USER: &str = "usr:5e1d@example.org";

@@ -727,6 +727,19 @@ macro_rules! suite {
                 }
             )*
         }
+
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(backend) = crate::common::redis::RedisBackend::start(stringify!($case)) else {
+                        return;
+                    };
+                    super::$case(&backend).await;
+                }
+            )*
+        }
     };
 }
 

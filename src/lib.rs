@@ -65,5 +65,7 @@ pub use response::ResponseBody;
 pub use service::RateLimit;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
+pub use store::fallback::FallbackStore;
+#[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};

@@ -24,9 +24,26 @@ pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
 /// At most one log line per this many µs (per kind of line).
 const LOG_EVERY_MICROS: u64 = 1_000_000;
 
-/// `primary` guarded by a circuit breaker; `fallback` (if any) answers while it fails.
+/// `primary` (usually a [`RedisStore`](crate::RedisStore)) guarded by a circuit breaker,
+/// with `fallback` (if any) answering while it fails. `RateLimitLayer::new` builds this
+/// for `[backend] kind = "redis"`; build it yourself when you construct the Redis store in
+/// code:
+///
+/// ```no_run
+/// use tollgate::{FallbackStore, MemoryStore, RateLimitConfig, RateLimitLayer, RedisStore};
+///
+/// let cfg = RateLimitConfig::from_toml_str("by_user = \"30/m\"").unwrap();
+/// let redis = RedisStore::builder("redis://127.0.0.1:6379/0").build().unwrap();
+/// let store = FallbackStore::new(redis, Some(MemoryStore::new()));
+/// let layer = RateLimitLayer::with_store(cfg, store);
+/// ```
+///
+/// After three consecutive failures the circuit opens for one second: no request reaches
+/// the primary, the fallback answers at once (or the error is returned without waiting,
+/// and the layer's `fail_mode` decides). Then one request probes the primary; success
+/// closes the circuit. Clones share the circuit and the fallback's counters.
 #[derive(Clone)]
-pub(crate) struct FallbackStore<P> {
+pub struct FallbackStore<P> {
     inner: Arc<Inner<P>>,
 }
 
@@ -39,7 +56,7 @@ struct Inner<P> {
 
 impl<P: Store> FallbackStore<P> {
     /// `primary`, answered for by `fallback` (or by nobody) while it fails.
-    pub(crate) fn new(primary: P, fallback: Option<MemoryStore>) -> Self {
+    pub fn new(primary: P, fallback: Option<MemoryStore>) -> Self {
         FallbackStore {
             inner: Arc::new(Inner {
                 primary,

@@ -6,6 +6,24 @@
 //!     --tool echo --users 100 --rate 0 --concurrency 32 --duration 5
 //! ```
 //!
+//! Measuring tollgate's cost over HTTP (server and load generator pinned to different
+//! cores; compare runs made one after the other, since these machines drift):
+//!
+//! ```text
+//! cargo build --release --example gateway --example loadgen
+//! for cfg in disabled accept reject; do
+//!     taskset -c 0 target/release/examples/gateway --config examples/bench/$cfg.toml \
+//!         --listen 127.0.0.1:3000 & pid=$!; sleep 1
+//!     taskset -c 1 target/release/examples/loadgen --target http://127.0.0.1:3000 \
+//!         --tool echo --users 100 --concurrency 32 --duration 5 --json
+//!     kill $pid; wait $pid
+//! done
+//! ```
+//!
+//! `disabled.toml` is the baseline (tollgate passes everything through), `accept.toml`
+//! counts every call without reaching a limit, `reject.toml` answers 429 to all but each
+//! user's first call.
+//!
 //! Simulated user `i` (0-based) sends `x-user-id: user-<i>` (and, with `--tenants K`,
 //! `x-tenant-id: tenant-<i mod K>`). With `--tool NAME` every request is
 //! `POST <target path>/tools/NAME` with the body `{}`; without it, every request is a
@@ -143,8 +161,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 a.rate = v
                     .parse::<f64>()
                     .ok()
-                    .filter(|r| r.is_finite() && *r >= 0.0)
-                    .ok_or_else(|| format!("--rate {v:?}: expected a number ≥ 0"))?;
+                    .filter(|r| *r == 0.0 || (0.001..=1_000_000.0).contains(r))
+                    .ok_or_else(|| format!("--rate {v:?}: expected 0 or 0.001 to 1000000"))?;
             }
             "--duration" => {
                 let v = value()?;

@@ -474,6 +474,9 @@ async fn worker(plan: Arc<Plan>, id: usize, workers: usize) -> Stats {
     loop {
         let user = match plan.interval {
             None => {
+                if Instant::now() >= plan.deadline {
+                    break;
+                }
                 let u = mine[cursor];
                 cursor = if cursor + 1 == mine.len() {
                     0
@@ -483,6 +486,7 @@ async fn worker(plan: Arc<Plan>, id: usize, workers: usize) -> Stats {
                 u
             }
             Some(interval) => {
+                // A request due before the deadline is sent, even if this task wakes late.
                 let Reverse((due, u)) = schedule.pop().expect("every user is rescheduled");
                 if due >= plan.deadline {
                     break;
@@ -499,9 +503,6 @@ async fn worker(plan: Arc<Plan>, id: usize, workers: usize) -> Stats {
                 u
             }
         };
-        if Instant::now() >= plan.deadline {
-            break;
-        }
         if plan.issued.fetch_add(1, Ordering::Relaxed) >= plan.max_requests {
             break;
         }

@@ -21,44 +21,52 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn gateway_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/gateway_e2e-<hash> → target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps");
-        let bin = profile_dir
-            .join("examples")
-            .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-        if !bin.exists() || is_stale(&bin) {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--example", "gateway"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"));
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build --example gateway");
-            assert!(
-                status.success(),
-                "cargo build --example gateway failed: {status}"
-            );
+    BIN.get_or_init(|| example_binary("gateway"))
+}
+
+fn loadgen_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| example_binary("loadgen"))
+}
+
+/// `target/<profile>/examples/<name>`, built first when missing or stale.
+fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/gateway_e2e-<hash> → target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() || is_stale(&bin, name) {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
         }
-        assert!(bin.exists(), "no gateway binary at {}", bin.display());
-        bin
-    })
+        let status = cmd.status().expect("run cargo build --example");
+        assert!(
+            status.success(),
+            "cargo build --example {name} failed: {status}"
+        );
+    }
+    assert!(bin.exists(), "no {name} binary at {}", bin.display());
+    bin
 }
 
 /// True when a source the example is built from is newer than the binary.
-fn is_stale(bin: &Path) -> bool {
+fn is_stale(bin: &Path, name: &str) -> bool {
     let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
         return true;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut pending = vec![
         root.join("src"),
-        root.join("examples/gateway.rs"),
+        root.join(format!("examples/{name}.rs")),
         root.join("Cargo.toml"),
     ];
     let mut seen = 0;
@@ -534,4 +542,89 @@ fn help_prints_usage_and_exits_zero() {
         .expect("run gateway --no-such-flag");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--no-such-flag"));
+}
+
+/// Runs the load generator (bounded by its own `--duration`) and parses its JSON report.
+fn loadgen(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(loadgen_binary())
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loadgen failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// The load generator counts what the gateway answers: three users flat out for one
+/// second get exactly 3 × 30 successes, every other answer is a 429, nothing is lost.
+#[test]
+fn loadgen_reports_exactly_what_the_gateway_allowed() {
+    let gw = Gateway::start(&[]);
+    let target = format!("http://{}", gw.addr);
+    let report = loadgen(&[
+        "--target",
+        &target,
+        "--tool",
+        "echo",
+        "--users",
+        "3",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(report["status_2xx"], 90, "{report}");
+    assert_eq!(report["transport_errors"], 0, "{report}");
+    assert_eq!(report["unfinished"], 0, "{report}");
+    assert_eq!(report["status_other"], serde_json::json!({}), "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert_eq!(
+        report["status_429"].as_u64().unwrap(),
+        sent - 90,
+        "{report}"
+    );
+    assert!(
+        report["latency_us"]["max"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+
+    // Open loop: 4 users at 5 requests/s for 1 s → exactly 20 requests, on two targets
+    // (the same gateway named twice, round-robin). user-0..2 spent their 30 above, so
+    // only user-3's five calls pass.
+    let both = format!("{target},{target}");
+    let paced = loadgen(&[
+        "--target",
+        &both,
+        "--users",
+        "4",
+        "--rate",
+        "5",
+        "--duration",
+        "1",
+        "--tool",
+        "other",
+    ]);
+    assert_eq!(paced["sent"], 20, "{paced}");
+    assert_eq!(paced["status_2xx"], 5, "{paced}");
+    assert_eq!(paced["status_429"], 15, "{paced}");
+}
+
+/// Only loopback targets (and only http), unless the user says otherwise.
+#[test]
+fn loadgen_refuses_targets_that_are_not_loopback() {
+    for target in [
+        "http://192.0.2.1:3000/",
+        "http://example.com/",
+        "https://127.0.0.1/",
+    ] {
+        let out = Command::new(loadgen_binary())
+            .args(["--target", target, "--duration", "1"])
+            .output()
+            .expect("run loadgen");
+        assert!(!out.status.success(), "{target} accepted");
+        assert!(out.stdout.is_empty(), "{target}: nothing sent or reported");
+    }
 }

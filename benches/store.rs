@@ -16,8 +16,8 @@
 //! - `store/hot`: one key, checked over and over.
 //! - `store/100k`: 100 000 keys round-robin, the key Strings built beforehand and borrowed.
 //! - `store/threads`: one thread vs two on distinct keys (each thread round-robins its own
-//!   1 024 keys) and two on one shared key. Throughput is in elements/s: the 2-thread /
-//!   1-thread ratio is the ratio of the `thrpt` figures.
+//!   1 024 keys), and one vs two on one shared key. Throughput is in elements/s: the
+//!   2-thread / 1-thread ratio is the ratio of the `thrpt` figures.
 //! - `store/rules`: one rule (user) vs three (user + tenant + tool) per request.
 //! - `clock`: the time reads alone.
 
@@ -249,27 +249,29 @@ fn threads(c: &mut Criterion) {
             b.iter_custom(|iters| on_threads(n, iters, |t, i| governor_u64_distinct(&gov, t, i)))
         });
     }
-    group.throughput(Throughput::Elements(2));
-    let store = MemoryStore::new();
-    group.bench_function("tollgate_shared_2t", |b| {
-        b.iter_custom(|iters| {
-            on_threads(2, iters, |_, iters| {
-                for _ in 0..iters {
-                    check(&store, &[user(shared.as_bytes())], clock.now_micros());
-                }
+    for n in [1, 2] {
+        group.throughput(Throughput::Elements(n as u64));
+        let store = MemoryStore::new();
+        group.bench_function(format!("tollgate_shared_{n}t"), |b| {
+            b.iter_custom(|iters| {
+                on_threads(n, iters, |_, iters| {
+                    for _ in 0..iters {
+                        check(&store, &[user(shared.as_bytes())], clock.now_micros());
+                    }
+                })
             })
-        })
-    });
-    let gov = governor::<String>();
-    group.bench_function("governor_string_shared_2t", |b| {
-        b.iter_custom(|iters| {
-            on_threads(2, iters, |_, iters| {
-                for _ in 0..iters {
-                    check_gov(&gov, &shared);
-                }
+        });
+        let gov = governor::<String>();
+        group.bench_function(format!("governor_string_shared_{n}t"), |b| {
+            b.iter_custom(|iters| {
+                on_threads(n, iters, |_, iters| {
+                    for _ in 0..iters {
+                        check_gov(&gov, &shared);
+                    }
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 

@@ -655,7 +655,18 @@ impl Check {
 
     fn unknown(&mut self, section: &str, keys: &BTreeMap<String, IgnoredAny>) {
         for key in keys.keys() {
-            self.err.push(format!("{section}{key}"), "unknown field");
+            let plain = !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            // A key that is empty or holds spaces, quotes or newlines is quoted, so every
+            // problem names its field on one line.
+            let field = if plain {
+                format!("{section}{key}")
+            } else {
+                format!("{section}{key:?}")
+            };
+            self.err.push(field, "unknown field");
         }
     }
 }

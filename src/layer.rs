@@ -62,7 +62,7 @@ pub(crate) struct Shared {
 pub(crate) struct Rules {
     pub(crate) user: Option<Rate>,
     pub(crate) tenant: Option<Rate>,
-    tools: HashMap<Box<str>, (u16, Rate)>,
+    tools: HashMap<Box<str>, (u32, Rate)>,
     tool_names: Vec<Box<str>>,
 }
 
@@ -75,7 +75,7 @@ impl Rules {
         let tools = cfg
             .by_tool()
             .enumerate()
-            .map(|(i, (name, rate))| (name.into(), (i as u16, rate)))
+            .map(|(i, (name, rate))| (name.into(), (i as u32, rate)))
             .collect();
         Rules {
             user: cfg.by_user(),
@@ -87,7 +87,7 @@ impl Rules {
 
     /// The configured tool matching `raw` (already trimmed) after lower-casing, with its
     /// index and rate. ASCII names up to 64 bytes are folded on the stack.
-    pub(crate) fn tool(&self, raw: &[u8]) -> Option<(u16, Rate)> {
+    pub(crate) fn tool(&self, raw: &[u8]) -> Option<(u32, Rate)> {
         if self.tools.is_empty() {
             return None;
         }
@@ -103,8 +103,8 @@ impl Rules {
         self.tools.get(name.as_str()).copied()
     }
 
-    pub(crate) fn tool_name(&self, index: u16) -> &str {
-        &self.tool_names[usize::from(index)]
+    pub(crate) fn tool_name(&self, index: u32) -> &str {
+        &self.tool_names[index as usize]
     }
 }
 

@@ -59,7 +59,7 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
     rules: [Option<(RuleKind, Rate)>; 3],
-    tool: Option<u16>,
+    tool: Option<u32>,
     pub(crate) now: u64,
 }
 

@@ -398,7 +398,6 @@ fn permissive_mode_counts_a_repeated_header_as_anonymous_never_as_either_value()
 }
 
 #[test]
-
 fn every_tool_of_a_large_config_has_its_own_counter() {
     // More tools than a u16 index holds: the 65 537th tool must not count against the
     // first one (nor answer in its name). Refusing such a config at start-up is fine too.
@@ -541,7 +540,6 @@ proptest! {
 }
 
 #[test]
-
 fn hostile_config_keys_are_named_one_problem_per_line() {
     for (toml, problems) in [
         ("[\"\"]\n", 1),

@@ -26,7 +26,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
                 cur: (used + 1) as u32,
                 prev: 0,
             },
-            expires_at: end,
         }
     } else {
         Step {
@@ -39,7 +38,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
                 cur: used.min(u64::from(u32::MAX)) as u32,
                 prev: 0,
             },
-            expires_at: end,
         }
     }
 }

@@ -48,6 +48,18 @@ impl Algorithm {
         }
     }
 
+    /// When `state` stops mattering (µs since the epoch): from then on, checking with it
+    /// gives the same answer as checking with no state at all.
+    #[inline]
+    pub(crate) fn expires_at(self, state: &State, period_micros: u64) -> u64 {
+        match self {
+            Algorithm::FixedWindow => state.t.saturating_add(period_micros),
+            // The previous window still weighs on the next one.
+            Algorithm::SlidingWindow => state.t.saturating_add(2 * period_micros),
+            Algorithm::TokenBucket => state.t,
+        }
+    }
+
     /// Whether `rate` can be computed exactly by this algorithm in Lua's doubles.
     pub(crate) fn supports(self, rate: Rate) -> bool {
         match self {
@@ -84,8 +96,6 @@ pub(crate) struct Step {
     pub(crate) retry_after: u64,
     /// The state to write when every rule allows.
     pub(crate) next: State,
-    /// When `next` is no longer needed (µs since the epoch).
-    pub(crate) expires_at: u64,
 }
 
 #[cfg(test)]
@@ -218,6 +228,28 @@ mod tests {
                 let in_span = passed[i..].iter().take_while(|&&u| u < t + period).count();
                 prop_assert!(in_span as u64 <= 2 * rate.count(), "{} in one period", in_span);
             }
+        }
+
+        /// Dropping state at `expires_at` never changes a decision.
+        #[test]
+        fn expired_state_is_the_same_as_no_state(
+            alg in prop_oneof![Just(Algorithm::FixedWindow), Just(Algorithm::SlidingWindow), Just(Algorithm::TokenBucket)],
+            count in 1u32..50,
+            secs in 1u32..100,
+            gaps in proptest::collection::vec(0u64..3_000_000, 1..40),
+            later in 0u64..10_000_000,
+        ) {
+            let rate = Rate::new(u64::from(count), Duration::from_secs(u64::from(secs))).unwrap();
+            let mut state = None;
+            let mut now = T0;
+            for g in gaps {
+                now += g;
+                let step = alg.check(state, now, rate);
+                if step.allowed { state = Some(step.next); }
+            }
+            let state = state.unwrap_or_default();
+            let at = alg.expires_at(&state, rate.period_micros()) + later;
+            prop_assert_eq!(alg.check(Some(state), at, rate), alg.check(None, at, rate));
         }
 
         #[test]

@@ -42,7 +42,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
                 cur: (cur + 1) as u32,
                 prev: prev as u32,
             },
-            expires_at: start + 2 * period,
         };
     }
     // The first millisecond `e` at which floor(p × (P − e) / P) < limit − c, i.e.
@@ -63,7 +62,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
             cur: cur as u32,
             prev: prev as u32,
         },
-        expires_at: start + 2 * period,
     }
 }
 

@@ -23,7 +23,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
                 cur: 0,
                 prev: 0,
             },
-            expires_at: next_tat,
         }
     } else {
         Step {
@@ -36,7 +35,6 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
                 cur: 0,
                 prev: 0,
             },
-            expires_at: tat,
         }
     }
 }

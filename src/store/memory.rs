@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
@@ -35,8 +36,10 @@ pub struct MemoryStore {
 struct Inner {
     shards: Box<[Shard]>,
     shard_shift: u32,
-    per_shard: usize,
     max_keys: usize,
+    /// Keys held across all shards; an insert reserves a place here first, so the bound
+    /// is global (no shard is full while others are empty).
+    held: AtomicUsize,
     hasher: DefaultHashBuilder,
 }
 
@@ -49,12 +52,23 @@ struct Table {
     evictions: u64,
 }
 
+/// 40 bytes: the expiry is derived from the state, not stored.
 struct Entry {
     subject: Box<[u8]>,
     period_secs: u32,
     tag: u8,
     state: State,
-    expires_at: u64,
+}
+
+impl Entry {
+    fn expires_at(&self) -> u64 {
+        let alg = match self.tag >> 2 {
+            0 => Algorithm::FixedWindow,
+            1 => Algorithm::SlidingWindow,
+            _ => Algorithm::TokenBucket,
+        };
+        alg.expires_at(&self.state, u64::from(self.period_secs) * 1_000_000)
+    }
 }
 
 impl MemoryStore {
@@ -70,7 +84,6 @@ impl MemoryStore {
         while shards < MAX_SHARDS && max_keys / (shards * 2) >= MIN_KEYS_PER_SHARD {
             shards *= 2;
         }
-        let per_shard = max_keys / shards;
         MemoryStore {
             inner: Arc::new(Inner {
                 shards: (0..shards)
@@ -83,8 +96,8 @@ impl MemoryStore {
                     })
                     .collect(),
                 shard_shift: 64 - shards.trailing_zeros(),
-                per_shard,
                 max_keys,
+                held: AtomicUsize::new(0),
                 hasher: DefaultHashBuilder::default(),
             }),
         }
@@ -92,7 +105,7 @@ impl MemoryStore {
 
     /// Keys held now (expired ones not yet dropped included).
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.inner.held.load(Ordering::Acquire)
     }
 
     /// Whether no key is held.
@@ -266,22 +279,23 @@ impl Table {
 
     fn write(&mut self, inner: &Inner, probe: &Probe, key: &Key<'_>, step: &Step, now: u64) {
         if now >= self.next_purge || self.next_purge - now > PURGE_EVERY {
-            self.map.retain(|e| e.expires_at > now);
+            self.drop_expired(inner, now);
             self.next_purge = now.saturating_add(PURGE_EVERY);
         }
         let subject = subject_bytes(key);
         let period = key.rate.period_secs();
-        let hasher = |e: &Entry| hash_of(inner, e.tag, e.period_secs, &e.subject);
         let matches =
             |e: &Entry| e.tag == probe.tag && e.period_secs == period && *e.subject == *subject;
         if let Some(e) = self.map.find_mut(probe.hash, matches) {
             e.state = step.next;
-            e.expires_at = step.expires_at;
             return;
         }
-        if self.map.len() >= inner.per_shard {
-            self.make_room(inner.per_shard, now);
+        if !self.reserve_place(inner, now) {
+            // Full, and this shard has nothing to give back: the request is decided, but
+            // its state is not kept (the key starts afresh next time).
+            return;
         }
+        let hasher = |e: &Entry| hash_of(inner, e.tag, e.period_secs, &e.subject);
         match self.map.entry(probe.hash, matches, hasher) {
             TableEntry::Occupied(_) => unreachable!("looked up above"),
             TableEntry::Vacant(v) => {
@@ -290,36 +304,66 @@ impl Table {
                     period_secs: period,
                     tag: probe.tag,
                     state: step.next,
-                    expires_at: step.expires_at,
                 });
             }
         }
     }
 
-    /// Brings the shard below `cap`: drops expired entries, then if still full evicts the
-    /// sixteenth of entries nearest their expiry.
-    fn make_room(&mut self, cap: usize, now: u64) {
-        self.map.retain(|e| e.expires_at > now);
-        if self.map.len() < cap {
-            return;
+    /// Takes one place under the global bound, making room in this shard if the store is
+    /// full: first by dropping its expired entries, then by evicting the sixteenth of its
+    /// entries nearest their expiry. False if no place could be made.
+    fn reserve_place(&mut self, inner: &Inner, now: u64) -> bool {
+        for _ in 0..2 {
+            if inner
+                .held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                    (held < inner.max_keys).then_some(held + 1)
+                })
+                .is_ok()
+            {
+                return true;
+            }
+            if self.drop_expired(inner, now) == 0 && self.evict_nearest(inner) == 0 {
+                return false;
+            }
         }
-        let batch = (cap / 16).max(1).min(self.map.len());
-        let mut expiries: Vec<u64> = self.map.iter().map(|e| e.expires_at).collect();
+        false
+    }
+
+    fn drop_expired(&mut self, inner: &Inner, now: u64) -> usize {
+        let before = self.map.len();
+        self.map.retain(|e| e.expires_at() > now);
+        let dropped = before - self.map.len();
+        inner.held.fetch_sub(dropped, Ordering::AcqRel);
+        dropped
+    }
+
+    fn evict_nearest(&mut self, inner: &Inner) -> usize {
+        let fair_share = inner.max_keys / inner.shards.len();
+        let batch = (fair_share / 16).clamp(1, self.map.len().max(1));
+        if self.map.is_empty() {
+            return 0;
+        }
+        let mut expiries: Vec<u64> = self.map.iter().map(Entry::expires_at).collect();
         let (_, &mut threshold, _) = expiries.select_nth_unstable(batch - 1);
         let below = expiries.iter().filter(|t| **t < threshold).count();
         let mut ties = batch - below;
         let before = self.map.len();
         self.map.retain(|e| {
-            if e.expires_at < threshold {
+            let expires_at = e.expires_at();
+            if expires_at < threshold {
                 false
-            } else if e.expires_at == threshold && ties > 0 {
+            } else if expires_at == threshold && ties > 0 {
                 ties -= 1;
                 false
             } else {
                 true
             }
         });
-        self.evictions += (before - self.map.len()) as u64;
+        let evicted = before - self.map.len();
+        inner.held.fetch_sub(evicted, Ordering::AcqRel);
+        self.evictions += evicted as u64;
+        evicted
     }
 }
 

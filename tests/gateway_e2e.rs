@@ -576,6 +576,7 @@ fn loadgen_reports_exactly_what_the_gateway_allowed() {
         "--duration",
         "1",
     ]);
+    assert_eq!(report["client"], "raw", "{report}");
     assert_eq!(report["status_2xx"], 90, "{report}");
     assert_eq!(report["transport_errors"], 0, "{report}");
     assert_eq!(report["unfinished"], 0, "{report}");
@@ -610,6 +611,37 @@ fn loadgen_reports_exactly_what_the_gateway_allowed() {
     assert_eq!(paced["sent"], 20, "{paced}");
     assert_eq!(paced["status_2xx"], 5, "{paced}");
     assert_eq!(paced["status_429"], 15, "{paced}");
+}
+
+/// Both HTTP clients of the load generator count the same: hyper's as the reference for
+/// the raw one (which the earlier test uses by default).
+#[test]
+fn loadgen_hyper_client_counts_the_same() {
+    let gw = Gateway::start(&[]);
+    let target = format!("http://{}", gw.addr);
+    let report = loadgen(&[
+        "--client",
+        "hyper",
+        "--target",
+        &target,
+        "--tool",
+        "echo",
+        "--users",
+        "3",
+        "--tenants",
+        "2",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(report["client"], "hyper", "{report}");
+    assert_eq!(report["status_2xx"], 90, "{report}");
+    assert_eq!(report["transport_errors"], 0, "{report}");
+    let sent = report["sent"].as_u64().unwrap();
+    assert_eq!(
+        report["status_429"].as_u64().unwrap(),
+        sent - 90,
+        "{report}"
+    );
 }
 
 /// Only loopback targets (and only http), unless the user says otherwise.

@@ -18,6 +18,13 @@ use crate::service::{act, panicked, Action, Plan};
 use crate::store::{Outcomes, StoreError};
 use crate::{Decision, HeaderStyle};
 
+/// How a forwarded response is decorated.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Decorate {
+    pub(crate) style: HeaderStyle,
+    pub(crate) insert_decision: bool,
+}
+
 type Check = Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
 
 pin_project! {
@@ -49,7 +56,7 @@ pin_project! {
             #[pin]
             fut: S::Future,
             decision: Option<Decision>,
-            style: HeaderStyle,
+            decorate: Decorate,
         },
         Respond {
             resp: Option<Response<Bytes>>,
@@ -61,12 +68,12 @@ impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
 {
-    pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, style: HeaderStyle) -> Self {
+    pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, decorate: Decorate) -> Self {
         ResponseFuture {
             state: State::Calling {
                 fut,
                 decision,
-                style,
+                decorate,
             },
         }
     }
@@ -133,7 +140,7 @@ where
                             State::Calling {
                                 fut: svc.call(req),
                                 decision,
-                                style: shared.headers,
+                                decorate: shared.decorate(),
                             }
                         }
                     };
@@ -142,12 +149,19 @@ where
                 StateProj::Calling {
                     fut,
                     decision,
-                    style,
+                    decorate,
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
                     if let Some(decision) = decision.take() {
-                        response::write_headers(*style, &decision, resp.headers_mut(), false);
-                        resp.extensions_mut().insert(decision);
+                        response::write_headers(
+                            decorate.style,
+                            &decision,
+                            resp.headers_mut(),
+                            false,
+                        );
+                        if decorate.insert_decision {
+                            resp.extensions_mut().insert(decision);
+                        }
                     }
                     return Poll::Ready(Ok(resp.map(ResponseBody::inner)));
                 }

@@ -52,10 +52,20 @@ pub(crate) struct Shared {
     pub(crate) mode: Mode,
     pub(crate) fail_mode: FailMode,
     pub(crate) headers: HeaderStyle,
+    pub(crate) insert_decision: bool,
     pub(crate) identity: IdentityConfig,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
+}
+
+impl Shared {
+    pub(crate) fn decorate(&self) -> crate::future::Decorate {
+        crate::future::Decorate {
+            style: self.headers,
+            insert_decision: self.insert_decision,
+        }
+    }
 }
 
 /// The configured rates, ready for lookup.
@@ -170,6 +180,7 @@ impl RateLimitLayer {
                 mode: cfg.mode(),
                 fail_mode: cfg.fail_mode(),
                 headers: cfg.headers(),
+                insert_decision: true,
                 identity: cfg.identity().clone(),
                 store,
                 clock: Arc::new(SystemClock::new()),
@@ -180,11 +191,24 @@ impl RateLimitLayer {
 
     /// The same layer reading time from `clock` (e.g. a [`ManualClock`](crate::ManualClock)).
     pub fn with_clock(self, clock: impl Clock) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(clock);
+        self.modified(|shared| shared.clock = clock)
+    }
+
+    fn modified(self, change: impl FnOnce(&mut Shared)) -> Self {
         let mut shared = (*self.shared).clone();
-        shared.clock = Arc::new(clock);
+        change(&mut shared);
         RateLimitLayer {
             shared: Arc::new(shared),
         }
+    }
+
+    /// Whether responses carry the [`Decision`](crate::Decision) in their extensions
+    /// (default: yes). `http::Extensions` boxes every value it holds, so inserting costs
+    /// three small heap allocations per response; turn it off when nothing reads it and
+    /// the memory path then allocates nothing per allowed request.
+    pub fn decision_extension(self, insert: bool) -> Self {
+        self.modified(|shared| shared.insert_decision = insert)
     }
 
     /// Failure counts so far.

@@ -102,16 +102,20 @@ thread_local! {
     static VALUES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-fn value(write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
+/// Bytes written by `write`, cut from this thread's chunk.
+fn cut(write: impl FnOnce(&mut BytesMut)) -> Bytes {
     VALUES.with(|chunk| {
         let mut chunk = chunk.borrow_mut();
         if chunk.capacity() - chunk.len() < LONGEST {
             *chunk = BytesMut::with_capacity(CHUNK);
         }
         write(&mut chunk);
-        let bytes = chunk.split().freeze();
-        HeaderValue::from_maybe_shared(bytes).expect("tollgate writes only visible ASCII")
+        chunk.split().freeze()
     })
+}
+
+fn value(write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
+    HeaderValue::from_maybe_shared(cut(write)).expect("tollgate writes only visible ASCII")
 }
 
 fn number(n: u64) -> HeaderValue {
@@ -172,28 +176,31 @@ pub(crate) fn too_many_requests(
     tool: Option<&str>,
 ) -> Response<Bytes> {
     let retry = decision.retry_after_secs();
-    let mut violated = String::new();
-    let mut tool_violated = false;
-    for (i, kind) in decision.violated().enumerate() {
-        if i > 0 {
-            violated.push(',');
+    let tool_violated = decision.violated().any(|kind| kind == RuleKind::Tool);
+    let body = cut(|buf| {
+        buf.extend_from_slice(
+            b"{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
+              \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
+              \"detail\":\"Rate limit exceeded",
+        );
+        match (tool, tool_violated, decision.speaking_verdict()) {
+            (Some(tool), true, _) => {
+                buf.extend_from_slice(b" for tool '");
+                json_escape_into(buf, tool);
+                buf.extend_from_slice(b"'");
+            }
+            (_, _, Some(v)) => {
+                let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
+            }
+            _ => {}
         }
-        let _ = write!(violated, "\"{kind}\"");
-        tool_violated |= kind == RuleKind::Tool;
-    }
-    let detail = match (tool, tool_violated) {
-        (Some(tool), true) => format!("Rate limit exceeded for tool '{tool}'"),
-        _ => match decision.speaking_verdict() {
-            Some(v) => format!("Rate limit exceeded: {} limit of {}", v.kind, v.rate),
-            None => "Rate limit exceeded".to_owned(),
-        },
-    };
-    let body = format!(
-        "{{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
-         \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
-         \"detail\":{},\"retry_after\":{retry},\"violated\":[{violated}]}}",
-        json_string(&detail)
-    );
+        let _ = write!(buf, "\",\"retry_after\":{retry},\"violated\":[");
+        for (i, kind) in decision.violated().enumerate() {
+            let sep = if i > 0 { "," } else { "" };
+            let _ = write!(buf, "{sep}\"{kind}\"");
+        }
+        buf.extend_from_slice(b"]}");
+    });
     let mut resp = problem(StatusCode::TOO_MANY_REQUESTS, body);
     write_headers(style, decision, resp.headers_mut(), true);
     resp
@@ -205,8 +212,7 @@ pub(crate) fn backend_unavailable() -> Response<Bytes> {
         StatusCode::SERVICE_UNAVAILABLE,
         "{\"type\":\"about:blank\",\"title\":\"Rate limiter unavailable\",\"status\":503,\
          \"code\":\"BACKEND_UNAVAILABLE\",\"detail\":\"The rate-limit backend is unavailable; \
-         retry shortly.\",\"retry_after\":1}"
-            .to_owned(),
+         retry shortly.\",\"retry_after\":1}",
     );
     resp.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -225,8 +231,8 @@ pub(crate) fn bad_identity(detail: &str) -> Response<Bytes> {
     )
 }
 
-fn problem(status: StatusCode, body: String) -> Response<Bytes> {
-    let mut resp = Response::new(Bytes::from(body));
+fn problem(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+    let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, PROBLEM_JSON.clone());
@@ -235,28 +241,62 @@ fn problem(status: StatusCode, body: String) -> Response<Bytes> {
 
 /// A JSON string literal for `s`.
 fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
+    let mut out = BytesMut::with_capacity(s.len() + 2);
+    out.extend_from_slice(b"\"");
+    json_escape_into(&mut out, s);
+    out.extend_from_slice(b"\"");
+    String::from_utf8(out.to_vec()).expect("escaped UTF-8 is UTF-8")
+}
+
+/// Appends `s` escaped for the inside of a JSON string.
+fn json_escape_into(out: &mut BytesMut, s: &str) {
     for c in s.chars() {
         match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
             c if (c as u32) < 0x20 => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
-            c => out.push(c),
+            c => {
+                let mut utf8 = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
         }
     }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::json_string;
+    use super::*;
+    use crate::decision::Verdict;
+    use crate::store::Outcome;
+    use crate::Rate;
 
     #[test]
     fn json_strings_escape_quotes_and_controls() {
         assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+    }
+
+    #[test]
+    fn the_429_body_is_valid_json_whatever_the_tool_is_called() {
+        let rejected = Outcome::rejected(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(29_001),
+        );
+        let verdict = Verdict {
+            kind: RuleKind::Tool,
+            rate: Rate::per_minute(10),
+            outcome: rejected,
+        };
+        let decision = Decision::new([None, None, Some(verdict)], 1_000_000);
+        let resp = too_many_requests(HeaderStyle::Legacy, &decision, Some("se\"ar\\ch\n🦀"));
+        assert_eq!(resp.headers()["retry-after"], "30");
+        let body = std::str::from_utf8(resp.body()).unwrap();
+        assert!(
+            body.ends_with(
+                r#""detail":"Rate limit exceeded for tool 'se\"ar\\ch\u000a🦀'","retry_after":30,"violated":["tool"]}"#
+            ),
+            "{body}"
+        );
     }
 }

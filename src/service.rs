@@ -86,7 +86,7 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let shared = &*self.shared;
         if shared.mode == Mode::Disabled {
-            return ResponseFuture::calling(self.inner.call(req), None, shared.headers);
+            return ResponseFuture::calling(self.inner.call(req), None, shared.decorate());
         }
         let now = shared.clock.now_micros();
         let who = match identity::extract(&req, &shared.identity) {
@@ -146,7 +146,11 @@ where
         }
         if n == 0 {
             let decision = Decision::unlimited(now);
-            return ResponseFuture::calling(self.inner.call(req), Some(decision), shared.headers);
+            return ResponseFuture::calling(
+                self.inner.call(req),
+                Some(decision),
+                shared.decorate(),
+            );
         }
 
         let request = StoreRequest::new(&keys[..n], now);
@@ -156,7 +160,7 @@ where
             StoreFuture::Ready(result) => match act(shared, &plan, result) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
                 Action::Forward(decision) => {
-                    ResponseFuture::calling(self.inner.call(req), decision, shared.headers)
+                    ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
                 }
             },
             StoreFuture::Pending(check) => {
@@ -224,7 +228,9 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
                 "tollgate: rate limit exceeded"
             );
             let mut resp = response::too_many_requests(shared.headers, &decision, tool);
-            resp.extensions_mut().insert(decision);
+            if shared.insert_decision {
+                resp.extensions_mut().insert(decision);
+            }
             Action::Respond(resp)
         }
     }

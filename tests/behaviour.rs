@@ -8,8 +8,7 @@ use std::time::Duration;
 use common::{counting_service, Backend, Body};
 use http::{HeaderMap, Request, Response, StatusCode};
 use tollgate::{
-    Decision, Identity, ManualClock, Mode, RateLimitConfig, RateLimitLayer, ResponseBody, RuleKind,
-    ToolName,
+    Decision, Identity, ManualClock, RateLimitConfig, ResponseBody, RuleKind, ToolName,
 };
 use tower::{Service, ServiceExt};
 
@@ -766,5 +765,17 @@ suite!(
     clones_of_the_layer_and_service_share_counters,
 );
 
-#[allow(dead_code)]
-fn _mode_is_public(_: Mode, _: RateLimitLayer) {}
+#[tokio::test]
+async fn the_decision_extension_can_be_turned_off() {
+    let clock = ManualClock::new();
+    let layer = common::Memory::default()
+        .layer(cfg("by_user = \"1/m\""), &clock)
+        .decision_extension(false);
+    let (svc, _) = counting_service(layer);
+    let ok = send(&svc, user("x")).await;
+    assert_eq!(num(ok.headers(), "x-ratelimit-remaining"), 0);
+    assert!(ok.extensions().get::<Decision>().is_none());
+    let limited = send(&svc, user("x")).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(limited.extensions().get::<Decision>().is_none());
+}

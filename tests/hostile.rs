@@ -487,7 +487,70 @@ fn caller() -> impl Strategy<Value = Caller> {
     ]
 }
 
+/// Config text near the real grammar: keys, tables, quoted keys and values drawn from
+/// what configs hold, plus arbitrary characters.
+fn config_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        prop::sample::select(vec![
+            "by_user",
+            "by_tenant",
+            "algorithm",
+            "mode",
+            "fail_mode",
+            "headers",
+            "[by_tool]",
+            "[identity]",
+            "[backend]",
+            "[\"\"]",
+            "user_header",
+            "max_keys",
+            "key_prefix",
+            "kind",
+            "url",
+            "\"redis\"",
+            "\"30/m\"",
+            "\"0/m\"",
+            "\"10/ 30 s\"",
+            "=",
+            "\n",
+            " ",
+            "\"",
+            "'",
+            "[",
+            "]",
+            ".",
+            "\"\\n\"",
+            "1e400",
+            "-1",
+            "99999999999999999999",
+        ])
+        .prop_map(str::to_owned),
+        any::<char>().prop_map(String::from),
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
 proptest! {
+    /// `RateLimitConfig::from_toml_str` (the `config` fuzz target's property): never
+    /// panics; an error lists one line per problem, each naming its field.
+    #[test]
+    fn config_parsing_never_panics_and_names_every_problem(text in config_text()) {
+        match RateLimitConfig::from_toml_str(&text) {
+            Ok(cfg) => {
+                for (name, _) in cfg.by_tool() {
+                    prop_assert_eq!(name, name.trim().to_lowercase());
+                }
+            }
+            Err(e) => {
+                prop_assert!(e.problems().count() > 0);
+                for (field, message) in e.problems() {
+                    prop_assert!(!field.is_empty() && !message.is_empty(), "{:?}", e);
+                }
+                prop_assert_eq!(e.to_string().lines().count(), e.problems().count(), "{:?}", e);
+            }
+        }
+    }
+
     /// Key encoding is injective over arbitrary bytes, rules, algorithms and periods
     /// (the rate's count is deliberately not part of a key), and the subject part never
     /// carries a separator.

@@ -135,7 +135,12 @@ impl Health {
         if now >= next
             && self
                 .next_log_at
-                .compare_exchange(next, now + 1_000_000, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    next,
+                    now.saturating_add(1_000_000),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             Some(self.suppressed.swap(0, Ordering::Relaxed))

@@ -63,9 +63,9 @@ pub use layer::{RateLimitLayer, Stats};
 pub use rate::{Rate, RateError};
 pub use response::ResponseBody;
 pub use service::RateLimit;
-pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::fallback::FallbackStore;
+pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};

@@ -30,7 +30,8 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let elapsed_ms = (at - start) / 1_000;
     let weighted = weigh(prev, period_ms - elapsed_ms, period_ms);
     let used = weighted + cur;
-    let reset_after = start + period - now;
+    let end = start.saturating_add(period);
+    let reset_after = end - now;
     if used < limit {
         return Step {
             allowed: true,
@@ -48,15 +49,15 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     // e = P − ceil((limit − c) × P / p) + 1, in this window or (when this window's own
     // count is already at the limit) in the next one, where p = cur and c = 0.
     let wait_until = if cur < limit {
-        start + first_ms(limit - cur, prev, period_ms) * 1_000
+        start.saturating_add(first_ms(limit - cur, prev, period_ms) * 1_000)
     } else {
-        start + period + first_ms(limit, cur, period_ms) * 1_000
+        end.saturating_add(first_ms(limit, cur, period_ms) * 1_000)
     };
     Step {
         allowed: false,
         remaining: 0,
         reset_after,
-        retry_after: wait_until - now,
+        retry_after: (wait_until - now).max(1),
         next: State {
             t: start,
             cur: cur as u32,

@@ -10,7 +10,7 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let limit = rate.count();
     let interval = (period / limit).max(1);
     let tat = state.map_or(now, |s| s.t.max(now));
-    let next_tat = tat + interval;
+    let next_tat = tat.saturating_add(interval);
     let span = next_tat - now;
     if span <= period {
         Step {

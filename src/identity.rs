@@ -122,9 +122,10 @@ pub(crate) fn extract<'r, B>(
     let ext = req.extensions();
     let headers = req.headers();
     let (user, tenant) = match ext.get::<Identity>() {
+        // Trimmed as headers are (ASCII whitespace), so one id is one user either way.
         Some(id) => (
-            id.user.as_deref().map(|u| u.trim().as_bytes()),
-            id.tenant.as_deref().map(|t| t.trim().as_bytes()),
+            id.user.as_deref().map(|u| u.as_bytes().trim_ascii()),
+            id.tenant.as_deref().map(|t| t.as_bytes().trim_ascii()),
         ),
         None => (
             header(headers, cfg.user_header(), "user")?,

@@ -169,8 +169,16 @@ async fn the_memory_store_stays_within_max_keys() {
     let clock = ManualClock::new();
     let layer =
         RateLimitLayer::with_store(cfg("by_user = \"5/h\"\nby_tenant = \"5/h\""), store.clone())
-            .with_clock(clock);
+            .with_clock(clock.clone());
     let (svc, _) = counting_service(layer);
+    // mallory is blocked before the flood, so her key is the nearest to its expiry...
+    for _ in 0..5 {
+        assert_eq!(
+            svc.clone().oneshot(user("mallory")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    clock.advance(std::time::Duration::from_secs(1));
     for i in 0..10_000 {
         let mut req = user(&format!("flood-{i}"));
         req.extensions_mut()
@@ -180,6 +188,11 @@ async fn the_memory_store_stays_within_max_keys() {
         assert!(store.len() <= 2_000, "{} keys", store.len());
     }
     assert!(store.evictions() >= 18_000 - 2_000, "{}", store.evictions());
+    // ...and stays blocked: evicting keys with quota left comes before keys at their limit.
+    assert_eq!(
+        svc.clone().oneshot(user("mallory")).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // Legitimate users are still limited correctly after the flood.
     for _ in 0..5 {
         assert_eq!(

@@ -25,7 +25,9 @@ const MIN_KEYS_PER_SHARD: usize = 1_024;
 /// different keys rarely meet. A request's keys are locked together (in shard order), so
 /// all-or-nothing holds exactly under any concurrency. The store never holds more than
 /// `max_keys` keys: writes drop expired entries as they go, and at the bound the entries
-/// nearest their expiry are evicted and counted ([`MemoryStore::evictions`]).
+/// nearest their expiry are evicted and counted ([`MemoryStore::evictions`]) — keys that
+/// still have quota before keys at their limit, so a flood of fresh identities does not
+/// lift anyone's block.
 ///
 /// Clones share the counters.
 #[derive(Clone)]
@@ -57,6 +59,9 @@ struct Entry {
     subject: Box<[u8]>,
     period_secs: u32,
     tag: u8,
+    /// The last counted request used the key's last unit of quota: evicted last, so a
+    /// flood of fresh identities cannot lift a block.
+    saturated: bool,
     state: State,
 }
 
@@ -286,8 +291,10 @@ impl Table {
         let period = key.rate.period_secs();
         let matches =
             |e: &Entry| e.tag == probe.tag && e.period_secs == period && *e.subject == *subject;
+        let saturated = step.remaining == 0;
         if let Some(e) = self.map.find_mut(probe.hash, matches) {
             e.state = step.next;
+            e.saturated = saturated;
             return;
         }
         if !self.reserve_place(inner, now) {
@@ -303,6 +310,7 @@ impl Table {
                     subject: subject.into(),
                     period_secs: period,
                     tag: probe.tag,
+                    saturated,
                     state: step.next,
                 });
             }
@@ -344,16 +352,18 @@ impl Table {
         if self.map.is_empty() {
             return 0;
         }
-        let mut expiries: Vec<u64> = self.map.iter().map(Entry::expires_at).collect();
-        let (_, &mut threshold, _) = expiries.select_nth_unstable(batch - 1);
-        let below = expiries.iter().filter(|t| **t < threshold).count();
+        // Entries with quota left go first, each group nearest its expiry first.
+        let rank = |e: &Entry| (e.saturated, e.expires_at());
+        let mut ranks: Vec<(bool, u64)> = self.map.iter().map(rank).collect();
+        let (_, &mut threshold, _) = ranks.select_nth_unstable(batch - 1);
+        let below = ranks.iter().filter(|r| **r < threshold).count();
         let mut ties = batch - below;
         let before = self.map.len();
         self.map.retain(|e| {
-            let expires_at = e.expires_at();
-            if expires_at < threshold {
+            let r = rank(e);
+            if r < threshold {
                 false
-            } else if expires_at == threshold && ties > 0 {
+            } else if r == threshold && ties > 0 {
                 ties -= 1;
                 false
             } else {

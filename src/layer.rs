@@ -8,6 +8,7 @@ use hashbrown::HashMap;
 use tower_layer::Layer;
 
 use crate::config::IdentityConfig;
+use crate::log_gate::LogGate;
 use crate::{
     Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Store,
     SystemClock,
@@ -124,31 +125,7 @@ pub(crate) struct Health {
     pub(crate) store_errors: AtomicU64,
     pub(crate) fail_open: AtomicU64,
     pub(crate) fail_closed: AtomicU64,
-    next_log_at: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl Health {
-    /// `Some(lines suppressed since the last one)` if a failure line may be logged now.
-    pub(crate) fn may_log(&self, now: u64) -> Option<u64> {
-        let next = self.next_log_at.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_log_at
-                .compare_exchange(
-                    next,
-                    now.saturating_add(1_000_000),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
+    pub(crate) log: LogGate,
 }
 
 /// Failure counts since the layer was built.

@@ -44,6 +44,7 @@ mod future;
 mod identity;
 mod key;
 mod layer;
+mod log_gate;
 mod rate;
 mod response;
 mod service;

@@ -245,7 +245,7 @@ fn store_failed(shared: &Shared, plan: &Plan, error: &StoreError) -> Action {
     } else {
         health.fail_open.fetch_add(1, Ordering::Relaxed);
     }
-    if let Some(suppressed) = health.may_log(plan.now) {
+    if let Some(suppressed) = health.log.may_log(plan.now) {
         tracing::error!(
             %error,
             suppressed,

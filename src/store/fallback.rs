@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 use super::memory::MemoryStore;
 use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::key::{Key, RuleKind, Subject};
+use crate::log_gate::LogGate;
 use crate::{Algorithm, Rate};
 
 /// Consecutive failures that open the circuit.
 pub(crate) const FAILURES_TO_OPEN: u32 = 3;
 /// How long an open circuit keeps requests away from the primary before a probe.
 pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
-/// At most one log line per this many µs (per kind of line).
-const LOG_EVERY_MICROS: u64 = 1_000_000;
 
 /// `primary` (usually a [`RedisStore`](crate::RedisStore)) guarded by a circuit breaker,
 /// with `fallback` (if any) answering while it fails. `RateLimitLayer::new` builds this
@@ -51,7 +50,7 @@ struct Inner<P> {
     primary: P,
     fallback: Option<MemoryStore>,
     breaker: Breaker,
-    fallback_log: LogGate,
+    fallback_log: FallbackLog,
 }
 
 impl<P: Store> FallbackStore<P> {
@@ -62,7 +61,7 @@ impl<P: Store> FallbackStore<P> {
                 primary,
                 fallback,
                 breaker: Breaker::new(),
-                fallback_log: LogGate::new(),
+                fallback_log: FallbackLog::new(),
             }),
         }
     }
@@ -232,42 +231,23 @@ fn cool_down_micros() -> u64 {
     COOL_DOWN.as_micros() as u64
 }
 
-/// Lets one line through per second; counts the rest.
-struct LogGate {
+/// The fallback's log gate, on a clock of its own (stores are not given the layer's).
+struct FallbackLog {
     base: Instant,
-    next: AtomicU64,
-    suppressed: AtomicU64,
+    gate: LogGate,
 }
 
-impl LogGate {
+impl FallbackLog {
     fn new() -> Self {
-        LogGate {
+        FallbackLog {
             base: Instant::now(),
-            next: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
+            gate: LogGate::default(),
         }
     }
 
     fn may_log(&self) -> Option<u64> {
-        let now =
-            u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX - LOG_EVERY_MICROS);
-        let next = self.next.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next
-                .compare_exchange(
-                    next,
-                    now + LOG_EVERY_MICROS,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
+        let now = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.gate.may_log(now)
     }
 }
 

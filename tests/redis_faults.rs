@@ -340,19 +340,6 @@ async fn down_without_fallback_fail_open_forwards_without_headers() {
     assert_eq!(layer.stats().fail_open, 5);
 }
 
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Fallbacks and circuit transitions are logged about once a second, never per request,
 /// and never with a user or tenant id (redis errors can echo keys).
 #[test]
@@ -361,14 +348,7 @@ fn outage_logs_are_rate_limited_and_identity_free() {
     else {
         return;
     };
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::CapturedLogs::start(tracing::Level::DEBUG);
     // One thread, so the thread-local subscriber sees every line.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -414,7 +394,7 @@ fn outage_logs_are_rate_limited_and_identity_free() {
         }
         n
     });
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     assert!(requests > 200, "only {requests} requests during the outage");
     assert!(text.contains("circuit opened"), "{text}");
     assert!(text.contains("memory store is answering"), "{text}");

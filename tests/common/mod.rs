@@ -67,3 +67,53 @@ pub fn counting_service(
         }));
     (svc, calls)
 }
+
+/// Captures every log line of the current thread's `tracing` subscriber while it lives.
+pub struct CapturedLogs {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+    _silent: tracing::Dispatch,
+}
+
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    /// Captures lines at `level` and above, on this thread (run the code under test on a
+    /// current-thread runtime).
+    pub fn start(level: tracing::Level) -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = LogSink(lines.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        // With a single dispatcher registered, tracing-core computes a callsite's interest
+        // from whatever thread hits it first: another test's thread, without a subscriber,
+        // would cache "never" for it. A second (silent) dispatcher makes it ask every one.
+        let silent = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        let guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+        CapturedLogs {
+            lines,
+            _guard: guard,
+            _silent: silent,
+        }
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().unwrap()).into_owned()
+    }
+}

@@ -39,9 +39,20 @@ fn unavailable(test: &str, why: &str) -> Option<RedisServer> {
     None
 }
 
+/// A free loopback port that no other server of this test process has had: a killed
+/// server's port must stay its own until it restarts, not go to a test running beside it.
 fn free_port() -> Option<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").ok()?;
-    Some(listener.local_addr().ok()?.port())
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..20 {
+        let listener = TcpListener::bind("127.0.0.1:0").ok()?;
+        let port = listener.local_addr().ok()?.port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return Some(port);
+        }
+    }
+    None
 }
 
 /// Whether a server answers PING on `port`.

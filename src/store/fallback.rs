@@ -90,7 +90,7 @@ impl<P: Store> Store for FallbackStore<P> {
                 StoreFuture::Ready(Ok(outcomes))
             }
             StoreFuture::Ready(Err(error)) => {
-                inner.breaker.failure();
+                inner.breaker.failed(&error);
                 StoreFuture::Ready(inner.answer_without_primary(request, Some(&error)))
             }
             StoreFuture::Pending(pending) => {
@@ -103,7 +103,7 @@ impl<P: Store> Store for FallbackStore<P> {
                             Ok(outcomes)
                         }
                         Err(error) => {
-                            this.breaker.failure();
+                            this.breaker.failed(&error);
                             match &owned {
                                 Some(owned) => owned.with(|request| {
                                     this.answer_without_primary(&request, Some(&error))
@@ -203,6 +203,18 @@ impl Breaker {
         self.failures.store(0, Ordering::Relaxed);
         if self.open_until.swap(0, Ordering::AcqRel) != 0 {
             tracing::info!("tollgate: redis answers again; circuit closed");
+        }
+    }
+
+    /// Counts `error` against the primary only when it says the primary is down or slow.
+    /// An error the primary *answered* (Redis `WRONGTYPE` on one key, `OOM` on a write,
+    /// an unexpected reply) costs one fast round trip, not a timeout, and says nothing
+    /// about other keys: opening the circuit for it would hand every user to the fallback
+    /// (a fresh local quota) or to fail_mode (503 for everyone) because of one bad key.
+    fn failed(&self, error: &StoreError) {
+        match error.kind() {
+            StoreErrorKind::Timeout | StoreErrorKind::Unavailable => self.failure(),
+            StoreErrorKind::Protocol | StoreErrorKind::Internal => {}
         }
     }
 
@@ -377,6 +389,47 @@ mod tests {
             flaky.calls.load(Ordering::SeqCst),
             FAILURES_TO_OPEN as usize + 2
         );
+    }
+
+    /// A primary that answers every request with an error of one kind.
+    #[derive(Debug)]
+    struct Erring(StoreErrorKind, AtomicUsize);
+
+    impl Store for Erring {
+        fn check(&self, _request: &StoreRequest<'_>) -> StoreFuture {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            StoreFuture::Ready(Err(StoreError::new(self.0, "answered an error")))
+        }
+    }
+
+    /// Regression (tests/redis_fault_load.rs, WRONGTYPE and OOM under load): errors the
+    /// primary answered counted as the primary failing, so one wrong-typed key opened the
+    /// circuit for every user.
+    #[test]
+    fn only_down_or_slow_opens_the_circuit() {
+        let rate = Rate::per_minute(2);
+        let keys = [Key::new(
+            RuleKind::User,
+            Subject::Named(b"u"),
+            rate,
+            Algorithm::FixedWindow,
+        )];
+        let req = StoreRequest::new(&keys, 1_000_000);
+        for (kind, opens) in [
+            (StoreErrorKind::Timeout, true),
+            (StoreErrorKind::Unavailable, true),
+            (StoreErrorKind::Protocol, false),
+            (StoreErrorKind::Internal, false),
+        ] {
+            let primary = Arc::new(Erring(kind, AtomicUsize::new(0)));
+            let store = FallbackStore::new(primary.clone(), None);
+            for _ in 0..10 {
+                assert!(ready(store.check(&req)).is_err());
+            }
+            assert_eq!(store.inner.breaker.is_open(), opens, "{kind:?}");
+            let expected = if opens { FAILURES_TO_OPEN as usize } else { 10 };
+            assert_eq!(primary.1.load(Ordering::SeqCst), expected, "{kind:?}");
+        }
     }
 
     #[test]

@@ -77,7 +77,13 @@ struct Scripts {
 }
 
 /// One cached connection (a clone of one the pool manages), kept while it works.
-struct Slot(Mutex<Option<Held>>);
+struct Slot {
+    held: Mutex<Option<Held>>,
+    /// Held by the one request that fills the empty slot from the pool; the others wait
+    /// for it rather than each checking a connection out (bb8 PINGs every checkout, so a
+    /// burst meeting a cold store queued a PING per caller and outlived the timeout).
+    filling: tokio::sync::Mutex<()>,
+}
 
 struct Held {
     conn: MultiplexedConnection,
@@ -180,7 +186,12 @@ impl RedisStore {
                 timeout: b.timeout,
                 caller_time: b.caller_time,
                 pool: OnceLock::new(),
-                slots: (0..shared).map(|_| Slot(Mutex::new(None))).collect(),
+                slots: (0..shared)
+                    .map(|_| Slot {
+                        held: Mutex::new(None),
+                        filling: tokio::sync::Mutex::new(()),
+                    })
+                    .collect(),
                 next_slot: AtomicUsize::new(0),
                 generation: AtomicU64::new(0),
                 scripts: Scripts {
@@ -318,6 +329,11 @@ impl Inner {
         if let Some(held) = lock(slot).as_ref() {
             return Ok((held.conn.clone(), held.generation));
         }
+        // One checkout per empty slot: wait for a request already filling it.
+        let _filling = slot.filling.lock().await;
+        if let Some(held) = lock(slot).as_ref() {
+            return Ok((held.conn.clone(), held.generation));
+        }
         let pool = self.pool().ok_or_else(invalid_url)?;
         // A short checkout: the pool tests the connection (PING), we keep a clone.
         let conn = pool
@@ -331,10 +347,6 @@ impl Inner {
             })
             .map(|checked_out| (*checked_out).clone())?;
         let mut guard = lock(slot);
-        if let Some(held) = guard.as_ref() {
-            // Another request filled the slot meanwhile.
-            return Ok((held.conn.clone(), held.generation));
-        }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *guard = Some(Held {
             conn: conn.clone(),
@@ -354,7 +366,7 @@ impl Inner {
 }
 
 fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Option<Held>> {
-    slot.0.lock().unwrap_or_else(PoisonError::into_inner)
+    slot.held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether the connection should be given up (rather than the error being the server's

@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::{counting_service, Body};
 use http::Request;
 use tollgate::{
@@ -12,19 +9,6 @@ use tollgate::{
     StoreErrorKind, StoreFuture, StoreRequest, ToolName,
 };
 use tower::ServiceExt;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[derive(Debug)]
 struct Down;
@@ -50,14 +34,7 @@ fn request(tool: &str) -> Request<Body> {
 
 #[test]
 fn no_identity_reaches_a_log_line() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::CapturedLogs::start(tracing::Level::TRACE);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -84,7 +61,7 @@ fn no_identity_reaches_a_log_line() {
             svc.oneshot(request("search")).await.unwrap();
         }
     });
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     // Each path logged something (so this test can see a leak if there were one)...
     for expected in [
         "permissive",

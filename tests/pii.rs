@@ -4,9 +4,9 @@
 //! line, a response (status line, headers or body), or the `Debug` output of any public
 //! type that can hold one. One test gathers everything and searches it.
 
+mod common;
+
 use std::convert::Infallible;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -23,19 +23,6 @@ const USER: &str = "usr:5e1d@example.org";
 const TENANT: &str = "tnt{a7c3}/acme";
 /// Fragments that survive any encoding (JSON, percent, Debug escapes).
 const MARKERS: [&str; 2] = ["5e1d", "a7c3"];
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The wrapped service: answers 200; `Debug` so the `RateLimit` service's can be read.
 #[derive(Clone, Debug)]
@@ -127,14 +114,7 @@ async fn exchange(layer: &RateLimitLayer, req: Request<String>, seen: &mut Strin
 
 #[test]
 fn no_identity_leaks_through_logs_responses_or_debug() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = common::CapturedLogs::start(tracing::Level::TRACE);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -237,7 +217,7 @@ fn no_identity_leaks_through_logs_responses_or_debug() {
         RateLimitConfig::from_toml_str("by_user = \"30/x\"\nmode = \"strict\"\n").unwrap_err();
     seen.push_str(&format!("{broken}\n{broken:?}\n"));
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     // Every path was taken, so a leak on any of them would be visible here.
     for expected in [
         "\"code\":\"RATE_LIMIT\"",

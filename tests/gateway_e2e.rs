@@ -5,6 +5,8 @@
 //! when the gateway binary is missing or older than its sources (e.g. after
 //! `cargo test --test gateway_e2e`), it is built with `cargo build --example gateway`.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -658,5 +660,149 @@ fn loadgen_refuses_targets_that_are_not_loopback() {
             .expect("run loadgen");
         assert!(!out.status.success(), "{target} accepted");
         assert!(out.stdout.is_empty(), "{target}: nothing sent or reported");
+    }
+}
+
+/// A file under the temp dir with a name no other test or run uses, removed on drop
+/// (also when an assertion fails).
+#[cfg(feature = "redis")]
+struct TempFile(PathBuf);
+
+#[cfg(feature = "redis")]
+impl TempFile {
+    fn new(name: &str, contents: &str) -> TempFile {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "tollgate-gateway-e2e-{}-{nanos}-{n}-{name}",
+            std::process::id()
+        ));
+        std::fs::write(&path, contents).expect("write a temp config");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("UTF-8 temp path")
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Three gateways started with `config`, and loadgen's report of one user sending exactly
+/// 60 calls round-robin across them (1 worker, back to back, capped by `--max-requests`;
+/// `--duration` only bounds the run).
+#[cfg(feature = "redis")]
+fn sixty_calls_round_robin(config: &str) -> ([Gateway; 3], serde_json::Value) {
+    let gateways = [(); 3].map(|()| Gateway::start(&["--config", config]));
+    let targets: Vec<String> = gateways
+        .iter()
+        .map(|g| format!("http://{}", g.addr))
+        .collect();
+    let report = loadgen(&[
+        "--target",
+        &targets.join(","),
+        "--users",
+        "1",
+        "--rate",
+        "0",
+        "--max-requests",
+        "60",
+        "--duration",
+        "30",
+        "--tool",
+        "echo",
+    ]);
+    assert_eq!(report["sent"], 60, "{report}");
+    assert_eq!(report["responses"], 60, "{report}");
+    assert_eq!(report["transport_errors"], 0, "{report}");
+    assert_eq!(report["unfinished"], 0, "{report}");
+    assert_eq!(report["status_other"], serde_json::json!({}), "{report}");
+    (gateways, report)
+}
+
+/// The README's "Sharing limits across instances" promise, tried as a new user would:
+/// three gateway processes on three ports, `by_user = "30/m"`, one user sending 60 calls
+/// round-robin across them within a minute. With one (private) Redis behind them exactly
+/// 30 pass and 30 get 429, and every instance then refuses that user; with the memory
+/// backend all 60 pass, 20 counted by each instance.
+#[cfg(feature = "redis")]
+#[test]
+fn three_gateways_share_one_limit_through_redis_but_not_in_memory() {
+    let test = "three_gateways_share_one_limit_through_redis_but_not_in_memory";
+    let Some(redis) = common::redis::RedisServer::private(test) else {
+        return;
+    };
+    let prefix = common::redis::fresh_prefix();
+    // The README's Redis config, except that a Redis failure must show as a 503 (counted
+    // as status_other) rather than as a local decision, and the timeout allows for a
+    // loaded test machine.
+    let config = TempFile::new(
+        "redis.toml",
+        &format!(
+            "by_user = \"30/m\"\n\
+             fail_mode = \"closed\"\n\
+             [backend]\n\
+             kind = \"redis\"\n\
+             url = \"{}\"\n\
+             key_prefix = \"{prefix}\"\n\
+             timeout_ms = 5000\n\
+             fallback = \"none\"\n",
+            redis.url()
+        ),
+    );
+
+    let (gateways, shared) = sixty_calls_round_robin(config.path());
+    assert_eq!(
+        shared["status_2xx"], 30,
+        "one limit for all three: {shared}"
+    );
+    assert_eq!(shared["status_429"], 30, "{shared}");
+    // Every instance now refuses user-0 (the window is shared), and counts others afresh.
+    for gw in &gateways {
+        let again = gw.post("/tools/echo", &[("x-user-id", "user-0")], "{}");
+        assert_eq!(
+            again.status, 429,
+            "{} still refuses user-0: {again:?}",
+            gw.addr
+        );
+        assert_eq!(again.number("x-ratelimit-remaining"), 0, "{again:?}");
+    }
+    let other = gateways[1].post("/tools/echo", &[("x-user-id", "someone-else")], "{}");
+    assert_eq!(other.status, 200, "{other:?}");
+    assert_eq!(other.number("x-ratelimit-remaining"), 29, "{other:?}");
+    // The counters live in the private server, under this test's prefix.
+    let keys = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let mut conn = redis.conn().await;
+            common::redis::keys_under(&mut conn, &prefix).await
+        });
+    assert!(!keys.is_empty(), "no key under {prefix} in {}", redis.url());
+    drop(gateways);
+
+    // The memory backend, from the shipped config: each instance counts alone.
+    let memory = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway.toml");
+    let (gateways, alone) = sixty_calls_round_robin(memory.to_str().expect("UTF-8 path"));
+    assert_eq!(alone["status_2xx"], 60, "three separate limits: {alone}");
+    assert_eq!(alone["status_429"], 0, "{alone}");
+    for gw in &gateways {
+        let next = gw.post("/tools/echo", &[("x-user-id", "user-0")], "{}");
+        assert_eq!(next.status, 200, "{next:?}");
+        assert_eq!(
+            next.number("x-ratelimit-remaining"),
+            30 - 20 - 1,
+            "{} counted 20 of the 60: {next:?}",
+            gw.addr
+        );
     }
 }

@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -118,8 +119,34 @@ fn value(write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
     HeaderValue::from_maybe_shared(cut(write)).expect("tollgate writes only visible ASCII")
 }
 
+/// Numbers below this are shared, static header values (remaining counts and limits of
+/// everyday rates): cloning and dropping one costs nothing.
+const SMALL_NUMBERS: usize = 4_096;
+
 fn number(n: u64) -> HeaderValue {
-    value(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()))
+    static SMALL: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
+    let small = SMALL.get_or_init(|| {
+        // Built once per process: one 18 KB string, kept for the life of the process.
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(SMALL_NUMBERS);
+        for i in 0..SMALL_NUMBERS {
+            text.push_str(itoa::Buffer::new().format(i));
+            ends.push(text.len());
+        }
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let value = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                value
+            })
+            .collect()
+    });
+    match usize::try_from(n).ok().and_then(|i| small.get(i)) {
+        Some(value) => value.clone(),
+        None => value(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes())),
+    }
 }
 
 /// Writes the decision's rate headers in `style`; `Retry-After` too when `rejected`.

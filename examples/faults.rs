@@ -8,7 +8,8 @@
 //! For each fault it starts a private `redis-server` on a free loopback port (never
 //! 127.0.0.1:6379; `TOLLGATE_REDIS_SERVER` names another binary) and three instances of
 //! one layer config sharing it, built from `[backend] kind = "redis"` with `timeout_ms =
-//! 50`: `fallback = "memory"`; `fallback = "none"` + `fail_mode = "open"`; `fallback =
+//! 50` and `deny_cache = 0` (every request reaches Redis, so every fault meets every
+//! caller): `fallback = "memory"`; `fallback = "none"` + `fail_mode = "open"`; `fallback =
 //! "none"` + `fail_mode = "closed"`. Ten tasks per instance send requests (1 ms apart, 100
 //! users each, `by_user = "10/m"`) for 2 s, then the fault lasts SECONDS (default 4), then
 //! the load goes on until every instance decides through Redis again, plus 1 s. Every
@@ -197,7 +198,8 @@ mod faults {
                     let toml = format!(
                         "by_user = \"{LIMIT}/m\"\nfail_mode = \"{fail_mode}\"\n[backend]\n\
                          kind = \"redis\"\nurl = \"{url}\"\nkey_prefix = \"{prefix}\"\n\
-                         timeout_ms = {TIMEOUT_MS}\npool_size = {pool}\nfallback = \"{fallback}\""
+                         timeout_ms = {TIMEOUT_MS}\npool_size = {pool}\nfallback = \"{fallback}\"\n\
+                         deny_cache = 0"
                     );
                     let cfg = RateLimitConfig::from_toml_str(&toml).expect("a valid config");
                     (policy, RateLimitLayer::new(cfg))

@@ -105,6 +105,7 @@ pub struct BackendConfig {
     timeout: Duration,
     fallback: Fallback,
     max_keys: usize,
+    deny_cache: usize,
 }
 
 impl Default for BackendConfig {
@@ -117,6 +118,7 @@ impl Default for BackendConfig {
             timeout: Duration::from_millis(50),
             fallback: Fallback::Memory,
             max_keys: 1_000_000,
+            deny_cache: 10_000,
         }
     }
 }
@@ -150,6 +152,10 @@ impl BackendConfig {
     pub fn max_keys(&self) -> usize {
         self.max_keys
     }
+    /// Refused keys the Redis store remembers locally (default 10 000; 0 turns it off).
+    pub fn deny_cache(&self) -> usize {
+        self.deny_cache
+    }
 }
 
 impl fmt::Debug for BackendConfig {
@@ -163,6 +169,7 @@ impl fmt::Debug for BackendConfig {
             .field("timeout", &self.timeout)
             .field("fallback", &self.fallback)
             .field("max_keys", &self.max_keys)
+            .field("deny_cache", &self.deny_cache)
             .finish()
     }
 }
@@ -431,6 +438,11 @@ impl RateLimitConfigBuilder {
         self.raw.backend.max_keys = Some(Scalar::Int(max_keys as i128));
         self
     }
+    /// Refused keys the Redis store remembers locally (0 turns the deny cache off).
+    pub fn deny_cache(mut self, keys: usize) -> Self {
+        self.raw.backend.deny_cache = Some(Scalar::Int(keys as i128));
+        self
+    }
     /// Validates everything, reporting every problem.
     pub fn build(self) -> Result<RateLimitConfig, ConfigError> {
         RateLimitConfig::try_from(self.raw)
@@ -541,6 +553,7 @@ struct RawBackend {
     timeout_ms: Option<Scalar>,
     fallback: Option<Scalar>,
     max_keys: Option<Scalar>,
+    deny_cache: Option<Scalar>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -837,6 +850,8 @@ impl TryFrom<Raw> for RateLimitConfig {
             (1, 1_000_000_000),
             1_000_000,
         ) as usize;
+        let deny_cache =
+            c.int("backend.deny_cache", &b.deny_cache, (0, 10_000_000), 10_000) as usize;
 
         c.unknown("", &raw.unknown);
         c.unknown("identity.", &raw.identity.unknown);
@@ -862,6 +877,7 @@ impl TryFrom<Raw> for RateLimitConfig {
                 timeout: Duration::from_millis(timeout_ms),
                 fallback,
                 max_keys,
+                deny_cache,
             },
         })
     }

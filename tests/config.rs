@@ -165,6 +165,7 @@ fn a_full_config_reads_as_documented() {
         timeout_ms = 20
         fallback   = "none"
         max_keys   = 5000
+        deny_cache = 0
     "#,
     )
     .unwrap();
@@ -186,7 +187,10 @@ fn a_full_config_reads_as_documented() {
         (b.key_prefix(), b.pool_size(), b.timeout()),
         ("gw", 4, Duration::from_millis(20))
     );
-    assert_eq!((b.fallback(), b.max_keys()), (Fallback::None, 5000));
+    assert_eq!(
+        (b.fallback(), b.max_keys(), b.deny_cache()),
+        (Fallback::None, 5000, 0)
+    );
     assert!(
         !format!("{cfg:?}").contains("6379"),
         "Debug hides the URL (it may hold a password)"

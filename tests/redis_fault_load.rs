@@ -80,10 +80,13 @@ impl Policy {
     }
 }
 
+/// An instance whose every request reaches Redis (`deny_cache = 0`), so each fault meets
+/// every caller; the deny cache has tests of its own (tests/redis_deny_cache.rs).
 fn layer(url: &str, prefix: &str, policy: Policy, timeout: Duration, pool: u32) -> RateLimitLayer {
     let toml = format!(
         "by_user = \"{LIMIT}/m\"\nfail_mode = \"{}\"\n[backend]\nkind = \"redis\"\n\
-         url = \"{url}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = {}\npool_size = {pool}\n{}",
+         url = \"{url}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = {}\npool_size = {pool}\n\
+         deny_cache = 0\n{}",
         policy.fail_mode(),
         timeout.as_millis(),
         policy.backend()

@@ -3,6 +3,8 @@
 //! and then counts it under every key (all-or-nothing).
 
 #[cfg(feature = "redis")]
+mod deny_cache;
+#[cfg(feature = "redis")]
 pub(crate) mod fallback;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]

@@ -22,8 +22,12 @@ use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
 
+use super::deny_cache::DenyCache;
 use super::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::Algorithm;
+
+/// Keys the deny cache holds by default.
+const DENY_CACHE: usize = 10_000;
 
 /// Most multiplexed connections requests are spread over (each one is auto-pipelined, so
 /// a few suffice for any concurrency).
@@ -68,6 +72,7 @@ struct Inner {
     next_slot: AtomicUsize,
     generation: AtomicU64,
     scripts: Scripts,
+    deny: DenyCache,
 }
 
 struct Scripts {
@@ -98,6 +103,7 @@ pub struct RedisStoreBuilder {
     pool_size: u32,
     timeout: Duration,
     caller_time: bool,
+    deny_cache: usize,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -109,6 +115,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("caller_time", &self.caller_time)
+            .field("deny_cache", &self.deny_cache)
             .finish()
     }
 }
@@ -141,6 +148,16 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How many refused keys to remember locally (default 10 000; below 16 turns the cache
+    /// off). While Redis has said a key refuses until T, requests carrying it are refused
+    /// here until T without a round trip: an abusive caller costs memory-store time, not a
+    /// Redis call. Such a locally refused request reports only the remembered keys as
+    /// refused (the state of its other keys is not known without Redis).
+    pub fn deny_cache(mut self, capacity: usize) -> Self {
+        self.deny_cache = capacity;
+        self
+    }
+
     /// The store. Fails only when the URL cannot be parsed; nothing connects yet.
     pub fn build(self) -> Result<RedisStore, StoreError> {
         let manager = RedisConnectionManager::new(self.url.as_str()).map_err(|_| invalid_url())?;
@@ -157,6 +174,7 @@ impl RedisStore {
             pool_size: 16,
             timeout: Duration::from_millis(50),
             caller_time: false,
+            deny_cache: DENY_CACHE,
         }
     }
 
@@ -166,7 +184,8 @@ impl RedisStore {
         let builder = RedisStore::builder(backend.url().unwrap_or_default())
             .key_prefix(backend.key_prefix())
             .pool_size(backend.pool_size())
-            .timeout(backend.timeout());
+            .timeout(backend.timeout())
+            .deny_cache(backend.deny_cache());
         let manager = RedisConnectionManager::new(builder.url.as_str()).ok();
         if manager.is_none() {
             tracing::error!(
@@ -199,6 +218,7 @@ impl RedisStore {
                     sliding_window: Script::new(include_str!("lua/sliding_window.lua")),
                     token_bucket: Script::new(include_str!("lua/token_bucket.lua")),
                 },
+                deny: DenyCache::new(b.deny_cache),
             }),
         }
     }
@@ -244,10 +264,14 @@ impl Store for RedisStore {
                 "a request must carry at most three keys of one algorithm",
             )));
         }
+        let now = request.now_micros();
+        if let Some(refused) = self.inner.deny.check(&self.inner.prefix, keys, now) {
+            return StoreFuture::Ready(Ok(refused));
+        }
         let mut encoded = Vec::with_capacity(keys.len());
         let mut args = Vec::with_capacity(1 + 2 * keys.len());
         args.push(if self.inner.caller_time {
-            request.now_micros() as i64
+            now as i64
         } else {
             -1
         });
@@ -268,6 +292,7 @@ impl Store for RedisStore {
                 )),
             }
             .and_then(|values| parse(&values, n))
+            .inspect(|outcomes| inner.deny.record(&encoded, outcomes, now))
         }))
     }
 }

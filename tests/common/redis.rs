@@ -262,12 +262,15 @@ impl RedisBackend {
 
 /// A store on `url` under `prefix`, deciding on the caller's clock, with a timeout
 /// generous enough for a noisy 2-core machine (a timeout would fail open and show up as a
-/// missing header, not pass silently).
+/// missing header, not pass silently). Every request goes to Redis: the deny cache (which
+/// answers refused keys locally, and cannot know a refused request's other keys) has
+/// tests of its own in tests/redis_deny_cache.rs.
 pub fn caller_time_store(url: &str, prefix: &str) -> RedisStore {
     RedisStore::builder(url)
         .key_prefix(prefix)
         .caller_time(true)
         .timeout(Duration::from_secs(5))
+        .deny_cache(0)
         .build()
         .expect("valid redis url")
 }

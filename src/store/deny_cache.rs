@@ -1,0 +1,201 @@
+//! The Redis store's local deny cache.
+//!
+//! When Redis refuses a key, its answer says when that key will allow again (`retry_after`).
+//! Until then every request carrying the key is refused anyway — a refused request counts
+//! nowhere — so the store answers it here, without a round trip. The cache is exact in
+//! that direction: it refuses only while Redis itself would (it counts from the moment the
+//! request was sent, so it lets go a round trip early rather than late). What it cannot
+//! know is the state of the request's other keys: a locally refused request reports only
+//! the cached keys as refused, and the others as allowing with nothing known of their
+//! quota.
+
+use std::cell::RefCell;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use hashbrown::{DefaultHashBuilder, HashMap};
+
+use super::{Outcome, Outcomes};
+use crate::Key;
+
+const SHARDS: usize = 16;
+
+/// Keys refused by Redis, with when they allow again; bounded.
+pub(crate) struct DenyCache {
+    shards: Box<[Shard]>,
+    per_shard: usize,
+    /// Entries held, so an empty cache costs one load per request.
+    held: AtomicUsize,
+    hasher: DefaultHashBuilder,
+}
+
+type Shard = Mutex<HashMap<Box<str>, Deny>>;
+
+#[derive(Clone, Copy)]
+struct Deny {
+    /// Caller's clock, µs: the key refuses until then.
+    until: u64,
+    /// Caller's clock, µs: the key's window resets then.
+    reset_at: u64,
+}
+
+thread_local! {
+    /// Where keys are encoded for a lookup, so a lookup allocates nothing.
+    static ENCODED: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl DenyCache {
+    /// A cache of at most `capacity` keys (below 16: never caches).
+    pub(crate) fn new(capacity: usize) -> Self {
+        DenyCache {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity / SHARDS,
+            held: AtomicUsize::new(0),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    /// The answer for `keys` at `now` if one of them is known to refuse: the cached keys
+    /// refused, the others allowing with nothing known of their quota.
+    pub(crate) fn check(&self, prefix: &str, keys: &[Key<'_>], now: u64) -> Option<Outcomes> {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        ENCODED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut out = Outcomes::new();
+            let mut refused = false;
+            for key in keys {
+                buf.clear();
+                key.encode_into(prefix, &mut buf);
+                let deny = self.shard(&buf).get(buf.as_str()).copied();
+                match deny {
+                    Some(deny) if deny.until > now => {
+                        refused = true;
+                        out.push(Outcome {
+                            allowed: false,
+                            remaining: 0,
+                            reset_after: deny.reset_at.saturating_sub(now),
+                            retry_after: deny.until - now,
+                        });
+                    }
+                    _ => {
+                        out.push(Outcome {
+                            allowed: true,
+                            remaining: 0,
+                            reset_after: 0,
+                            retry_after: 0,
+                        });
+                    }
+                }
+            }
+            refused.then_some(out)
+        })
+    }
+
+    /// Remembers every key Redis refused in `outcomes` (answering a request sent at `now`).
+    pub(crate) fn record(&self, encoded: &[String], outcomes: &Outcomes, now: u64) {
+        if self.per_shard == 0 {
+            return;
+        }
+        for (key, outcome) in encoded.iter().zip(outcomes.iter()) {
+            if outcome.allowed {
+                continue;
+            }
+            let deny = Deny {
+                until: now.saturating_add(outcome.retry_after),
+                reset_at: now.saturating_add(outcome.reset_after),
+            };
+            let mut shard = self.shard(key);
+            if let Some(held) = shard.get_mut(key.as_str()) {
+                *held = deny;
+                continue;
+            }
+            if shard.len() >= self.per_shard {
+                let before = shard.len();
+                shard.retain(|_, d| d.until > now);
+                self.held.fetch_sub(before - shard.len(), Ordering::Relaxed);
+                if shard.len() >= self.per_shard {
+                    // Full of live denials: this one goes to Redis each time instead.
+                    continue;
+                }
+            }
+            shard.insert(key.as_str().into(), deny);
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Box<str>, Deny>> {
+        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Algorithm, Rate, RuleKind, Subject};
+
+    fn key(id: &[u8]) -> Key<'_> {
+        Key::new(
+            RuleKind::User,
+            Subject::Named(id),
+            Rate::per_minute(1),
+            Algorithm::FixedWindow,
+        )
+    }
+
+    fn refused(retry_after: u64) -> Outcomes {
+        let mut out = Outcomes::new();
+        out.push(Outcome {
+            allowed: false,
+            remaining: 0,
+            reset_after: retry_after,
+            retry_after,
+        });
+        out
+    }
+
+    #[test]
+    fn refuses_exactly_until_redis_said() {
+        let cache = DenyCache::new(100);
+        assert!(cache.check("rl", &[key(b"a")], 0).is_none());
+        cache.record(&[key(b"a").encode("rl")], &refused(5_000), 1_000);
+        let hit = cache.check("rl", &[key(b"a"), key(b"b")], 2_000).unwrap();
+        let outcomes: Vec<_> = hit.iter().copied().collect();
+        assert!(!outcomes[0].allowed && outcomes[0].retry_after == 4_000);
+        assert!(outcomes[1].allowed, "an uncached key is not refused");
+        assert!(cache.check("rl", &[key(b"a")], 5_999).is_some());
+        assert!(
+            cache.check("rl", &[key(b"a")], 6_000).is_none(),
+            "Redis decides again"
+        );
+        assert!(cache.check("rl", &[key(b"b")], 2_000).is_none());
+        assert!(
+            cache.check("other", &[key(b"a")], 2_000).is_none(),
+            "prefix is part of the key"
+        );
+    }
+
+    #[test]
+    fn stays_within_its_capacity() {
+        let cache = DenyCache::new(32);
+        for i in 0..1_000u32 {
+            let id = i.to_be_bytes();
+            cache.record(&[key(&id).encode("rl")], &refused(1_000_000), 0);
+            assert!(cache.len() <= 32, "{}", cache.len());
+        }
+        // Expired denials make room again.
+        cache.record(&[key(b"late").encode("rl")], &refused(10), 2_000_000);
+        assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
+        assert_eq!(DenyCache::new(0).per_shard, 0);
+    }
+}

@@ -11,6 +11,9 @@
 //! `tollgate-bench-<pid>` (they expire after one second); nothing is flushed. Throughput is
 //! in elements/s (one element = one request checked); the ratio `store / evalsha` at the
 //! same concurrency is the budget figure (≥ 0.8 at 64).
+//!
+//! `redis_refusal`: one caller over its limit, refused by the deny cache (no round trip)
+//! against the same refusal asked of Redis each time (deny cache off); budget < 1 µs.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use redis::aio::MultiplexedConnection;
 use redis::Script;
 use tollgate::{
-    Algorithm, Key, Rate, RedisStore, RuleKind, Store, StoreFuture, StoreRequest, Subject,
+    Algorithm, Clock, Key, Rate, RedisStore, RuleKind, Store, StoreFuture, StoreRequest, Subject,
 };
 
 const USERS: usize = 1_000;
@@ -159,6 +162,54 @@ fn bench(c: &mut Criterion) {
                         black_box(values);
                     }
                 }))
+            })
+        });
+    }
+    group.finish();
+
+    // An abusive caller over its limit: refused by the deny cache without a round trip,
+    // against the same refusal asked of Redis every time (deny cache off).
+    let mut group = c.benchmark_group("redis_refusal");
+    group
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(20)
+        .throughput(Throughput::Elements(1));
+    let clock = tollgate::SystemClock::new();
+    let hourly = Rate::per_hour(1);
+    let abuser = |id: &'static [u8]| {
+        Key::new(
+            RuleKind::User,
+            Subject::Named(id),
+            hourly,
+            Algorithm::FixedWindow,
+        )
+    };
+    for (name, capacity) in [("deny_cache", 10_000), ("redis_round_trip", 0)] {
+        let store = RedisStore::builder(url.as_str())
+            .key_prefix(format!("{prefix}-{name}"))
+            .timeout(Duration::from_secs(1))
+            .deny_cache(capacity)
+            .build()
+            .expect("a valid URL");
+        let check = |store: &RedisStore| {
+            let request = [abuser(b"abuser")];
+            match store.check(&StoreRequest::new(&request, clock.now_micros())) {
+                StoreFuture::Ready(r) => r,
+                StoreFuture::Pending(fut) => rt.block_on(fut),
+            }
+            .expect("redis answered")
+        };
+        check(&store); // allowed: the hour's one request
+        assert!(
+            !check(&store).iter().all(|o| o.is_allowed()),
+            "refused from now on"
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let outcomes = check(&store);
+                assert!(!outcomes.iter().all(|o| o.is_allowed()));
+                black_box(outcomes)
             })
         });
     }

@@ -12,6 +12,7 @@
 //! answers with a `content-type` header, like any real handler, so the response's header
 //! map already exists. Rows:
 //! - `bare` / `allowed`: every request under the limit (10^9/s), 1 000 users round-robin;
+//! - `allowed_no_decision_extension`: the same with `.decision_extension(false)`;
 //! - `rejected`: every request a 429 (limit 1/h, already used), one user;
 //! - `*_ready_call`: `ready().call()` on one service instance instead of a clone.
 
@@ -124,6 +125,12 @@ fn overhead(c: &mut Criterion) {
     let allowed = layer("1000000000/s").layer(service_fn(handler));
     group.bench_function("allowed", |b| {
         b.iter_custom(|iters| run(&rt, &allowed, &users, iters, StatusCode::OK))
+    });
+    let lean = layer("1000000000/s")
+        .decision_extension(false)
+        .layer(service_fn(handler));
+    group.bench_function("allowed_no_decision_extension", |b| {
+        b.iter_custom(|iters| run(&rt, &lean, &users, iters, StatusCode::OK))
     });
     let rejected = layer("1/h").layer(service_fn(handler));
     // Use up the one request: from here on every request is a 429.

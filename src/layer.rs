@@ -125,7 +125,10 @@ pub(crate) struct Health {
     pub(crate) store_errors: AtomicU64,
     pub(crate) fail_open: AtomicU64,
     pub(crate) fail_closed: AtomicU64,
+    /// Store failures.
     pub(crate) log: LogGate,
+    /// Identities counted as anonymous in permissive mode.
+    pub(crate) identity_log: LogGate,
 }
 
 /// Failure counts since the layer was built.
@@ -137,6 +140,9 @@ pub struct Stats {
     pub fail_open: u64,
     /// Requests answered 503 because the store failed (fail_mode closed).
     pub fail_closed: u64,
+    /// Requests a fallback store answered while Redis was failing (limits then held per
+    /// instance).
+    pub fallback_answers: u64,
 }
 
 impl RateLimitLayer {
@@ -200,6 +206,7 @@ impl RateLimitLayer {
             store_errors: h.store_errors.load(Ordering::Relaxed),
             fail_open: h.fail_open.load(Ordering::Relaxed),
             fail_closed: h.fail_closed.load(Ordering::Relaxed),
+            fallback_answers: self.shared.store.fallback_answers(),
         }
     }
 }

@@ -99,10 +99,13 @@ where
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
-                tracing::warn!(
-                    reason = bad.detail(),
-                    "tollgate: ambiguous identity counted as anonymous (permissive)"
-                );
+                if let Some(suppressed) = shared.health.identity_log.may_log(now) {
+                    tracing::warn!(
+                        reason = bad.detail(),
+                        suppressed,
+                        "tollgate: ambiguous identity counted as anonymous (permissive)"
+                    );
+                }
                 Who {
                     user: Subject::Anonymous,
                     tenant: None,

@@ -51,6 +51,7 @@ struct Inner<P> {
     fallback: Option<MemoryStore>,
     breaker: Breaker,
     fallback_log: FallbackLog,
+    fallback_answers: AtomicU64,
 }
 
 impl<P: Store> FallbackStore<P> {
@@ -62,6 +63,7 @@ impl<P: Store> FallbackStore<P> {
                 fallback,
                 breaker: Breaker::new(),
                 fallback_log: FallbackLog::new(),
+                fallback_answers: AtomicU64::new(0),
             }),
         }
     }
@@ -78,13 +80,22 @@ impl<P: Store> fmt::Debug for FallbackStore<P> {
 }
 
 impl<P: Store> Store for FallbackStore<P> {
+    fn fallback_answers(&self) -> u64 {
+        self.inner.fallback_answers.load(Ordering::Relaxed)
+    }
+
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
         let inner = &*self.inner;
+        // A cached answer says nothing of the primary's health: it neither closes the
+        // circuit nor uses up the probe.
+        if let Some(outcomes) = inner.primary.answer_locally(request) {
+            return StoreFuture::Ready(Ok(outcomes));
+        }
         if !inner.breaker.admit() {
             // Open circuit: no await, no allocation beyond what the fallback does.
             return StoreFuture::Ready(inner.answer_without_primary(request, None));
         }
-        match inner.primary.check(request) {
+        match inner.primary.check_backend(request) {
             StoreFuture::Ready(Ok(outcomes)) => {
                 inner.breaker.success();
                 StoreFuture::Ready(Ok(outcomes))
@@ -136,6 +147,7 @@ impl<P> Inner<P> {
         });
         match &self.fallback {
             Some(memory) => {
+                self.fallback_answers.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.fallback_log.may_log() {
                     tracing::warn!(
                         %error,
@@ -319,6 +331,7 @@ impl OwnedRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Outcome;
     use std::sync::atomic::AtomicUsize;
 
     /// A primary that fails (synchronously) while `failing` is set, counting its calls.
@@ -430,6 +443,77 @@ mod tests {
             let expected = if opens { FAILURES_TO_OPEN as usize } else { 10 };
             assert_eq!(primary.1.load(Ordering::SeqCst), expected, "{kind:?}");
         }
+    }
+
+    /// A primary that is down but answers one subject from a local cache.
+    #[derive(Debug, Default)]
+    struct DownWithCache {
+        backend_calls: AtomicUsize,
+    }
+
+    impl Store for DownWithCache {
+        fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+            match self.answer_locally(request) {
+                Some(o) => StoreFuture::Ready(Ok(o)),
+                None => self.check_backend(request),
+            }
+        }
+
+        fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
+            (request.keys()[0].subject() == Subject::Named(b"cached")).then(|| {
+                let mut o = Outcomes::new();
+                o.push(Outcome::rejected(
+                    Duration::from_secs(9),
+                    Duration::from_secs(9),
+                ));
+                o
+            })
+        }
+
+        fn check_backend(&self, _request: &StoreRequest<'_>) -> StoreFuture {
+            self.backend_calls.fetch_add(1, Ordering::SeqCst);
+            StoreFuture::Ready(Err(StoreError::new(StoreErrorKind::Timeout, "hung")))
+        }
+    }
+
+    /// Regression (review): the Redis deny cache's answers counted as Redis succeeding, so
+    /// while a refused user kept calling, the circuit never opened and every other request
+    /// paid the full timeout of a hung Redis.
+    #[test]
+    fn cached_answers_neither_close_the_circuit_nor_keep_it_closed() {
+        let primary = Arc::new(DownWithCache::default());
+        let store = FallbackStore::new(primary.clone(), Some(MemoryStore::new()));
+        let rate = Rate::per_minute(2);
+        let key = |id: &'static [u8]| {
+            [Key::new(
+                RuleKind::User,
+                Subject::Named(id),
+                rate,
+                Algorithm::FixedWindow,
+            )]
+        };
+        let (normal, cached) = (key(b"normal"), key(b"cached"));
+        for _ in 0..FAILURES_TO_OPEN {
+            assert!(ready(store.check(&StoreRequest::new(&normal, 1))).is_ok());
+            let refused = ready(store.check(&StoreRequest::new(&cached, 1))).unwrap();
+            assert!(!refused.iter().all(|o| o.is_allowed()));
+        }
+        assert!(store.inner.breaker.is_open());
+        assert_eq!(
+            primary.backend_calls.load(Ordering::SeqCst),
+            FAILURES_TO_OPEN as usize
+        );
+        // Open: the fallback answers, the backend is left alone, cached answers still come.
+        for _ in 0..10 {
+            assert!(ready(store.check(&StoreRequest::new(&normal, 1))).is_ok());
+            assert!(ready(store.check(&StoreRequest::new(&cached, 1))).is_ok());
+        }
+        assert!(store.inner.breaker.is_open());
+        assert_eq!(
+            primary.backend_calls.load(Ordering::SeqCst),
+            FAILURES_TO_OPEN as usize
+        );
+        assert_eq!(store.fallback_answers(), FAILURES_TO_OPEN as u64 + 10);
     }
 
     #[test]

@@ -321,21 +321,25 @@ impl Table {
     /// full: first by dropping its expired entries, then by evicting the sixteenth of its
     /// entries nearest their expiry. False if no place could be made.
     fn reserve_place(&mut self, inner: &Inner, now: u64) -> bool {
-        for _ in 0..2 {
-            if inner
+        let take = || {
+            inner
                 .held
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
                     (held < inner.max_keys).then_some(held + 1)
                 })
                 .is_ok()
-            {
-                return true;
-            }
-            if self.drop_expired(inner, now) == 0 && self.evict_nearest(inner) == 0 {
-                return false;
-            }
+        };
+        if take() {
+            return true;
         }
-        false
+        if self.drop_expired(inner, now) == 0 && self.evict_nearest(inner) == 0 {
+            return false;
+        }
+        if take() {
+            return true;
+        }
+        // Other shards' inserts took the places freed here: free more, and take one.
+        self.evict_nearest(inner) > 0 && take()
     }
 
     fn drop_expired(&mut self, inner: &Inner, now: u64) -> usize {

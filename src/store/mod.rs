@@ -142,12 +142,43 @@ impl fmt::Debug for StoreFuture {
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks and counts one request.
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture;
+
+    /// The answer this store can give without asking its backend, if any (the Redis
+    /// store's deny cache). Wrappers such as [`FallbackStore`](crate::FallbackStore) ask
+    /// this first and then [`Store::check_backend`], so a cached answer is never taken as
+    /// a sign that the backend is healthy. `check` itself must consult it too.
+    fn answer_locally(&self, _request: &StoreRequest<'_>) -> Option<Outcomes> {
+        None
+    }
+
+    /// [`Store::check`] without [`Store::answer_locally`]: always asks the backend.
+    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        self.check(request)
+    }
+
+    /// Requests answered by a fallback because the backend was failing (0 for stores
+    /// without one). Shown in [`Stats`](crate::Stats).
+    fn fallback_answers(&self) -> u64 {
+        0
+    }
 }
 
 /// A shared store is a store: layers given clones of one `Arc` share its counters.
 impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
         (**self).check(request)
+    }
+
+    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
+        (**self).answer_locally(request)
+    }
+
+    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        (**self).check_backend(request)
+    }
+
+    fn fallback_answers(&self) -> u64 {
+        (**self).fallback_answers()
     }
 }
 

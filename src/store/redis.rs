@@ -249,6 +249,19 @@ impl fmt::Debug for RedisStore {
 
 impl Store for RedisStore {
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        match self.answer_locally(request) {
+            Some(refused) => StoreFuture::Ready(Ok(refused)),
+            None => self.check_backend(request),
+        }
+    }
+
+    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
+        self.inner
+            .deny
+            .check(&self.inner.prefix, request.keys(), request.now_micros())
+    }
+
+    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
         let keys = request.keys();
         if keys.is_empty() {
             return StoreFuture::Ready(Ok(Outcomes::new()));
@@ -265,9 +278,6 @@ impl Store for RedisStore {
             )));
         }
         let now = request.now_micros();
-        if let Some(refused) = self.inner.deny.check(&self.inner.prefix, keys, now) {
-            return StoreFuture::Ready(Ok(refused));
-        }
         let mut encoded = Vec::with_capacity(keys.len());
         let mut args = Vec::with_capacity(1 + 2 * keys.len());
         args.push(if self.inner.caller_time {

@@ -5,19 +5,19 @@
 //! every key allows (all-or-nothing), setting a `PEXPIRE` on each key it writes. Time comes
 //! from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!
-//! Connections: bb8 creates, health-checks (a `PING` when a connection is taken from it)
-//! and replaces connections, but a request never holds a checkout. The store caches a few
-//! `redis::aio::MultiplexedConnection`s taken from the pool (the checkout ends at once);
-//! every request sends on a clone of one of them (clones share one auto-pipelined socket).
-//! A cached connection that fails is forgotten, and the next request takes one from the
-//! pool again, which tests it (and replaces a broken one) first.
+//! Connections: up to four sockets (`pool_size`, at most 4), each a
+//! `redis::aio::MultiplexedConnection` opened and checked (`PING`) by bb8-redis's connection
+//! manager. Requests are spread over them round-robin and send on clones (clones share one
+//! auto-pipelined socket), so no request ever waits for a checkout. A connection that
+//! fails, or does not answer within the timeout, is forgotten; the next request on its
+//! slot opens and checks a new one.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bb8::{Pool, RunError};
+use bb8::ManageConnection;
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Script};
@@ -67,7 +67,6 @@ struct Inner {
     pool_size: u32,
     timeout: Duration,
     caller_time: bool,
-    pool: OnceLock<Pool<RedisConnectionManager>>,
     slots: Box<[Slot]>,
     next_slot: AtomicUsize,
     generation: AtomicU64,
@@ -81,11 +80,11 @@ struct Scripts {
     token_bucket: Script,
 }
 
-/// One cached connection (a clone of one the pool manages), kept while it works.
+/// One shared connection, kept while it works.
 struct Slot {
     held: Mutex<Option<Held>>,
-    /// Held by the one request that fills the empty slot from the pool; the others wait
-    /// for it rather than each checking a connection out (bb8 PINGs every checkout, so a
+    /// Held by the one request that opens the empty slot's connection; the others wait
+    /// for it rather than each opening one (each open is a connect and a PING, so a
     /// burst meeting a cold store queued a PING per caller and outlived the timeout).
     filling: tokio::sync::Mutex<()>,
 }
@@ -127,8 +126,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Most connections bb8 keeps open (default 16, at least 1). Requests share up to
-    /// four of them, multiplexed.
+    /// Most connections to open (default 16, at least 1); requests share up to four of
+    /// them, multiplexed (more sockets add nothing against one single-threaded Redis).
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size.max(1);
         self
@@ -204,7 +203,6 @@ impl RedisStore {
                 pool_size: b.pool_size,
                 timeout: b.timeout,
                 caller_time: b.caller_time,
-                pool: OnceLock::new(),
                 slots: (0..shared)
                     .map(|_| Slot {
                         held: Mutex::new(None),
@@ -293,16 +291,12 @@ impl Store for RedisStore {
         let inner = self.inner.clone();
         let n = keys.len();
         StoreFuture::Pending(Box::pin(async move {
-            match tokio::time::timeout(inner.timeout, inner.call(algorithm, &encoded, &args)).await
-            {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::new(
-                    StoreErrorKind::Timeout,
-                    "redis did not answer in time",
-                )),
-            }
-            .and_then(|values| parse(&values, n))
-            .inspect(|outcomes| inner.deny.record(&encoded, outcomes, now))
+            let deadline = tokio::time::Instant::now() + inner.timeout;
+            inner
+                .call(algorithm, &encoded, &args, deadline)
+                .await
+                .and_then(|values| parse(&values, n))
+                .inspect(|outcomes| inner.deny.record(&encoded, outcomes, now))
         }))
     }
 }
@@ -316,29 +310,23 @@ impl Inner {
         }
     }
 
-    fn pool(&self) -> Option<&Pool<RedisConnectionManager>> {
-        let manager = self.manager.as_ref()?;
-        // Built on first use, inside the runtime (bb8 spawns its connection tasks).
-        Some(self.pool.get_or_init(|| {
-            Pool::builder()
-                .max_size(self.pool_size)
-                .min_idle(None)
-                .connection_timeout(self.timeout)
-                .test_on_check_out(true)
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .build_unchecked(manager.clone())
-        }))
-    }
-
+    /// One script call on one of the shared connections, all of it (connecting included)
+    /// done by `deadline`. A connection that fails or does not answer in time is forgotten,
+    /// so the next request opens a fresh one: a silently dead socket costs one timeout, not
+    /// one per request until the kernel notices.
     async fn call(
         &self,
         algorithm: Algorithm,
         keys: &[String],
         args: &[i64],
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<i64>, StoreError> {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let (mut conn, generation) = self.connection(index).await?;
+        let (mut conn, generation) =
+            match tokio::time::timeout_at(deadline, self.connection(index, deadline)).await {
+                Ok(connected) => connected?,
+                Err(_) => return Err(timed_out("no redis connection in time")),
+            };
         let mut invocation = self.script(algorithm).prepare_invoke();
         for key in keys {
             invocation.key(key.as_str());
@@ -347,43 +335,52 @@ impl Inner {
             invocation.arg(*arg);
         }
         // EVALSHA; on NOSCRIPT (a restart, SCRIPT FLUSH) redis-rs loads it and retries once.
-        match invocation.invoke_async::<Vec<i64>>(&mut conn).await {
-            Ok(values) => Ok(values),
-            Err(e) => {
+        let answer =
+            tokio::time::timeout_at(deadline, invocation.invoke_async::<Vec<i64>>(&mut conn));
+        match answer.await {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(e)) => {
                 if broken(&e) {
                     self.release(index, generation);
                 }
                 Err(redis_error(&e))
             }
+            Err(_) => {
+                self.release(index, generation);
+                Err(timed_out("redis did not answer in time"))
+            }
         }
     }
 
-    /// A clone of slot `index`'s connection, taking one from the pool if the slot is empty.
-    async fn connection(&self, index: usize) -> Result<(MultiplexedConnection, u64), StoreError> {
+    /// A clone of slot `index`'s connection, opening one if the slot is empty. Each slot
+    /// has a socket of its own, made and checked (PING) by bb8-redis's connection manager.
+    async fn connection(
+        &self,
+        index: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<(MultiplexedConnection, u64), StoreError> {
         let slot = &self.slots[index];
         if let Some(held) = lock(slot).as_ref() {
             return Ok((held.conn.clone(), held.generation));
         }
-        // One checkout per empty slot: wait for a request already filling it.
+        // One connection per empty slot: wait for a request already opening it.
         let _filling = slot.filling.lock().await;
         if let Some(held) = lock(slot).as_ref() {
             return Ok((held.conn.clone(), held.generation));
         }
-        let pool = self.pool().ok_or_else(invalid_url)?;
-        // A short checkout: the pool tests the connection (PING), we keep a clone.
-        let conn = pool
-            .get()
-            .await
-            .map_err(|e| match e {
-                RunError::TimedOut => {
-                    StoreError::new(StoreErrorKind::Timeout, "no redis connection in time")
-                }
-                RunError::User(e) => redis_error(&e),
-            })
-            .map(|checked_out| (*checked_out).clone())?;
-        let mut guard = lock(slot);
+        let manager = self.manager.as_ref().ok_or_else(invalid_url)?;
+        let opened = tokio::time::timeout_at(deadline, async {
+            let mut conn = manager.connect().await?;
+            manager.is_valid(&mut conn).await?;
+            Ok::<_, RedisError>(conn)
+        });
+        let conn = match opened.await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(redis_error(&e)),
+            Err(_) => return Err(timed_out("no redis connection in time")),
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        *guard = Some(Held {
+        *lock(slot) = Some(Held {
             conn: conn.clone(),
             generation,
         });
@@ -391,7 +388,7 @@ impl Inner {
     }
 
     /// Forgets slot `index`'s connection if it is still the one that failed; the next
-    /// request takes one from the pool, which tests it first.
+    /// request on the slot opens and checks a new one.
     fn release(&self, index: usize, generation: u64) {
         let mut guard = lock(&self.slots[index]);
         if guard.as_ref().is_some_and(|h| h.generation == generation) {
@@ -428,6 +425,10 @@ fn redis_error(e: &RedisError) -> StoreError {
     }
 }
 
+fn timed_out(message: &'static str) -> StoreError {
+    StoreError::new(StoreErrorKind::Timeout, message)
+}
+
 fn invalid_url() -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, "the redis URL is invalid")
 }
@@ -461,7 +462,7 @@ mod tests {
         let store = RedisStore::builder("redis://127.0.0.1:1/0")
             .build()
             .unwrap();
-        assert!(store.inner.pool.get().is_none());
+        assert!(store.inner.slots.iter().all(|slot| lock(slot).is_none()));
         assert!(RedisStore::builder("not a url").build().is_err());
     }
 

@@ -45,10 +45,13 @@ fn harness(
         "by_user = \"{rate}\"\nalgorithm = \"{algorithm}\"\nheaders = \"both\""
     ))
     .unwrap();
-    let (count, period) = (
-        cfg.by_user().unwrap().count(),
-        cfg.by_user().unwrap().period().as_micros() as u64,
-    );
+    let count = cfg.by_user().unwrap().count();
+    let mut period = cfg.by_user().unwrap().period().as_micros() as u64;
+    if algorithm == Algorithm::TokenBucket {
+        // The bucket fills one token every ceil(period / count) µs: full again at most
+        // count such intervals ahead, a few µs past the period when it does not divide.
+        period = period.div_ceil(count) * count;
+    }
     let clock = ManualClock::new();
     let layer = RateLimitLayer::with_store(cfg, MemoryStore::with_max_keys(1_000))
         .with_clock(clock.clone());

@@ -1,6 +1,8 @@
-//! Token bucket as GCRA: one theoretical arrival time (TAT) per key. Burst = count; one
-//! token every `period / count` µs (integer division, at least 1 µs). Mirrored by
-//! `src/store/lua/token_bucket.lua`.
+//! Token bucket as GCRA: one theoretical arrival time (TAT) per key. One token every
+//! `interval = ceil(period / count)` µs, and a burst of exactly `count` (a request passes
+//! while the TAT it leaves is at most `interval × count` ahead). Rounding the interval up
+//! keeps the sustained rate at or below `count / period` when the period does not divide
+//! evenly. Mirrored by `src/store/lua/token_bucket.lua`.
 
 use super::{State, Step};
 use crate::Rate;
@@ -8,14 +10,15 @@ use crate::Rate;
 pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let period = rate.period_micros();
     let limit = rate.count();
-    let interval = (period / limit).max(1);
+    let interval = period.div_ceil(limit);
+    let capacity = interval * limit;
     let tat = state.map_or(now, |s| s.t.max(now));
     let next_tat = tat.saturating_add(interval);
     let span = next_tat - now;
-    if span <= period {
+    if span <= capacity {
         Step {
             allowed: true,
-            remaining: ((period - span) / interval).min(limit - 1),
+            remaining: ((capacity - span) / interval).min(limit - 1),
             reset_after: span,
             retry_after: 0,
             next: State {
@@ -29,12 +32,39 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
             allowed: false,
             remaining: 0,
             reset_after: tat - now,
-            retry_after: span - period,
+            retry_after: span - capacity,
             next: State {
                 t: tat,
                 cur: 0,
                 prev: 0,
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Regression (review): with a floored interval, rates whose period does not divide
+    /// evenly let more than `count` through at once (400 000/s allowed 500 000).
+    #[test]
+    fn the_burst_is_exactly_the_count_whatever_the_rate() {
+        for (count, secs) in [(400_000, 1), (700_000, 1), (7, 1), (3, 10), (1_000, 86_400)] {
+            let rate = Rate::new(count, Duration::from_secs(secs)).unwrap();
+            let now = 1_000_000_000_000;
+            let mut state = None;
+            let mut allowed = 0;
+            loop {
+                let step = check(state, now, rate);
+                if !step.allowed {
+                    break;
+                }
+                allowed += 1;
+                state = Some(step.next);
+            }
+            assert_eq!(allowed, count, "{rate}");
         }
     }
 }

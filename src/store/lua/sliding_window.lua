@@ -6,21 +6,43 @@
 -- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
 -- Every value and product stays at or below 2^53 (configuration refuses rates where
 -- count × period in ms exceeds it), so Lua's doubles compute exactly what Rust's
--- integers do; math.floor/math.ceil stand for Rust's integer divisions.
+-- integers do; idiv/idiv_ceil stand for Rust's integer divisions of large products.
 local now = tonumber(ARGV[1])
 if now < 0 then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 
+-- floor(a / b) for integers a >= 0, b > 0, exactly: a double quotient near a large
+-- integer can round onto it, so the floor is corrected by one step either way (the
+-- products stay exact: a and q × b are at most 2^53).
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+-- ceil(a / b), exactly.
+local function idiv_ceil(a, b)
+  local q = idiv(a, b)
+  if q * b < a then
+    q = q + 1
+  end
+  return q
+end
+
 -- floor(prev × left_ms / period_ms)
 local function weigh(prev, left_ms, period_ms)
-  return math.floor(prev * left_ms / period_ms)
+  return idiv(prev * left_ms, period_ms)
 end
 
 -- min(max(period_ms + 1 − ceil(room × period_ms / max(prev, 1)), 0), period_ms)
 local function first_ms(room, prev, period_ms)
-  local c = math.ceil(room * period_ms / math.max(prev, 1))
+  local c = idiv_ceil(room * period_ms, math.max(prev, 1))
   local v = period_ms + 1 - c
   if v < 0 then v = 0 end
   if v > period_ms then v = period_ms end

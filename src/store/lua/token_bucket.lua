@@ -17,7 +17,8 @@ local all = true
 for i = 1, n do
   local limit = tonumber(ARGV[2 * i])
   local period = tonumber(ARGV[2 * i + 1])
-  local interval = math.max(1, math.floor(period / limit))
+  local interval = math.ceil(period / limit)
+  local capacity = interval * limit
   local st = tonumber(redis.call('HGET', KEYS[i], 't'))
   local tat = now
   if st ~= nil then
@@ -25,9 +26,9 @@ for i = 1, n do
   end
   local next_tat = tat + interval
   local span = next_tat - now
-  if span <= period then
+  if span <= capacity then
     out[#out + 1] = 1
-    out[#out + 1] = math.min(math.floor((period - span) / interval), limit - 1)
+    out[#out + 1] = math.min(math.floor((capacity - span) / interval), limit - 1)
     out[#out + 1] = span
     out[#out + 1] = 0
     writes[i] = next_tat
@@ -36,7 +37,7 @@ for i = 1, n do
     out[#out + 1] = 0
     out[#out + 1] = 0
     out[#out + 1] = tat - now
-    out[#out + 1] = span - period
+    out[#out + 1] = span - capacity
   end
 end
 

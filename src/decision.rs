@@ -128,8 +128,15 @@ impl Decision {
 
     /// Unix epoch seconds at which the speaking rule resets, rounded up.
     pub(crate) fn reset_epoch_secs(&self) -> Option<u64> {
-        self.speaking()
-            .map(|v| (self.now.saturating_add(v.outcome.reset_after)).div_ceil(1_000_000))
+        self.speaking().map(|v| {
+            // The store's own statement when it has one (Redis's clock, the same for
+            // every instance), else this instance's clock.
+            let at = match v.outcome.reset_at {
+                0 => self.now.saturating_add(v.outcome.reset_after),
+                at => at,
+            };
+            at.div_ceil(1_000_000)
+        })
     }
 
     /// Whole seconds to wait, rounded up, at least 1.
@@ -151,6 +158,7 @@ mod tests {
                 remaining,
                 reset_after: reset,
                 retry_after: if allowed { 0 } else { reset },
+                reset_at: 0,
             },
         })
     }

@@ -423,3 +423,49 @@ async fn a_redis_config_just_works_through_the_layer() {
     );
     assert_eq!(layer.stats().store_errors, 0);
 }
+
+/// Contract 8 with skewed clocks: on Redis's time, instances whose own clocks disagree (by
+/// an hour here) state the same `X-RateLimit-Reset`, taken from Redis's clock, and keep it
+/// constant within the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_skewed_clocks_state_the_same_reset() {
+    let Some(server) = RedisServer::private("instances_with_skewed_clocks_state_the_same_reset")
+    else {
+        return;
+    };
+    let prefix = common::redis::fresh_prefix();
+    let toml = redis_cfg(
+        "by_user = \"10/m\"",
+        server.url(),
+        &prefix,
+        "deny_cache = 0",
+    );
+    let early = ManualClock::new();
+    let late = ManualClock::new();
+    late.advance(Duration::from_secs(3_600));
+    let mut resets = Vec::new();
+    for clock in [&early, &late, &early, &late] {
+        let layer = RateLimitLayer::new(toml.clone()).with_clock(clock.clone());
+        let (svc, _) = counting_service(layer);
+        let resp = svc.oneshot(req("skewed", None, None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resets.push(
+            resp.headers()["x-ratelimit-reset"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    assert!(resets.iter().all(|r| *r == resets[0]), "{resets:?}");
+    // Redis's clock is the real one, not either instance's.
+    let real = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (real..=real + 61).contains(&resets[0]),
+        "{} vs now {real}",
+        resets[0]
+    );
+}

@@ -36,8 +36,16 @@ type Shard = Mutex<HashMap<Box<str>, Deny>>;
 struct Deny {
     /// Caller's clock, µs: the key refuses until then.
     until: u64,
-    /// Caller's clock, µs: the key's window resets then.
+    /// Caller's clock, µs: when the key resets.
+    resets: u64,
+    /// The store's clock, µs: when the key resets (as Redis stated it).
     reset_at: u64,
+}
+
+impl Deny {
+    fn reset_after_from(&self, now: u64) -> u64 {
+        self.resets.saturating_sub(now)
+    }
 }
 
 thread_local! {
@@ -76,8 +84,9 @@ impl DenyCache {
                         out.push(Outcome {
                             allowed: false,
                             remaining: 0,
-                            reset_after: deny.reset_at.saturating_sub(now),
+                            reset_after: deny.reset_after_from(now),
                             retry_after: deny.until - now,
+                            reset_at: deny.reset_at,
                         });
                     }
                     _ => {
@@ -86,6 +95,7 @@ impl DenyCache {
                             remaining: 0,
                             reset_after: 0,
                             retry_after: 0,
+                            reset_at: 0,
                         });
                     }
                 }
@@ -105,7 +115,8 @@ impl DenyCache {
             }
             let deny = Deny {
                 until: now.saturating_add(outcome.retry_after),
-                reset_at: now.saturating_add(outcome.reset_after),
+                resets: now.saturating_add(outcome.reset_after),
+                reset_at: outcome.reset_at,
             };
             let mut shard = self.shard(key);
             if let Some(held) = shard.get_mut(key.as_str()) {
@@ -160,6 +171,7 @@ mod tests {
             remaining: 0,
             reset_after: retry_after,
             retry_after,
+            reset_at: 0,
         });
         out
     }

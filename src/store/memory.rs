@@ -141,7 +141,7 @@ impl MemoryStore {
                 if step.allowed {
                     table.write(inner, &probe, key, &step, now);
                 }
-                out.push(outcome(&step));
+                out.push(outcome(&step, now));
             }
             _ => {
                 let mut probes = [None, None, None];
@@ -175,7 +175,7 @@ impl MemoryStore {
                     if all {
                         table_of(&mut guards, probe.shard).write(inner, probe, key, step, now);
                     }
-                    out.push(outcome(step));
+                    out.push(outcome(step, now));
                 }
             }
         }
@@ -217,12 +217,13 @@ fn table_of<'g>(guards: &'g mut Guards<'_>, shard: usize) -> &'g mut Table {
     &mut found.expect("every probed shard is locked").1
 }
 
-fn outcome(step: &Step) -> Outcome {
+fn outcome(step: &Step, now: u64) -> Outcome {
     Outcome {
         allowed: step.allowed,
         remaining: step.remaining,
         reset_after: step.reset_after,
         retry_after: step.retry_after,
+        reset_at: now.saturating_add(step.reset_after),
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Outcome {
     pub(crate) remaining: u64,
     pub(crate) reset_after: u64,
     pub(crate) retry_after: u64,
+    /// When the key resets, µs since the epoch on the store's clock (Redis `TIME` for a
+    /// Redis store, so every instance states the same reset); 0 when not known.
+    pub(crate) reset_at: u64,
 }
 
 impl Outcome {
@@ -62,6 +65,7 @@ impl Outcome {
             remaining,
             reset_after: crate::clock::duration_micros(reset_after),
             retry_after: 0,
+            reset_at: 0,
         }
     }
 
@@ -72,7 +76,16 @@ impl Outcome {
             remaining: 0,
             reset_after: crate::clock::duration_micros(reset_after),
             retry_after: crate::clock::duration_micros(retry_after).max(1),
+            reset_at: 0,
         }
+    }
+
+    /// The same answer, stating when the key resets on the store's own clock (µs since
+    /// the Unix epoch): `X-RateLimit-Reset` is then taken from it, so instances whose
+    /// clocks differ still agree.
+    pub fn reset_at_micros(mut self, reset_at: u64) -> Self {
+        self.reset_at = reset_at;
+        self
     }
 
     /// Whether this key allows the request.

@@ -433,21 +433,25 @@ fn invalid_url() -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, "the redis URL is invalid")
 }
 
-/// Four integers per key: allowed, remaining, reset_after µs, retry_after µs.
+/// Four integers per key (allowed, remaining, reset_after µs, retry_after µs), then the
+/// time the script decided at (µs, Redis's clock unless the caller's was passed).
 fn parse(values: &[i64], n: usize) -> Result<Outcomes, StoreError> {
-    if values.len() != 4 * n || values.iter().any(|v| *v < 0) {
+    if values.len() != 4 * n + 1 || values.iter().any(|v| *v < 0) {
         return Err(StoreError::new(
             StoreErrorKind::Protocol,
             "the redis script answered an unexpected shape",
         ));
     }
+    let decided_at = values[4 * n] as u64;
     let mut out = Outcomes::new();
-    for chunk in values.chunks_exact(4) {
+    for chunk in values[..4 * n].chunks_exact(4) {
+        let reset_after = chunk[2] as u64;
         out.push(Outcome {
             allowed: chunk[0] == 1,
             remaining: chunk[1] as u64,
-            reset_after: chunk[2] as u64,
+            reset_after,
             retry_after: chunk[3] as u64,
+            reset_at: decided_at.saturating_add(reset_after),
         });
     }
     Ok(out)
@@ -469,14 +473,18 @@ mod tests {
     #[test]
     fn unexpected_answers_are_protocol_errors() {
         assert_eq!(
-            parse(&[1, 2, 3], 1).unwrap_err().kind(),
+            parse(&[1, 2, 3, 0], 1).unwrap_err().kind(),
             StoreErrorKind::Protocol
         );
         assert_eq!(
-            parse(&[1, -2, 3, 0], 1).unwrap_err().kind(),
+            parse(&[1, -2, 3, 0, 9], 1).unwrap_err().kind(),
             StoreErrorKind::Protocol
         );
-        let ok = parse(&[1, 4, 10, 0, 0, 0, 5, 5], 2).unwrap();
+        let ok = parse(&[1, 4, 10, 0, 0, 0, 5, 5, 100], 2).unwrap();
         assert_eq!(ok.len(), 2);
+        assert_eq!(
+            ok.iter().map(|o| o.reset_at).collect::<Vec<_>>(),
+            [110, 105]
+        );
     }
 }

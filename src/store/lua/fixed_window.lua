@@ -52,4 +52,6 @@ if all then
     redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((w[4] - now) / 1000)))
   end
 end
+-- Last: the time decided at, so the caller can state resets on this clock.
+out[#out + 1] = now
 return out

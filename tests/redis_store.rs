@@ -438,7 +438,7 @@ async fn instances_with_skewed_clocks_state_the_same_reset() {
         "by_user = \"10/m\"",
         server.url(),
         &prefix,
-        "deny_cache = 0",
+        "deny_cache = 0\ntimeout_ms = 2000",
     );
     let early = ManualClock::new();
     let late = ManualClock::new();

@@ -143,6 +143,11 @@ async fn killed_mid_load_then_restarted() {
         "{:?}",
         layer.stats()
     );
+    assert!(
+        layer.stats().fallback_answers >= 12,
+        "the outage is counted: {:?}",
+        layer.stats()
+    );
 
     // Back again: within a few seconds decisions come from Redis.
     server.restart();

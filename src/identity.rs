@@ -119,36 +119,72 @@ pub(crate) fn extract<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
 ) -> Result<Who<'r>, BadIdentity> {
-    let ext = req.extensions();
-    let headers = req.headers();
-    let (user, tenant) = match ext.get::<Identity>() {
-        // Trimmed as headers are (ASCII whitespace), so one id is one user either way.
-        Some(id) => (
-            id.user.as_deref().map(|u| u.as_bytes().trim_ascii()),
-            id.tenant.as_deref().map(|t| t.as_bytes().trim_ascii()),
-        ),
-        None => (
-            header(headers, cfg.user_header(), "user")?,
-            header(headers, cfg.tenant_header(), "tenant")?,
-        ),
-    };
-    let tool = match ext.get::<ToolName>() {
-        Some(t) => Some(t.0.trim().as_bytes()),
-        None => header(headers, cfg.tool_header(), "tool")?,
-    };
-    let user = user.filter(|u| !u.is_empty());
-    let tenant = tenant.filter(|t| !t.is_empty());
-    if user.is_some_and(|u| u.len() > MAX_IDENTITY_LEN) {
-        return Err(BadIdentity::TooLong("user"));
-    }
-    if tenant.is_some_and(|t| t.len() > MAX_IDENTITY_LEN) {
-        return Err(BadIdentity::TooLong("tenant"));
-    }
+    let fields = Fields::read(req, cfg);
     Ok(Who {
-        user: user.map_or(Subject::Anonymous, Subject::Named),
-        tenant,
-        tool: tool.filter(|t| !t.is_empty()),
+        user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
+        tenant: fields.tenant?,
+        tool: fields.tool?,
     })
+}
+
+/// As [`extract`], but a field tollgate refuses is treated as absent (permissive mode):
+/// the user becomes anonymous, the tenant none; the other fields still count.
+pub(crate) fn extract_lenient<'r, B>(req: &'r Request<B>, cfg: &IdentityConfig) -> Who<'r> {
+    let fields = Fields::read(req, cfg);
+    Who {
+        user: fields
+            .user
+            .ok()
+            .flatten()
+            .map_or(Subject::Anonymous, Subject::Named),
+        tenant: fields.tenant.ok().flatten(),
+        tool: fields.tool.ok().flatten(),
+    }
+}
+
+/// Each field of a request's identity: trimmed, empty → absent, or why it is refused.
+struct Fields<'r> {
+    user: Result<Option<&'r [u8]>, BadIdentity>,
+    tenant: Result<Option<&'r [u8]>, BadIdentity>,
+    tool: Result<Option<&'r [u8]>, BadIdentity>,
+}
+
+impl<'r> Fields<'r> {
+    fn read<B>(req: &'r Request<B>, cfg: &IdentityConfig) -> Self {
+        let ext = req.extensions();
+        let headers = req.headers();
+        let (user, tenant) = match ext.get::<Identity>() {
+            // Trimmed as headers are (ASCII whitespace), so one id is one user either way.
+            Some(id) => (
+                Ok(id.user.as_deref().map(|u| u.as_bytes().trim_ascii())),
+                Ok(id.tenant.as_deref().map(|t| t.as_bytes().trim_ascii())),
+            ),
+            None => (
+                header(headers, cfg.user_header(), "user"),
+                header(headers, cfg.tenant_header(), "tenant"),
+            ),
+        };
+        let tool = match ext.get::<ToolName>() {
+            Some(t) => Ok(Some(t.0.trim().as_bytes())),
+            None => header(headers, cfg.tool_header(), "tool"),
+        };
+        Fields {
+            user: bounded(user, "user"),
+            tenant: bounded(tenant, "tenant"),
+            tool: tool.map(|t| t.filter(|t| !t.is_empty())),
+        }
+    }
+}
+
+/// Empty → absent; longer than [`MAX_IDENTITY_LEN`] → refused.
+fn bounded<'r>(
+    id: Result<Option<&'r [u8]>, BadIdentity>,
+    field: &'static str,
+) -> Result<Option<&'r [u8]>, BadIdentity> {
+    match id? {
+        Some(id) if id.len() > MAX_IDENTITY_LEN => Err(BadIdentity::TooLong(field)),
+        id => Ok(id.filter(|id| !id.is_empty())),
+    }
 }
 
 /// A configured header's trimmed bytes (opaque: non-UTF-8 is fine). Two occurrences are

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
-use crate::identity::{self, Who};
+use crate::identity;
 use crate::layer::Shared;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
@@ -103,14 +103,10 @@ where
                     tracing::warn!(
                         reason = bad.detail(),
                         suppressed,
-                        "tollgate: ambiguous identity counted as anonymous (permissive)"
+                        "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                Who {
-                    user: Subject::Anonymous,
-                    tenant: None,
-                    tool: None,
-                }
+                identity::extract_lenient(&req, &shared.identity)
             }
         };
 

@@ -369,6 +369,46 @@ fn paths_and_bodies_are_never_read_for_identity() {
     assert!(body.contains("\"violated\":[\"user\"]"), "{body}");
 }
 
+/// Review finding: a refused user header in permissive mode also dropped the request's
+/// tenant and tool, so those calls counted against neither.
+#[test]
+fn permissive_mode_still_counts_the_fields_that_are_fine() {
+    let (svc, _) = service(layer(
+        "by_tenant = \"3/m\"\nmode = \"permissive\"\n[by_tool]\nsearch = \"2/m\"",
+    ));
+    let repeated_user = || {
+        with_headers(&[
+            ("x-user-id", b"alice"),
+            ("x-user-id", b"bob"),
+            ("x-tenant-id", b"acme"),
+            ("x-tool", b"search"),
+        ])
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let decision = |req| {
+        rt.block_on(async {
+            let resp = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            *resp.extensions().get::<tollgate::Decision>().unwrap()
+        })
+    };
+    let d = decision(repeated_user());
+    assert_eq!(d.rules().count(), 2, "tenant and tool still apply");
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(tollgate::RuleKind::Tool), Some(1))
+    );
+    let d = decision(repeated_user());
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(tollgate::RuleKind::Tool), Some(0))
+    );
+    let d = decision(repeated_user());
+    assert!(!d.is_allowed(), "the tool's limit is reached, and counted");
+}
+
 #[test]
 fn permissive_mode_counts_a_repeated_header_as_anonymous_never_as_either_value() {
     let (svc, calls) = service(layer("by_user = \"2/m\"\nmode = \"permissive\""));

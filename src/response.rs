@@ -149,6 +149,25 @@ fn number(n: u64) -> HeaderValue {
     }
 }
 
+/// `X-RateLimit-Reset`'s value: consecutive responses on a thread mostly state the same
+/// second (aligned windows, or one busy user), so the last one is kept and reused.
+fn reset_value(epoch_secs: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((secs, value)) if *secs == epoch_secs => value.clone(),
+            _ => {
+                let value = number(epoch_secs);
+                *last = Some((epoch_secs, value.clone()));
+                value
+            }
+        }
+    })
+}
+
 /// Writes the decision's rate headers in `style`; `Retry-After` too when `rejected`.
 pub(crate) fn write_headers(
     style: HeaderStyle,
@@ -166,7 +185,7 @@ pub(crate) fn write_headers(
         headers.insert(X_LIMIT.clone(), number(speaker.rate.count()));
         headers.insert(X_REMAINING.clone(), number(speaker.outcome.remaining));
         if let Some(reset) = decision.reset_epoch_secs() {
-            headers.insert(X_RESET.clone(), number(reset));
+            headers.insert(X_RESET.clone(), reset_value(reset));
         }
     }
     if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) {

@@ -1,5 +1,5 @@
 //! Requests/s through the Redis store against the floor: a plain `EVALSHA` loop of the same
-//! script (`src/store/lua/fixed_window.lua`), same keys and arguments, over ONE redis-rs
+//! script (`src/store/lua/common.lua` + `fixed_window.lua`), same keys and arguments, over ONE redis-rs
 //! multiplexed connection shared by every task. Concurrency 1 and 64, in the same run.
 //!
 //! ```text
@@ -108,8 +108,9 @@ fn bench(c: &mut Criterion) {
         .timeout(Duration::from_secs(1))
         .build()
         .expect("a valid URL");
-    let script = Arc::new(Script::new(include_str!(
-        "../src/store/lua/fixed_window.lua"
+    let script = Arc::new(Script::new(concat!(
+        include_str!("../src/store/lua/common.lua"),
+        include_str!("../src/store/lua/fixed_window.lua")
     )));
 
     let mut group = c.benchmark_group("redis");

@@ -212,9 +212,18 @@ impl RedisStore {
                 next_slot: AtomicUsize::new(0),
                 generation: AtomicU64::new(0),
                 scripts: Scripts {
-                    fixed_window: Script::new(include_str!("lua/fixed_window.lua")),
-                    sliding_window: Script::new(include_str!("lua/sliding_window.lua")),
-                    token_bucket: Script::new(include_str!("lua/token_bucket.lua")),
+                    fixed_window: Script::new(concat!(
+                        include_str!("lua/common.lua"),
+                        include_str!("lua/fixed_window.lua")
+                    )),
+                    sliding_window: Script::new(concat!(
+                        include_str!("lua/common.lua"),
+                        include_str!("lua/sliding_window.lua")
+                    )),
+                    token_bucket: Script::new(concat!(
+                        include_str!("lua/common.lua"),
+                        include_str!("lua/token_bucket.lua")
+                    )),
                 },
                 deny: DenyCache::new(b.deny_cache),
             }),

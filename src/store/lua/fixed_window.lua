@@ -1,14 +1,9 @@
 -- tollgate fixed window: mirrors src/algorithm/fixed_window.rs line for line.
 -- KEYS[i]: counter keys (hash: t = window start µs, c = count, p = 0).
--- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME.
+-- ARGV[1]: now (see common.lua, prepended to this script: `now`, `finish`).
 -- ARGV[2i], ARGV[2i+1]: key i's count and period in µs.
 -- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
 -- Every value stays below 2^53, so Lua's doubles hold them exactly.
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
 
 local n = #KEYS
 local out = {}
@@ -44,14 +39,4 @@ for i = 1, n do
   end
 end
 
--- All-or-nothing: write only when every key allows.
-if all then
-  for i = 1, n do
-    local w = writes[i]
-    redis.call('HSET', KEYS[i], 't', string.format('%.0f', w[1]), 'c', string.format('%.0f', w[2]), 'p', string.format('%.0f', w[3]))
-    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((w[4] - now) / 1000)))
-  end
-end
--- Last: the time decided at, so the caller can state resets on this clock.
-out[#out + 1] = now
-return out
+return finish(all, writes, out)

@@ -1,17 +1,12 @@
 -- tollgate sliding-window counter: mirrors src/algorithm/sliding_window.rs line for line.
 -- KEYS[i]: counter keys (hash: t = aligned window start µs, c = current count,
 -- p = previous window's count).
--- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME.
+-- ARGV[1]: now (see common.lua, prepended to this script: `now`, `finish`).
 -- ARGV[2i], ARGV[2i+1]: key i's count and period in µs (a whole number of seconds).
 -- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
 -- Every value and product stays at or below 2^53 (configuration refuses rates where
 -- count × period in ms exceeds it), so Lua's doubles compute exactly what Rust's
 -- integers do; idiv/idiv_ceil stand for Rust's integer divisions of large products.
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
 
 -- floor(a / b) for integers a >= 0, b > 0, exactly: a double quotient near a large
 -- integer can round onto it, so the floor is corrected by one step either way (the
@@ -95,14 +90,4 @@ for i = 1, n do
   end
 end
 
--- All-or-nothing: write only when every key allows.
-if all then
-  for i = 1, n do
-    local w = writes[i]
-    redis.call('HSET', KEYS[i], 't', string.format('%.0f', w[1]), 'c', string.format('%.0f', w[2]), 'p', string.format('%.0f', w[3]))
-    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((w[4] - now) / 1000)))
-  end
-end
--- Last: the time decided at, so the caller can state resets on this clock.
-out[#out + 1] = now
-return out
+return finish(all, writes, out)

@@ -1,14 +1,9 @@
 -- tollgate token bucket (GCRA): mirrors src/algorithm/token_bucket.rs line for line.
 -- KEYS[i]: counter keys (hash: t = theoretical arrival time µs, c = 0, p = 0).
--- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME.
+-- ARGV[1]: now (see common.lua, prepended to this script: `now`, `finish`).
 -- ARGV[2i], ARGV[2i+1]: key i's count and period in µs.
 -- Returns, per key: allowed (1/0), remaining, reset_after µs, retry_after µs.
 -- Every value stays below 2^53, so Lua's doubles hold them exactly.
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-end
 
 local n = #KEYS
 local out = {}
@@ -31,7 +26,7 @@ for i = 1, n do
     out[#out + 1] = math.min(math.floor((capacity - span) / interval), limit - 1)
     out[#out + 1] = span
     out[#out + 1] = 0
-    writes[i] = next_tat
+    writes[i] = { next_tat, 0, 0, next_tat }
   else
     all = false
     out[#out + 1] = 0
@@ -41,14 +36,4 @@ for i = 1, n do
   end
 end
 
--- All-or-nothing: write only when every key allows.
-if all then
-  for i = 1, n do
-    local next_tat = writes[i]
-    redis.call('HSET', KEYS[i], 't', string.format('%.0f', next_tat), 'c', '0', 'p', '0')
-    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((next_tat - now) / 1000)))
-  end
-end
--- Last: the time decided at, so the caller can state resets on this clock.
-out[#out + 1] = now
-return out
+return finish(all, writes, out)

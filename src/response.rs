@@ -267,14 +267,15 @@ pub(crate) fn backend_unavailable() -> Response<Bytes> {
 
 /// The 400 answer for an identity tollgate will not guess at.
 pub(crate) fn bad_identity(detail: &str) -> Response<Bytes> {
-    problem(
-        StatusCode::BAD_REQUEST,
-        format!(
-            "{{\"type\":\"about:blank\",\"title\":\"Invalid identity\",\"status\":400,\
-             \"code\":\"INVALID_IDENTITY\",\"detail\":{}}}",
-            json_string(detail)
-        ),
-    )
+    let body = cut(|buf| {
+        buf.extend_from_slice(
+            b"{\"type\":\"about:blank\",\"title\":\"Invalid identity\",\"status\":400,\
+              \"code\":\"INVALID_IDENTITY\",\"detail\":\"",
+        );
+        json_escape_into(buf, detail);
+        buf.extend_from_slice(b"\"}");
+    });
+    problem(StatusCode::BAD_REQUEST, body)
 }
 
 fn problem(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
@@ -283,15 +284,6 @@ fn problem(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
     resp.headers_mut()
         .insert(CONTENT_TYPE, PROBLEM_JSON.clone());
     resp
-}
-
-/// A JSON string literal for `s`.
-fn json_string(s: &str) -> String {
-    let mut out = BytesMut::with_capacity(s.len() + 2);
-    out.extend_from_slice(b"\"");
-    json_escape_into(&mut out, s);
-    out.extend_from_slice(b"\"");
-    String::from_utf8(out.to_vec()).expect("escaped UTF-8 is UTF-8")
 }
 
 /// Appends `s` escaped for the inside of a JSON string.
@@ -320,7 +312,9 @@ mod tests {
 
     #[test]
     fn json_strings_escape_quotes_and_controls() {
-        assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+        let mut out = BytesMut::new();
+        json_escape_into(&mut out, "a\"b\\c\n");
+        assert_eq!(&out[..], br#"a\"b\\c\u000a"#);
     }
 
     #[test]

@@ -53,12 +53,17 @@ pub enum HeaderStyle {
 
 /// Where counters live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// In this process: [`MemoryStore`](crate::MemoryStore).
     #[default]
     Memory,
-    /// In Redis, shared by every instance (feature `redis`).
+    /// In one Redis server (or a primary with replicas behind one address), shared by
+    /// every instance (feature `redis`).
     Redis,
+    /// In a Redis Cluster reached through `urls` (seed nodes), shared by every instance
+    /// (feature `redis`).
+    RedisCluster,
 }
 
 /// What answers while Redis is failing.
@@ -100,6 +105,9 @@ impl IdentityConfig {
 pub struct BackendConfig {
     kind: BackendKind,
     url: Option<String>,
+    urls: Vec<String>,
+    tls_ca: Option<TlsCa>,
+    tls_insecure: bool,
     key_prefix: String,
     pool_size: u32,
     timeout: Duration,
@@ -113,6 +121,9 @@ impl Default for BackendConfig {
         BackendConfig {
             kind: BackendKind::Memory,
             url: None,
+            urls: Vec::new(),
+            tls_ca: None,
+            tls_insecure: false,
             key_prefix: "rl".into(),
             pool_size: 16,
             timeout: Duration::from_millis(50),
@@ -131,6 +142,19 @@ impl BackendConfig {
     /// The Redis URL (`redis://`, `rediss://` or `unix://`), when `kind = "redis"`.
     pub fn url(&self) -> Option<&str> {
         self.url.as_deref()
+    }
+    /// The seed nodes' URLs, when `kind = "redis_cluster"`.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+    /// The certificate authorities (PEM, read from `tls_ca` at start-up) that `rediss://`
+    /// connections trust instead of the system's roots.
+    pub fn tls_ca(&self) -> Option<&[u8]> {
+        self.tls_ca.as_ref().map(|ca| ca.pem.as_slice())
+    }
+    /// Whether `rediss://` connections skip certificate checks (`tls_insecure = true`).
+    pub fn tls_insecure(&self) -> bool {
+        self.tls_insecure
     }
     /// Prefix of every Redis key (default `rl`).
     pub fn key_prefix(&self) -> &str {
@@ -164,6 +188,9 @@ impl fmt::Debug for BackendConfig {
         f.debug_struct("BackendConfig")
             .field("kind", &self.kind)
             .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("urls", &self.urls.len())
+            .field("tls_ca", &self.tls_ca.as_ref().map(|ca| &ca.path))
+            .field("tls_insecure", &self.tls_insecure)
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
@@ -172,6 +199,13 @@ impl fmt::Debug for BackendConfig {
             .field("deny_cache", &self.deny_cache)
             .finish()
     }
+}
+
+/// A CA file's path (for messages) and contents.
+#[derive(Clone, PartialEq, Eq)]
+struct TlsCa {
+    path: String,
+    pem: Vec<u8>,
 }
 
 /// A validated rate-limit configuration. See the crate docs for the TOML reference.
@@ -409,6 +443,30 @@ impl RateLimitConfigBuilder {
         self.raw.backend.url = Some(Scalar::Text(url.into()));
         self
     }
+    /// Keep counters in the Redis Cluster that `seeds` (URLs of some of its nodes)
+    /// belong to.
+    pub fn redis_cluster<I, U>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        self.raw.backend.kind = Some(Scalar::Text("redis_cluster".into()));
+        self.raw.backend.urls = Some(Loose::Ok(
+            seeds.into_iter().map(|u| Scalar::Text(u.into())).collect(),
+        ));
+        self
+    }
+    /// Trust the certificate authorities in this PEM file for `rediss://` (read and
+    /// checked at `build`).
+    pub fn tls_ca(mut self, path: impl Into<String>) -> Self {
+        self.raw.backend.tls_ca = Some(Scalar::Text(path.into()));
+        self
+    }
+    /// Skip certificate checks on `rediss://` (a throwaway test server only; logged).
+    pub fn tls_insecure(mut self, on: bool) -> Self {
+        self.raw.backend.tls_insecure = Some(Loose::Ok(on));
+        self
+    }
     /// Prefix of every Redis key.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.raw.backend.key_prefix = Some(Scalar::Text(prefix.into()));
@@ -455,6 +513,22 @@ fn mode_name(mode: Mode) -> &'static str {
         Mode::Permissive => "permissive",
         Mode::Disabled => "disabled",
     }
+}
+
+fn is_tls_url(url: &str) -> bool {
+    url.starts_with("rediss://")
+}
+
+#[cfg(feature = "redis-tls")]
+fn pem_has_certificates(pem: &[u8]) -> bool {
+    crate::store::redis::tls::pem_has_certificates(pem)
+}
+
+/// Without TLS a CA is never used (`rediss://` is refused), but a file that is not PEM is
+/// still reported.
+#[cfg(not(feature = "redis-tls"))]
+fn pem_has_certificates(pem: &[u8]) -> bool {
+    pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----")
 }
 
 /// Trims and lower-cases a tool name, as configuration keys and requests both are.
@@ -509,6 +583,30 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
+/// A value of the expected shape, or what was found instead (so a wrong type is one
+/// reported problem naming its field, not a parse error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Loose<T> {
+    Ok(T),
+    Found(&'static str),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Loose<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = toml::Value::deserialize(d)?;
+        let found = match &value {
+            toml::Value::String(_) => "a string",
+            toml::Value::Integer(_) => "an integer",
+            toml::Value::Float(_) => "a float",
+            toml::Value::Boolean(_) => "a boolean",
+            toml::Value::Datetime(_) => "a date",
+            toml::Value::Array(_) => "an array",
+            toml::Value::Table(_) => "a table",
+        };
+        Ok(T::deserialize(value).map_or(Loose::Found(found), Loose::Ok))
+    }
+}
+
 fn deserialize_tools<'de, D: de::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Vec<(String, Scalar)>>, D::Error> {
@@ -548,6 +646,9 @@ struct RawIdentity {
 struct RawBackend {
     kind: Option<Scalar>,
     url: Option<Scalar>,
+    urls: Option<Loose<Vec<Scalar>>>,
+    tls_ca: Option<Scalar>,
+    tls_insecure: Option<Loose<bool>>,
     key_prefix: Option<Scalar>,
     pool_size: Option<Scalar>,
     timeout_ms: Option<Scalar>,
@@ -664,6 +765,132 @@ impl Check {
                 None
             }
         }
+    }
+
+    fn flag(&mut self, field: &str, value: &Option<Loose<bool>>) -> bool {
+        match value {
+            None => false,
+            Some(Loose::Ok(on)) => *on,
+            Some(Loose::Found(what)) => {
+                self.err
+                    .push(field, format!("expected true or false, found {what}"));
+                false
+            }
+        }
+    }
+
+    fn strings(&mut self, field: &str, value: &Option<Loose<Vec<Scalar>>>) -> Vec<String> {
+        match value {
+            None => Vec::new(),
+            Some(Loose::Ok(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let item = Some(item.clone());
+                    self.text(&format!("{field}[{i}]"), &item)
+                        .map(|t| t.trim().to_owned())
+                })
+                .collect(),
+            Some(Loose::Found(what)) => {
+                self.err
+                    .push(field, format!("expected an array of strings, found {what}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Reads a CA file at start-up, so a missing or wrong file is reported here.
+    fn ca_file(&mut self, field: &str, path: &str) -> Option<TlsCa> {
+        match std::fs::read(path) {
+            Ok(pem) if pem_has_certificates(&pem) => Some(TlsCa {
+                path: path.to_owned(),
+                pem,
+            }),
+            Ok(_) => {
+                self.err
+                    .push(field, format!("{path:?} holds no PEM certificate"));
+                None
+            }
+            Err(e) => {
+                self.err
+                    .push(field, format!("cannot read {path:?}: {}", e.kind()));
+                None
+            }
+        }
+    }
+
+    /// Where Redis is: `url` for one server, `urls` for a cluster; each URL one this
+    /// build can serve.
+    fn redis_target(&mut self, kind: BackendKind, url: Option<&str>, urls: &[String]) {
+        let cluster = kind == BackendKind::RedisCluster;
+        if kind != BackendKind::Memory && !cfg!(feature = "redis") {
+            self.err.push(
+                "backend.kind",
+                format!(
+                    "{:?} needs tollgate built with its `redis` feature",
+                    if cluster { "redis_cluster" } else { "redis" }
+                ),
+            );
+            return;
+        }
+        match kind {
+            BackendKind::Memory => {}
+            BackendKind::Redis => {
+                match url {
+                    None => self
+                        .err
+                        .push("backend.url", "required when backend.kind = \"redis\""),
+                    Some(u) => self.redis_url("backend.url", u, false),
+                }
+                if !urls.is_empty() {
+                    self.err.push(
+                        "backend.urls",
+                        "only for backend.kind = \"redis_cluster\"; one server takes backend.url",
+                    );
+                }
+            }
+            BackendKind::RedisCluster => {
+                if url.is_some() {
+                    self.err.push(
+                        "backend.url",
+                        "a cluster takes its seed nodes in backend.urls = [\"redis://host:port\", ...]",
+                    );
+                }
+                if urls.is_empty() {
+                    self.err.push(
+                        "backend.urls",
+                        "required when backend.kind = \"redis_cluster\": the URLs of one or more of its nodes",
+                    );
+                }
+                for (i, u) in urls.iter().enumerate() {
+                    self.redis_url(&format!("backend.urls[{i}]"), u, true);
+                }
+                if urls.iter().any(|u| is_tls_url(u)) && !urls.iter().all(|u| is_tls_url(u)) {
+                    self.err.push(
+                        "backend.urls",
+                        "mixes rediss:// and redis://: a cluster speaks TLS on every node or on none",
+                    );
+                }
+            }
+        }
+    }
+
+    fn redis_url(&mut self, field: &str, url: &str, cluster: bool) {
+        if !["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            self.err.push(
+                field,
+                "must start with redis://, rediss://, unix:// or redis+unix://",
+            );
+            return;
+        }
+        #[cfg(feature = "redis")]
+        if let Some(problem) = crate::store::redis::url_problem(url, cluster) {
+            self.err.push(field, problem);
+        }
+        let _ = cluster;
     }
 
     fn unknown(&mut self, section: &str, keys: &BTreeMap<String, IgnoredAny>) {
@@ -792,33 +1019,35 @@ impl TryFrom<Raw> for RateLimitConfig {
             &[
                 ("memory", BackendKind::Memory),
                 ("redis", BackendKind::Redis),
+                ("redis_cluster", BackendKind::RedisCluster),
             ],
             BackendKind::Memory,
         );
         let url = c.text("backend.url", &b.url).map(|u| u.trim().to_owned());
-        if kind == BackendKind::Redis {
-            match &url {
-                None => c
-                    .err
-                    .push("backend.url", "required when backend.kind = \"redis\""),
-                Some(u)
-                    if !["redis://", "rediss://", "unix://", "redis+unix://"]
-                        .iter()
-                        .any(|s| u.starts_with(s)) =>
-                {
-                    c.err.push(
-                        "backend.url",
-                        "must start with redis://, rediss://, unix:// or redis+unix://",
-                    )
-                }
-                Some(_) => {}
+        let urls = c.strings("backend.urls", &b.urls);
+        let tls_ca_path = c.text("backend.tls_ca", &b.tls_ca).map(str::trim);
+        let tls_insecure = c.flag("backend.tls_insecure", &b.tls_insecure);
+        let tls_ca = tls_ca_path.and_then(|path| c.ca_file("backend.tls_ca", path));
+        c.redis_target(kind, url.as_deref(), &urls);
+        let tls = match kind {
+            BackendKind::Redis => url.as_deref().is_some_and(is_tls_url),
+            BackendKind::RedisCluster => urls.iter().any(|u| is_tls_url(u)),
+            BackendKind::Memory => false,
+        };
+        if kind != BackendKind::Memory && !tls {
+            if tls_ca_path.is_some() {
+                c.err.push("backend.tls_ca", "only for rediss:// URLs");
             }
-            if !cfg!(feature = "redis") {
-                c.err.push(
-                    "backend.kind",
-                    "\"redis\" needs tollgate built with its `redis` feature",
-                );
+            if tls_insecure {
+                c.err
+                    .push("backend.tls_insecure", "only for rediss:// URLs");
             }
+        }
+        if tls_ca_path.is_some() && tls_insecure {
+            c.err.push(
+                "backend.tls_insecure",
+                "checks no certificate, so backend.tls_ca would be ignored: set one or the other",
+            );
         }
         let key_prefix = c
             .text("backend.key_prefix", &b.key_prefix)
@@ -872,6 +1101,9 @@ impl TryFrom<Raw> for RateLimitConfig {
             backend: BackendConfig {
                 kind,
                 url,
+                urls,
+                tls_ca,
+                tls_insecure,
                 key_prefix,
                 pool_size,
                 timeout: Duration::from_millis(timeout_ms),

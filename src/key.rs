@@ -86,13 +86,16 @@ impl<'a> Key<'a> {
         self.algorithm
     }
 
-    /// The key as a Redis key name: `{prefix}:{alg}:{rule}:{period secs}:{subject}`, the
-    /// subject `-` for anonymous or `=` followed by the percent-escaped bytes.
+    /// The key as a Redis key name: `<prefix>:<alg>:<rule>:<period secs>:{<subject>}`, the
+    /// subject `-` for anonymous or `=` followed by the percent-escaped bytes. The braces
+    /// make the subject the Redis Cluster hash tag: every key of one user (one tenant, one
+    /// tool) lives on one cluster slot, and subjects spread over the cluster. A subject's
+    /// own braces are escaped, so the tag is always exactly the subject.
     ///
     /// ```
     /// use tollgate::{Algorithm, Key, Rate, RuleKind, Subject};
     /// let key = Key::new(RuleKind::User, Subject::Named(b"a:b{c}"), Rate::per_minute(30), Algorithm::FixedWindow);
-    /// assert_eq!(key.encode("rl"), "rl:fw:u:60:=a%3Ab%7Bc%7D");
+    /// assert_eq!(key.encode("rl"), "rl:fw:u:60:{=a%3Ab%7Bc%7D}");
     /// ```
     pub fn encode(&self, prefix: &str) -> String {
         let mut out = String::with_capacity(prefix.len() + 24);
@@ -112,7 +115,7 @@ impl<'a> Key<'a> {
             RuleKind::Tenant => "t",
             RuleKind::Tool => "k",
         };
-        let _ = write!(out, "{prefix}:{alg}:{kind}:{}:", self.rate.period_secs());
+        let _ = write!(out, "{prefix}:{alg}:{kind}:{}:{{", self.rate.period_secs());
         match self.subject {
             Subject::Anonymous => out.push('-'),
             Subject::Named(bytes) => {
@@ -126,6 +129,7 @@ impl<'a> Key<'a> {
                 }
             }
         }
+        out.push('}');
     }
 
     /// A key for `subject`'s counter under `kind`, held to `rate` by `algorithm`.
@@ -182,7 +186,10 @@ mod tests {
         assert!(seen.insert(key(RuleKind::Tenant, Subject::Named(b"a"), 60)));
         assert!(seen.insert(key(RuleKind::User, Subject::Named(b"a"), 1)));
         for k in &seen {
-            let subject = k.splitn(5, ':').nth(4).unwrap();
+            // The subject is the cluster hash tag: exactly one `{…}`, holding no separator.
+            let tag = k.splitn(5, ':').nth(4).unwrap();
+            let subject = tag.strip_prefix('{').and_then(|t| t.strip_suffix('}'));
+            let subject = subject.unwrap_or_else(|| panic!("no hash tag: {k}"));
             assert!(!subject.contains([':', '{', '}', '\n', ' ']), "{k}");
         }
     }

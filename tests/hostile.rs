@@ -593,7 +593,7 @@ proptest! {
 
     /// Key encoding is injective over arbitrary bytes, rules, algorithms and periods
     /// (the rate's count is deliberately not part of a key), and the subject part never
-    /// carries a separator.
+    /// carries a separator (so it is exactly the key's cluster hash tag).
     #[test]
     fn key_encoding_is_injective(
         a in prop::collection::vec(any::<u8>(), 0..32),
@@ -617,7 +617,11 @@ proptest! {
             && periods.0 == periods.1;
         prop_assert_eq!(ea == eb, same, "{} vs {}", ea, eb);
         for e in [&ea, &eb] {
-            let subject = e.splitn(5, ':').nth(4).unwrap();
+            // The subject is the Redis Cluster hash tag: one `{…}` holding no separator.
+            let tag = e.splitn(5, ':').nth(4).unwrap();
+            let subject = tag.strip_prefix('{').and_then(|t| t.strip_suffix('}'));
+            prop_assert!(subject.is_some(), "{}", e);
+            let subject = subject.unwrap();
             prop_assert!(
                 subject.bytes().all(|c| c.is_ascii_alphanumeric() || b"._~-%=".contains(&c)),
                 "{}", e

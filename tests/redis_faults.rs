@@ -108,7 +108,7 @@ async fn counted_in_redis(server: &RedisServer, prefix: &str, user: &str) -> boo
     keys_under(&mut conn, prefix)
         .await
         .iter()
-        .any(|k| k.ends_with(&format!("={user}")))
+        .any(|k| k.ends_with(&format!("{{={user}}}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

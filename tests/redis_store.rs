@@ -250,7 +250,13 @@ async fn identities_with_separators_never_collide() {
     assert_eq!(keys.len(), 2 * ids.len() + ids.len(), "{keys:?}");
     assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len());
     for k in &keys {
-        assert!(!k.contains(['{', '}', '\n', ' ']), "{k:?}");
+        // One `{…}`: the subject, as the cluster hash tag; no separator inside it.
+        let tag = k.rsplit_once(':').unwrap().1;
+        let subject = tag.strip_prefix('{').and_then(|t| t.strip_suffix('}'));
+        assert!(
+            subject.is_some_and(|s| !s.contains(['{', '}', '\n', ' ', ':'])),
+            "{k:?}"
+        );
     }
 }
 
@@ -377,8 +383,13 @@ fn a_redis_config_builds_a_layer_outside_any_runtime() {
     ));
     let shown = format!("{layer:?}");
     assert!(shown.contains("RedisStore"), "{shown}");
-    // Even an unparsable URL (validation only checks the scheme) never panics.
-    let _ = RateLimitLayer::new(redis_cfg("by_user = \"1/m\"", "redis://[::1", "rl", ""));
+    // An unparsable URL is refused at start-up, naming its field (it used to pass the
+    // scheme check and leave a store that never called Redis).
+    let err = RateLimitConfig::from_toml_str(
+        "by_user = \"1/m\"\n[backend]\nkind = \"redis\"\nurl = \"redis://[::1\"",
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("backend.url: "), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,7 +105,7 @@ impl DenyCache {
     }
 
     /// Remembers every key Redis refused in `outcomes` (answering a request sent at `now`).
-    pub(crate) fn record(&self, encoded: &[String], outcomes: &Outcomes, now: u64) {
+    pub(crate) fn record(&self, encoded: &[&str], outcomes: &Outcomes, now: u64) {
         if self.per_shard == 0 {
             return;
         }
@@ -119,7 +119,7 @@ impl DenyCache {
                 reset_at: outcome.reset_at,
             };
             let mut shard = self.shard(key);
-            if let Some(held) = shard.get_mut(key.as_str()) {
+            if let Some(held) = shard.get_mut(*key) {
                 *held = deny;
                 continue;
             }
@@ -132,7 +132,7 @@ impl DenyCache {
                     continue;
                 }
             }
-            shard.insert(key.as_str().into(), deny);
+            shard.insert((*key).into(), deny);
             self.held.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -180,7 +180,7 @@ mod tests {
     fn refuses_exactly_until_redis_said() {
         let cache = DenyCache::new(100);
         assert!(cache.check("rl", &[key(b"a")], 0).is_none());
-        cache.record(&[key(b"a").encode("rl")], &refused(5_000), 1_000);
+        cache.record(&[&key(b"a").encode("rl")], &refused(5_000), 1_000);
         let hit = cache.check("rl", &[key(b"a"), key(b"b")], 2_000).unwrap();
         let outcomes: Vec<_> = hit.iter().copied().collect();
         assert!(!outcomes[0].allowed && outcomes[0].retry_after == 4_000);
@@ -202,11 +202,11 @@ mod tests {
         let cache = DenyCache::new(32);
         for i in 0..1_000u32 {
             let id = i.to_be_bytes();
-            cache.record(&[key(&id).encode("rl")], &refused(1_000_000), 0);
+            cache.record(&[&key(&id).encode("rl")], &refused(1_000_000), 0);
             assert!(cache.len() <= 32, "{}", cache.len());
         }
         // Expired denials make room again.
-        cache.record(&[key(b"late").encode("rl")], &refused(10), 2_000_000);
+        cache.record(&[&key(b"late").encode("rl")], &refused(10), 2_000_000);
         assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
         assert_eq!(DenyCache::new(0).per_shard, 0);
     }

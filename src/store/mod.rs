@@ -229,6 +229,11 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }
+
+    /// What went wrong (never a key or an identity).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -248,7 +253,7 @@ pub(crate) fn for_config(cfg: &crate::RateLimitConfig) -> std::sync::Arc<dyn Sto
         }
         // Redis behind a circuit breaker; the fallback (if any) answers while it fails.
         #[cfg(feature = "redis")]
-        BackendKind::Redis => {
+        BackendKind::Redis | BackendKind::RedisCluster => {
             let backend = cfg.backend();
             let fallback = match backend.fallback() {
                 crate::Fallback::Memory => {
@@ -261,9 +266,9 @@ pub(crate) fn for_config(cfg: &crate::RateLimitConfig) -> std::sync::Arc<dyn Sto
                 fallback,
             ))
         }
-        // Validation refuses `kind = "redis"` unless the feature is on.
+        // Validation refuses the Redis kinds unless the feature is on.
         #[cfg(not(feature = "redis"))]
-        BackendKind::Redis => {
+        BackendKind::Redis | BackendKind::RedisCluster => {
             std::sync::Arc::new(memory::MemoryStore::with_max_keys(cfg.backend().max_keys()))
         }
     }

@@ -1,5 +1,6 @@
-//! Failure behaviour under load (issue 5): the faults of `tests/redis_fault_load.rs`, run
-//! longer, printing the README's "Failure behaviour" table.
+//! Failure behaviour under load (ARCHITECTURE.md, behaviour contract item 11): the faults
+//! of `tests/redis_fault_load.rs`, run longer, printing the README's "Failure behaviour"
+//! table.
 //!
 //! ```text
 //! cargo run --release --example faults [-- SECONDS]

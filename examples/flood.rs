@@ -1,7 +1,7 @@
-//! Key flood (issue 5): 2,000,000 distinct identities through the layer over a memory
-//! store bounded at 100,000 keys, in-process (`oneshot`, `ManualClock` advancing 10 µs
-//! per request, so nothing expires on its own and the bound must evict). Then a
-//! legitimate user must still be limited exactly.
+//! Key flood (ARCHITECTURE.md, behaviour contract item 12): 2,000,000 distinct identities
+//! through the layer over a memory store bounded at 100,000 keys, in-process (`oneshot`,
+//! `ManualClock` advancing 10 µs per request, so nothing expires on its own and the bound
+//! must evict). Then a legitimate user must still be limited exactly.
 //!
 //! ```text
 //! cargo run --release --example flood [-- IDENTITIES [MAX_KEYS]]

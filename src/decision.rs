@@ -1,4 +1,4 @@
-//! Per-rule outcomes → one [`Decision`] (contract item 7).
+//! Per-rule outcomes → one [`Decision`] (ARCHITECTURE.md, behaviour contract item 7).
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! Who is calling and which tool: request extensions first, configured headers second,
-//! normalised per contract item 2.
+//! normalised per ARCHITECTURE.md, behaviour contract item 2.
 
 use std::fmt;
 

@@ -176,7 +176,8 @@ pub(crate) fn panicked() -> StoreError {
     StoreError::new(StoreErrorKind::Internal, "the store panicked")
 }
 
-/// Turns the store's answer into what happens to the request (contract items 7–11).
+/// Turns the store's answer into what happens to the request (ARCHITECTURE.md, behaviour
+/// contract items 7–11).
 pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreError>) -> Action {
     let expected = plan.rules.iter().flatten().count();
     let result = result.and_then(|o| {

@@ -1,4 +1,4 @@
-//! The behaviour contract (DESIGN.md items 1-10), defined once and run against every
+//! ARCHITECTURE.md, behaviour contract items 1-10, defined once and run against every
 //! store through the tower API, with a `ManualClock`: no sleeps, no sockets.
 
 mod common;

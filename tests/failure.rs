@@ -1,5 +1,5 @@
-//! Contract items 11-12: tollgate's own failures never reach the caller, and the memory
-//! store stays bounded.
+//! ARCHITECTURE.md, behaviour contract items 11-12: tollgate's own failures never reach
+//! the caller, and the memory store stays bounded.
 
 mod common;
 

@@ -1,6 +1,7 @@
-//! Hostile input (issue 5): identity and tool headers that are huge, non-UTF-8, full of
-//! separators or control bytes, or repeated. None of them crashes the layer, none is
-//! echoed back, and none lets one identity spend another's counter.
+//! Hostile input: identity and tool headers that are huge, non-UTF-8, full of separators
+//! or control bytes, or repeated. None of them crashes the layer, none is echoed back,
+//! and none lets one identity spend another's counter (ARCHITECTURE.md, behaviour
+//! contract items 2, 3 and 9).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -506,7 +507,8 @@ impl Caller {
         }
     }
 
-    /// The counter the contract says it uses: trimmed bytes; empty → anonymous (`None`).
+    /// The counter behaviour contract item 2 (ARCHITECTURE.md) says it uses: trimmed
+    /// bytes; empty → anonymous (`None`).
     fn counter(&self) -> Option<Vec<u8>> {
         let trimmed = match self {
             Caller::Header(v) => v.trim_ascii().to_vec(),
@@ -630,7 +632,8 @@ proptest! {
     }
 
     /// Through the layer: the second of two arbitrary callers is limited exactly when
-    /// the contract's normalisation makes it the same identity as the first.
+    /// the normalisation of ARCHITECTURE.md, behaviour contract item 2, makes it the same
+    /// identity as the first.
     #[test]
     fn distinct_identities_never_share_a_counter(a in caller(), b in caller()) {
         let (svc, _) = service(layer("by_user = \"1/m\""));

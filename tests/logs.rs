@@ -1,4 +1,5 @@
-//! Contract item 13: no user or tenant id in any log line, on every path that logs.
+//! ARCHITECTURE.md, behaviour contract item 13: no user or tenant id in any log line, on
+//! every path that logs.
 
 mod common;
 

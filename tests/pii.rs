@@ -1,8 +1,8 @@
-//! PII (issue 5, contract items 9 and 13): on every code path — limited, permissive,
-//! disabled, refused identity, fail-open and fail-closed with failing stores, the Redis
-//! backend failing over to memory, config errors — no user or tenant id reaches a log
-//! line, a response (status line, headers or body), or the `Debug` output of any public
-//! type that can hold one. One test gathers everything and searches it.
+//! PII (ARCHITECTURE.md, behaviour contract items 9 and 13): on every code path —
+//! limited, permissive, disabled, refused identity, fail-open and fail-closed with failing
+//! stores, the Redis backend failing over to memory, config errors — no user or tenant id
+//! reaches a log line, a response (status line, headers or body), or the `Debug` output of
+//! any public type that can hold one. One test gathers everything and searches it.
 
 mod common;
 

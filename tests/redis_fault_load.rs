@@ -1,5 +1,5 @@
-//! Faults under load (issue 5, "Fault suite under load"). Each test owns a private
-//! `redis-server` and three gateway instances sharing it, one per failure policy:
+//! Faults under load (ARCHITECTURE.md, behaviour contract item 11). Each test owns a
+//! private `redis-server` and three gateway instances sharing it, one per failure policy:
 //!
 //! - `fallback`: `fallback = "memory"` (the default),
 //! - `open`:     `fallback = "none"`, `fail_mode = "open"`,

@@ -435,9 +435,9 @@ async fn a_redis_config_just_works_through_the_layer() {
     assert_eq!(layer.stats().store_errors, 0);
 }
 
-/// Contract 8 with skewed clocks: on Redis's time, instances whose own clocks disagree (by
-/// an hour here) state the same `X-RateLimit-Reset`, taken from Redis's clock, and keep it
-/// constant within the window.
+/// ARCHITECTURE.md, behaviour contract item 8, with skewed clocks: on Redis's time,
+/// instances whose own clocks disagree (by an hour here) state the same
+/// `X-RateLimit-Reset`, taken from Redis's clock, and keep it constant within the window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_with_skewed_clocks_state_the_same_reset() {
     let Some(server) = RedisServer::private("instances_with_skewed_clocks_state_the_same_reset")

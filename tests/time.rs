@@ -1,6 +1,7 @@
-//! Time (issue 5): the clock stepping backwards or forwards, for every algorithm, never
-//! panics, never yields a negative or absurd header, and never unblocks a blocked user
-//! earlier than the jump explains.
+//! Time (ARCHITECTURE.md, behaviour contract items 6 and 11, under clock jumps): the
+//! clock stepping backwards or forwards, for every algorithm, never panics, never yields a
+//! negative or absurd header, and never unblocks a blocked user earlier than the jump
+//! explains.
 //!
 //! "Real time" below is what would pass on a wall clock that never jumps; the
 //! `ManualClock` moves with it (`advance`) and also jumps (`advance`, `rewind`, `set`)

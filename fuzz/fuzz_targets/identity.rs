@@ -4,7 +4,8 @@
 //! (zero, one or several of each; any bytes a `HeaderValue` accepts) and optional
 //! `Identity` / `ToolName` extensions with arbitrary strings, go through a
 //! `RateLimitLayer` (memory store, `ManualClock`, every rule at 1/m) one after the other.
-//! An oracle mirrors the documented normalisation (DESIGN.md item 2) and checks that:
+//! An oracle mirrors the documented normalisation (ARCHITECTURE.md, behaviour contract
+//! item 2) and checks that:
 //! - nothing panics, and the memory path answers on the first poll;
 //! - a repeated identity header or an id over 256 bytes is a 400, everything else is
 //!   200 for the first caller;

@@ -34,10 +34,15 @@ fn required() -> bool {
 /// Prints why a test skips, or fails it when Redis is required. Generic over what the test
 /// would have had, so every helper (a server, a cluster, a TLS server) skips alike.
 pub(crate) fn unavailable<T>(test: &str, why: &str) -> Option<T> {
+    unavailable_unless(test, why, "set TOLLGATE_REDIS_URL or install redis-server")
+}
+
+/// [`unavailable`], naming `fix` (what would have made the test run) in the skip message.
+pub(crate) fn unavailable_unless<T>(test: &str, why: &str, fix: &str) -> Option<T> {
     if required() {
         panic!("{test}: Redis is required (TOLLGATE_REQUIRE_REDIS=1) but {why}");
     }
-    eprintln!("SKIPPED {test}: {why} (set TOLLGATE_REDIS_URL or install redis-server)");
+    eprintln!("SKIPPED {test}: {why} ({fix})");
     None
 }
 

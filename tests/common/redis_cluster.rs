@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 use redis::cluster_async::ClusterConnection;
 
 use super::redis::{
-    command_calls, free_port_with_bus, fresh_dir, run_bounded, server_bin, unavailable, wait_ready,
+    command_calls, free_port_with_bus, fresh_dir, run_bounded, server_bin, unavailable_unless,
+    wait_ready,
 };
 
+/// What would let a skipped cluster test run (TOLLGATE_REDIS_URL is one server, no cluster).
+const FIX: &str = "install redis-server and redis-cli";
 /// Masters, and replicas per master.
 const MASTERS: usize = 3;
 /// Slots in a Redis Cluster.
@@ -179,15 +182,18 @@ impl RedisCluster {
     /// let Some(cluster) = common::redis_cluster::RedisCluster::start("my_test") else { return };
     /// ```
     pub fn start(test: &str) -> Option<RedisCluster> {
+        if let Err(e) = Command::new("redis-cli").arg("--version").output() {
+            return unavailable_unless(test, &format!("redis-cli could not be run: {e}"), FIX);
+        }
         let mut last = String::new();
         for _ in 0..3 {
             match RedisCluster::try_start() {
                 Ok(cluster) => return Some(cluster),
-                Err(Fatal(why)) => return unavailable(test, &why),
+                Err(Fatal(why)) => return unavailable_unless(test, &why, FIX),
                 Err(Retry(why)) => last = why,
             }
         }
-        unavailable(test, &last)
+        unavailable_unless(test, &last, FIX)
     }
 
     /// One attempt: `Retry` when fresh ports may do better (a port taken meanwhile).

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::redis::{free_port, fresh_dir, run_bounded, server_bin, unavailable, wait_until};
+use super::redis::{free_port, fresh_dir, run_bounded, server_bin, unavailable_unless, wait_until};
 
+/// What would let a skipped TLS test run (TOLLGATE_REDIS_URL is not a TLS server).
+const FIX: &str = "install redis-server (built with TLS) and openssl";
 /// How long one `openssl` run may take.
 const OPENSSL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -178,7 +180,9 @@ impl TlsRedis {
     pub fn start(test: &str) -> Option<TlsRedis> {
         let dir = match fresh_dir("tollgate-tls") {
             Ok(dir) => dir,
-            Err(e) => return unavailable(test, &format!("no temp dir for certificates: {e}")),
+            Err(e) => {
+                return unavailable_unless(test, &format!("no temp dir for certificates: {e}"), FIX)
+            }
         };
         // Built first, so that Drop removes the directory on every early return.
         let mut server = TlsRedis {
@@ -188,7 +192,7 @@ impl TlsRedis {
             child: None,
         };
         if let Err(why) = make_certificates(&server.dir) {
-            return unavailable(test, &format!("no test certificates: {why}"));
+            return unavailable_unless(test, &format!("no test certificates: {why}"), FIX);
         }
         let mut last = String::from("no free port");
         for _ in 0..5 {
@@ -196,7 +200,11 @@ impl TlsRedis {
             let mut child = match spawn(port, &server.dir) {
                 Ok(child) => child,
                 Err(e) => {
-                    return unavailable(test, &format!("redis-server could not be started: {e}"))
+                    return unavailable_unless(
+                        test,
+                        &format!("redis-server could not be started: {e}"),
+                        FIX,
+                    )
                 }
             };
             if wait_until(&mut child, || accepts(port)) {
@@ -209,7 +217,7 @@ impl TlsRedis {
             let _ = child.wait();
             last = format!("redis-server (TLS) did not listen on port {port}");
         }
-        unavailable(test, &last)
+        unavailable_unless(test, &last, FIX)
     }
 
     /// `rediss://127.0.0.1:P/0`.

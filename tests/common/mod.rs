@@ -11,6 +11,10 @@ use tower::{service_fn, ServiceBuilder};
 
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod redis_cluster;
+#[cfg(feature = "redis")]
+pub mod redis_tls;
 
 /// Makes a layer for `cfg` whose store is fresh (no counters shared with other tests)
 /// and whose time comes from `clock`.

@@ -8,7 +8,8 @@
 use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,19 +31,27 @@ fn required() -> bool {
     std::env::var("TOLLGATE_REQUIRE_REDIS").is_ok_and(|v| v == "1")
 }
 
-/// Prints why a test skips, or fails it when Redis is required.
-fn unavailable(test: &str, why: &str) -> Option<RedisServer> {
+/// Prints why a test skips, or fails it when Redis is required. Generic over what the test
+/// would have had, so every helper (a server, a cluster, a TLS server) skips alike.
+pub(crate) fn unavailable<T>(test: &str, why: &str) -> Option<T> {
+    unavailable_unless(test, why, "set TOLLGATE_REDIS_URL or install redis-server")
+}
+
+/// [`unavailable`], naming `fix` (what would have made the test run) in the skip message.
+pub(crate) fn unavailable_unless<T>(test: &str, why: &str, fix: &str) -> Option<T> {
     if required() {
         panic!("{test}: Redis is required (TOLLGATE_REQUIRE_REDIS=1) but {why}");
     }
-    eprintln!("SKIPPED {test}: {why} (set TOLLGATE_REDIS_URL or install redis-server)");
+    eprintln!("SKIPPED {test}: {why} ({fix})");
     None
 }
 
+/// Every port [`free_port`] or [`free_port_with_bus`] has handed out in this test process.
+static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
 /// A free loopback port that no other server of this test process has had: a killed
 /// server's port must stay its own until it restarts, not go to a test running beside it.
-fn free_port() -> Option<u16> {
-    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+pub(crate) fn free_port() -> Option<u16> {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..20 {
         let listener = TcpListener::bind("127.0.0.1:0").ok()?;
@@ -55,8 +64,27 @@ fn free_port() -> Option<u16> {
     None
 }
 
-/// Whether a server answers PING on `port`.
-fn pings(port: u16) -> bool {
+/// A free loopback port `P` (below 55535) whose cluster-bus port `P + 10000` is free too,
+/// neither handed out before; both are handed out now, so no other server of this test
+/// process takes the bus port of a cluster node.
+pub(crate) fn free_port_with_bus() -> Option<u16> {
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..200 {
+        let listener = TcpListener::bind("127.0.0.1:0").ok()?;
+        let port = listener.local_addr().ok()?.port();
+        if port >= 55535 || handed_out.contains(&port) || handed_out.contains(&(port + 10000)) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            handed_out.extend([port, port + 10000]);
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Whether a server answers a plain-TCP PING on `port`.
+pub(crate) fn pings(port: u16) -> bool {
     let Ok(mut s) =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
     else {
@@ -71,8 +99,7 @@ fn pings(port: u16) -> bool {
 }
 
 fn spawn(port: u16) -> std::io::Result<Child> {
-    let bin = std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    Command::new(bin)
+    Command::new(server_bin())
         .args([
             "--port",
             &port.to_string(),
@@ -90,10 +117,15 @@ fn spawn(port: u16) -> std::io::Result<Child> {
 }
 
 /// Waits until the server on `port` answers, or `child` exits, or 5 s pass.
-fn wait_ready(child: &mut Child, port: u16) -> bool {
+pub(crate) fn wait_ready(child: &mut Child, port: u16) -> bool {
+    wait_until(child, || pings(port))
+}
+
+/// Waits until `ready` says so, or `child` exits, or 5 s pass.
+pub(crate) fn wait_until(child: &mut Child, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if pings(port) {
+        if ready() {
             return true;
         }
         if matches!(child.try_wait(), Ok(Some(_))) {
@@ -102,6 +134,49 @@ fn wait_ready(child: &mut Child, port: u16) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Runs `cmd` to its end (stdin empty, output captured), killing it after `timeout`:
+/// its output, or why there is none. A tool that hangs (a cluster that never agrees)
+/// fails the helper instead of the whole test run.
+pub(crate) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{:?} could not be started: {e}", cmd.get_program()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                return child
+                    .wait_with_output()
+                    .map_err(|e| format!("{:?}: {e}", cmd.get_program()))
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{:?} did not finish within {timeout:?}",
+                    cmd.get_program()
+                ));
+            }
+        }
+    }
+}
+
+/// A new, empty directory under the system temp dir, named `kind-<unique>`.
+pub(crate) fn fresh_dir(kind: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{kind}-{}", fresh_prefix()));
+    std::fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+/// The `redis-server` binary: `TOLLGATE_REDIS_SERVER`, else the one on `PATH`.
+pub(crate) fn server_bin() -> String {
+    std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
 impl RedisServer {

@@ -738,6 +738,31 @@ macro_rules! suite {
                     super::$case(&backend).await;
                 }
             )*
+
+            /// Every case on one TLS-only server (one per case would start 20 servers).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_case_over_tls() {
+                let Some(server) = crate::common::redis_tls::TlsRedis::start("every_case_over_tls") else {
+                    return;
+                };
+                $(
+                    eprintln!("over TLS: {}", stringify!($case));
+                    super::$case(&crate::common::redis_tls::TlsBackend::on(&server)).await;
+                )*
+            }
+
+            /// Every case on one Redis Cluster (3 masters, 3 replicas): the keys of one
+            /// request sit on different masters in most cases.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_case_on_a_cluster() {
+                let Some(cluster) = crate::common::redis_cluster::RedisCluster::start("every_case_on_a_cluster") else {
+                    return;
+                };
+                $(
+                    eprintln!("on a cluster: {}", stringify!($case));
+                    super::$case(&crate::common::redis_cluster::ClusterBackend::on(&cluster)).await;
+                )*
+            }
         }
     };
 }

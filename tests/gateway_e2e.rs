@@ -510,9 +510,15 @@ fn shipped_example_configs_start() {
     assert_eq!(call.number("x-ratelimit-limit"), 10);
     drop(gw);
 
-    let redis = root.join("examples/gateway-redis.toml");
-    let gw = Gateway::start(&["--config", redis.to_str().unwrap()]);
-    assert_eq!(gw.get("/healthz").status, 200);
+    for shipped in [
+        "examples/gateway-redis.toml",
+        "examples/gateway-redis-tls.toml",
+        "examples/gateway-redis-cluster.toml",
+    ] {
+        let path = root.join(shipped);
+        let gw = Gateway::start(&["--config", path.to_str().unwrap()]);
+        assert_eq!(gw.get("/healthz").status, 200, "{shipped}");
+    }
 }
 
 /// Ctrl-C / SIGTERM end the server gracefully with a zero exit status.
@@ -728,6 +734,92 @@ fn sixty_calls_round_robin(config: &str) -> ([Gateway; 3], serde_json::Value) {
     (gateways, report)
 }
 
+/// Three gateways started with `config` (`by_user = "30/m"`, one shared store): one user
+/// sending 60 calls round-robin gets exactly 30 through, and every instance then refuses
+/// that user while counting another afresh.
+#[cfg(feature = "redis")]
+fn three_gateways_share_thirty(config: &str) -> [Gateway; 3] {
+    let (gateways, shared) = sixty_calls_round_robin(config);
+    assert_eq!(
+        shared["status_2xx"], 30,
+        "one limit for all three: {shared}"
+    );
+    assert_eq!(shared["status_429"], 30, "{shared}");
+    for gw in &gateways {
+        let again = gw.post("/tools/echo", &[("x-user-id", "user-0")], "{}");
+        assert_eq!(
+            again.status, 429,
+            "{} still refuses user-0: {again:?}",
+            gw.addr
+        );
+        assert_eq!(again.number("x-ratelimit-remaining"), 0, "{again:?}");
+    }
+    let other = gateways[1].post("/tools/echo", &[("x-user-id", "someone-else")], "{}");
+    assert_eq!(other.status, 200, "{other:?}");
+    assert_eq!(other.number("x-ratelimit-remaining"), 29, "{other:?}");
+    gateways
+}
+
+/// The shipped cluster config's shape on a real cluster (3 masters, 3 replicas): three
+/// gateway processes share one 30/m limit exactly. Redis failures show as 503s.
+#[cfg(feature = "redis")]
+#[test]
+fn three_gateways_share_one_limit_through_a_redis_cluster() {
+    let test = "three_gateways_share_one_limit_through_a_redis_cluster";
+    let Some(cluster) = common::redis_cluster::RedisCluster::start(test) else {
+        return;
+    };
+    let seeds: Vec<String> = cluster
+        .seed_urls()
+        .iter()
+        .map(|u| format!("{u:?}"))
+        .collect();
+    let config = TempFile::new(
+        "cluster.toml",
+        &format!(
+            "by_user = \"30/m\"\n\
+             fail_mode = \"closed\"\n\
+             [backend]\n\
+             kind = \"redis_cluster\"\n\
+             urls = [{}]\n\
+             key_prefix = \"{}\"\n\
+             timeout_ms = 5000\n\
+             fallback = \"none\"\n",
+            seeds.join(", "),
+            common::redis::fresh_prefix()
+        ),
+    );
+    three_gateways_share_thirty(config.path());
+}
+
+/// The same over TLS, trusting the test's private CA through `tls_ca`.
+#[cfg(feature = "redis-tls")]
+#[test]
+fn three_gateways_share_one_limit_through_tls_redis() {
+    let test = "three_gateways_share_one_limit_through_tls_redis";
+    let Some(redis) = common::redis_tls::TlsRedis::start(test) else {
+        return;
+    };
+    let config = TempFile::new(
+        "tls.toml",
+        &format!(
+            "by_user = \"30/m\"\n\
+             fail_mode = \"closed\"\n\
+             [backend]\n\
+             kind = \"redis\"\n\
+             url = \"{}\"\n\
+             tls_ca = {:?}\n\
+             key_prefix = \"{}\"\n\
+             timeout_ms = 5000\n\
+             fallback = \"none\"\n",
+            redis.url(),
+            redis.ca_path().to_str().expect("UTF-8 path"),
+            common::redis::fresh_prefix()
+        ),
+    );
+    three_gateways_share_thirty(config.path());
+}
+
 /// The README's "Sharing limits across instances" promise, tried as a new user would:
 /// three gateway processes on three ports, `by_user = "30/m"`, one user sending 60 calls
 /// round-robin across them within a minute. With one (private) Redis behind them exactly
@@ -759,25 +851,7 @@ fn three_gateways_share_one_limit_through_redis_but_not_in_memory() {
         ),
     );
 
-    let (gateways, shared) = sixty_calls_round_robin(config.path());
-    assert_eq!(
-        shared["status_2xx"], 30,
-        "one limit for all three: {shared}"
-    );
-    assert_eq!(shared["status_429"], 30, "{shared}");
-    // Every instance now refuses user-0 (the window is shared), and counts others afresh.
-    for gw in &gateways {
-        let again = gw.post("/tools/echo", &[("x-user-id", "user-0")], "{}");
-        assert_eq!(
-            again.status, 429,
-            "{} still refuses user-0: {again:?}",
-            gw.addr
-        );
-        assert_eq!(again.number("x-ratelimit-remaining"), 0, "{again:?}");
-    }
-    let other = gateways[1].post("/tools/echo", &[("x-user-id", "someone-else")], "{}");
-    assert_eq!(other.status, 200, "{other:?}");
-    assert_eq!(other.number("x-ratelimit-remaining"), 29, "{other:?}");
+    let gateways = three_gateways_share_thirty(config.path());
     // The counters live in the private server, under this test's prefix.
     let keys = tokio::runtime::Builder::new_current_thread()
         .enable_all()

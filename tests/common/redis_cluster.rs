@@ -419,3 +419,52 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster as a [`Backend`](super::Backend): each value has a fresh key prefix,
+/// decides on the test's clock, and layers made from one value share one store.
+pub struct ClusterBackend {
+    seeds: Vec<String>,
+    prefix: String,
+    store: std::sync::Mutex<Option<tollgate::RedisStore>>,
+}
+
+impl ClusterBackend {
+    /// A backend on `cluster`, with a fresh prefix.
+    pub fn on(cluster: &RedisCluster) -> ClusterBackend {
+        ClusterBackend {
+            seeds: cluster.seed_urls(),
+            prefix: super::redis::fresh_prefix(),
+            store: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The store layers from this backend share (caller time, generous timeout, no deny
+    /// cache: as [`super::redis::caller_time_store`]).
+    pub fn store(&self) -> tollgate::RedisStore {
+        let mut slot = self.store.lock().unwrap();
+        slot.get_or_insert_with(|| {
+            tollgate::RedisStore::cluster(self.seeds.iter().cloned())
+                .key_prefix(&self.prefix)
+                .caller_time(true)
+                .timeout(Duration::from_secs(5))
+                .deny_cache(0)
+                .build()
+                .expect("valid seed urls")
+        })
+        .clone()
+    }
+}
+
+impl super::Backend for ClusterBackend {
+    fn name(&self) -> &'static str {
+        "redis_cluster"
+    }
+
+    fn layer(
+        &self,
+        cfg: tollgate::RateLimitConfig,
+        clock: &tollgate::ManualClock,
+    ) -> tollgate::RateLimitLayer {
+        tollgate::RateLimitLayer::with_store(cfg, self.store()).with_clock(clock.clone())
+    }
+}

@@ -277,3 +277,55 @@ impl Drop for TlsRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TLS Redis as a [`Backend`](super::Backend), trusting the server's CA: each value has
+/// a fresh key prefix, decides on the test's clock, and layers made from one value share
+/// one store.
+pub struct TlsBackend {
+    url: String,
+    ca: Vec<u8>,
+    prefix: String,
+    store: std::sync::Mutex<Option<tollgate::RedisStore>>,
+}
+
+impl TlsBackend {
+    /// A backend on `server`, with a fresh prefix.
+    pub fn on(server: &TlsRedis) -> TlsBackend {
+        TlsBackend {
+            url: server.url().to_owned(),
+            ca: std::fs::read(server.ca_path()).expect("the test CA"),
+            prefix: super::redis::fresh_prefix(),
+            store: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The store layers from this backend share.
+    pub fn store(&self) -> tollgate::RedisStore {
+        let mut slot = self.store.lock().unwrap();
+        slot.get_or_insert_with(|| {
+            tollgate::RedisStore::builder(&self.url)
+                .tls_ca(self.ca.clone())
+                .key_prefix(&self.prefix)
+                .caller_time(true)
+                .timeout(Duration::from_secs(5))
+                .deny_cache(0)
+                .build()
+                .expect("valid rediss url")
+        })
+        .clone()
+    }
+}
+
+impl super::Backend for TlsBackend {
+    fn name(&self) -> &'static str {
+        "redis_tls"
+    }
+
+    fn layer(
+        &self,
+        cfg: tollgate::RateLimitConfig,
+        clock: &tollgate::ManualClock,
+    ) -> tollgate::RateLimitLayer {
+        tollgate::RateLimitLayer::with_store(cfg, self.store()).with_clock(clock.clone())
+    }
+}

@@ -821,7 +821,13 @@ impl Check {
 
     /// Where Redis is: `url` for one server, `urls` for a cluster; each URL one this
     /// build can serve.
-    fn redis_target(&mut self, kind: BackendKind, url: Option<&str>, urls: &[String]) {
+    fn redis_target(
+        &mut self,
+        kind: BackendKind,
+        url: Option<&str>,
+        urls: &[String],
+        urls_written: Option<usize>,
+    ) {
         let cluster = kind == BackendKind::RedisCluster;
         if kind != BackendKind::Memory && !cfg!(feature = "redis") {
             self.err.push(
@@ -856,11 +862,15 @@ impl Check {
                         "a cluster takes its seed nodes in backend.urls = [\"redis://host:port\", ...]",
                     );
                 }
-                if urls.is_empty() {
-                    self.err.push(
+                match urls_written {
+                    None => self.err.push(
                         "backend.urls",
                         "required when backend.kind = \"redis_cluster\": the URLs of one or more of its nodes",
-                    );
+                    ),
+                    Some(0) => self
+                        .err
+                        .push("backend.urls", "must name at least one node of the cluster"),
+                    Some(_) => {}
                 }
                 for (i, u) in urls.iter().enumerate() {
                     self.redis_url(&format!("backend.urls[{i}]"), u, true);
@@ -1028,7 +1038,11 @@ impl TryFrom<Raw> for RateLimitConfig {
         let tls_ca_path = c.text("backend.tls_ca", &b.tls_ca).map(str::trim);
         let tls_insecure = c.flag("backend.tls_insecure", &b.tls_insecure);
         let tls_ca = tls_ca_path.and_then(|path| c.ca_file("backend.tls_ca", path));
-        c.redis_target(kind, url.as_deref(), &urls);
+        let urls_written = b.urls.as_ref().map(|u| match u {
+            Loose::Ok(items) => items.len(),
+            Loose::Found(_) => 1,
+        });
+        c.redis_target(kind, url.as_deref(), &urls, urls_written);
         let tls = match kind {
             BackendKind::Redis => url.as_deref().is_some_and(is_tls_url),
             BackendKind::RedisCluster => urls.iter().any(|u| is_tls_url(u)),

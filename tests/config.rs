@@ -234,3 +234,78 @@ fn serde_deserialization_validates_too() {
     let json: RateLimitConfig = serde_json::from_str(r#"{"by_user": "5/s"}"#).unwrap();
     assert_eq!(json.by_user(), Some(Rate::per_second(5)));
 }
+
+/// Where Redis is and how it is reached is checked at start-up: a URL this build or this
+/// kind of store cannot serve names its field (it used to pass and leave a store that
+/// never called Redis).
+#[cfg(feature = "redis")]
+#[test]
+fn redis_targets_are_checked_at_start_up_each_naming_its_field() {
+    let cases = [
+        (
+            "kind = \"redis\"\nurl = \"redis://[::1\"",
+            "backend.url: the redis URL is invalid",
+        ),
+        (
+            "kind = \"redis\"\nurl = \"http://x\"",
+            "backend.url: must start with redis://",
+        ),
+        (
+            "kind = \"redis\"\nurl = \"redis://a:6379\"\nurls = [\"redis://b:6379\"]",
+            "backend.urls: only for backend.kind = \"redis_cluster\"",
+        ),
+        (
+            "kind = \"redis_cluster\"",
+            "backend.urls: required when backend.kind = \"redis_cluster\"",
+        ),
+        (
+            "kind = \"redis_cluster\"\nurl = \"redis://a:7000\"\nurls = [\"redis://a:7000\"]",
+            "backend.url: a cluster takes its seed nodes in backend.urls",
+        ),
+        (
+            "kind = \"redis_cluster\"\nurls = [\"unix:///tmp/redis.sock\"]",
+            "backend.urls[0]: a redis cluster is reached by redis:// or rediss:// URLs",
+        ),
+        (
+            "kind = \"redis_cluster\"\nurls = [\"redis://a:7000\", 7001]",
+            "backend.urls[1]: expected a string, found an integer",
+        ),
+        (
+            "kind = \"redis_cluster\"\nurls = \"redis://a:7000\"",
+            "backend.urls: expected an array of strings, found a string",
+        ),
+        (
+            "kind = \"redis_cluster\"\nurls = [\"redis://a:7000\", \"rediss://b:7000\"]",
+            "backend.urls: mixes rediss:// and redis://",
+        ),
+    ];
+    for (backend, expected) in cases {
+        let err = RateLimitConfig::from_toml_str(&format!("[backend]\n{backend}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{backend}:\n{err}");
+        assert!(
+            err.lines().all(|l| l.starts_with("backend.")),
+            "{backend}:\n{err}"
+        );
+    }
+    let cfg = RateLimitConfig::from_toml_str(
+        "[backend]\nkind = \"redis_cluster\"\nurls = [\"redis://a:7000\", \"redis://b:7000\"]",
+    )
+    .unwrap();
+    assert_eq!(cfg.backend().urls(), ["redis://a:7000", "redis://b:7000"]);
+}
+
+/// A build without TLS refuses `rediss://` at start-up instead of never calling Redis.
+#[cfg(all(feature = "redis", not(feature = "redis-tls")))]
+#[test]
+fn rediss_without_the_tls_feature_is_a_config_error() {
+    let err = RateLimitConfig::from_toml_str(
+        "[backend]\nkind = \"redis\"\nurl = \"rediss://127.0.0.1:6380\"",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "backend.url: rediss:// needs tollgate built with its `redis-tls` feature"
+    );
+}

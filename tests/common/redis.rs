@@ -224,6 +224,11 @@ impl RedisServer {
         &self.url
     }
 
+    /// The server's port (0 for `TOLLGATE_REDIS_URL`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Whether this harness started the server (and so may kill it).
     pub fn is_private(&self) -> bool {
         self.private

@@ -432,6 +432,7 @@ mod faults {
         Oom,
         WrongType,
         Pool,
+        Failover,
     }
 
     impl Fault {
@@ -445,6 +446,7 @@ mod faults {
                 Fault::Oom => format!("maxmemory full (noeviction) {secs} s"),
                 Fault::WrongType => format!("WRONGTYPE on one user's key {secs} s"),
                 Fault::Pool => "pool_size 2, +256 callers per instance".into(),
+                Fault::Failover => format!("failover: demoted (REPLICAOF) {secs} s, promoted"),
             }
         }
     }
@@ -601,6 +603,23 @@ mod faults {
                     .unwrap();
                 Instant::now()
             }
+            Fault::Failover => {
+                // The primary becomes a replica of another server (its scripts answer
+                // READONLY), then is promoted again behind the same address.
+                let other = Server::start();
+                let replicaof = |args: &[&str]| {
+                    let mut cmd = redis::cmd("REPLICAOF");
+                    for a in args {
+                        cmd.arg(*a);
+                    }
+                    cmd
+                };
+                let port = other.port.to_string();
+                let _: Option<()> = admin_cmd(&gw.url, &replicaof(&["127.0.0.1", &port])).await;
+                tokio::time::sleep(hold).await;
+                let _: Option<()> = admin_cmd(&gw.url, &replicaof(&["NO", "ONE"])).await;
+                Instant::now()
+            }
             Fault::Pool => {
                 let burst = Shape {
                     tasks: 256,
@@ -668,6 +687,7 @@ mod faults {
             Fault::Oom,
             Fault::WrongType,
             Fault::Pool,
+            Fault::Failover,
         ];
         let mut rows = Vec::new();
         for fault in faults {

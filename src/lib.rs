@@ -2,7 +2,8 @@
 //!
 //! A tower middleware that rate-limits HTTP services per user, per tenant and per tool,
 //! with the counters in this process ([`MemoryStore`]) or in Redis (`RedisStore`, feature
-//! `redis`) so that every instance of a service shares one limit.
+//! `redis`: one server, `rediss://` with feature `redis-tls`, or a Redis Cluster) so that
+//! every instance of a service shares one limit.
 //!
 //! Over the limit, a caller gets `429 Too Many Requests` with a problem+json body and
 //! headers saying when to come back; under it, the call goes through with headers saying

@@ -401,3 +401,8 @@ pub async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> u
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// The count `c` of a key's state as the scripts store it (`"t:c:p"`).
+pub fn count_of(state: &str) -> Option<u64> {
+    state.split(':').nth(1)?.parse().ok()
+}

@@ -71,6 +71,7 @@ mod run {
             Command::new("redis-server")
         };
         let child = cmd
+            .current_dir(std::env::temp_dir())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

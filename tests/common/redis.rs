@@ -99,7 +99,10 @@ pub(crate) fn pings(port: u16) -> bool {
 }
 
 fn spawn(port: u16) -> std::io::Result<Child> {
+    // A replica (the failover tests) writes the RDB it syncs to its working directory:
+    // the temp dir, never the checkout.
     Command::new(server_bin())
+        .current_dir(std::env::temp_dir())
         .args([
             "--port",
             &port.to_string(),

@@ -132,7 +132,8 @@ where
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
-                    let next = match act(shared, plan, result) {
+                    let request = req.as_ref().expect("polled after completion");
+                    let next = match act(shared, plan, result, request) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");

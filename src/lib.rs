@@ -45,6 +45,7 @@ mod identity;
 mod key;
 mod layer;
 mod log_gate;
+mod mcp;
 mod rate;
 mod response;
 mod service;
@@ -53,14 +54,17 @@ mod store;
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig, Mode,
-    RateLimitConfig, RateLimitConfigBuilder, RateSpec,
+    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig,
+    McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
 };
 pub use decision::Decision;
 pub use future::ResponseFuture;
 pub use identity::{Identity, ToolName, MAX_IDENTITY_LEN};
 pub use key::{Key, RuleKind, Subject};
 pub use layer::{RateLimitLayer, Stats};
+pub use mcp::body::McpBody;
+pub use mcp::layer::{McpFuture, McpLayer, McpService};
+pub use mcp::refusal::RATE_LIMIT_ERROR_CODE;
 pub use rate::{Rate, RateError};
 pub use response::ResponseBody;
 pub use service::RateLimit;

@@ -12,8 +12,10 @@ use tower_service::Service;
 
 use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
-use crate::identity;
+use crate::identity::{self, Target};
 use crate::layer::Shared;
+use crate::mcp::jsonrpc::McpCall;
+use crate::mcp::refusal;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::{FailMode, Key, Mode, Rate, RuleKind, Subject};
@@ -59,7 +61,7 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
     rules: [Option<(RuleKind, Rate)>; 3],
-    tool: Option<u32>,
+    tool: Option<(Target, u32)>,
     pub(crate) now: u64,
 }
 
@@ -89,7 +91,7 @@ where
             return ResponseFuture::calling(self.inner.call(req), None, shared.decorate());
         }
         let now = shared.clock.now_micros();
-        let who = match identity::extract(&req, &shared.identity) {
+        let who = match identity::extract(&req, &shared.identity, shared.mcp_headers) {
             Ok(who) => who,
             Err(bad) if shared.mode == Mode::Enforce => {
                 tracing::debug!(
@@ -106,7 +108,7 @@ where
                         "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                identity::extract_lenient(&req, &shared.identity)
+                identity::extract_lenient(&req, &shared.identity, shared.mcp_headers)
             }
         };
 
@@ -135,14 +137,18 @@ where
         if let (Some(rate), Some(tenant)) = (rules.tenant, who.tenant) {
             add(RuleKind::Tenant, Subject::Named(tenant), rate);
         }
-        if let Some((index, rate)) = who.tool.and_then(|t| rules.tool(t)) {
+        let called = who.tool.as_ref();
+        if let Some((target, (index, rate))) =
+            called.and_then(|t| Some((t.target, rules.named(t.target, &t.name)?)))
+        {
             add(
-                RuleKind::Tool,
-                Subject::Named(rules.tool_name(index).as_bytes()),
+                target.rule(),
+                Subject::Named(rules.name(target, index).as_bytes()),
                 rate,
             );
-            plan.tool = Some(index);
+            plan.tool = Some((target, index));
         }
+        drop(who);
         if n == 0 {
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
@@ -156,7 +162,7 @@ where
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &plan, result) {
+            StoreFuture::Ready(result) => match act(shared, &plan, result, &req) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
                 Action::Forward(decision) => {
                     ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
@@ -177,7 +183,12 @@ pub(crate) fn panicked() -> StoreError {
 }
 
 /// Turns the store's answer into what happens to the request (contract items 7–11).
-pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreError>) -> Action {
+pub(crate) fn act<B>(
+    shared: &Shared,
+    plan: &Plan,
+    result: Result<Outcomes, StoreError>,
+    req: &Request<B>,
+) -> Action {
     let expected = plan.rules.iter().flatten().count();
     let result = result.and_then(|o| {
         if o.len() == expected {
@@ -209,7 +220,10 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }
-    let tool = plan.tool.map(|i| shared.rules.tool_name(i));
+    let named = plan
+        .tool
+        .map(|(target, i)| (target.rule(), shared.rules.name(target, i)));
+    let tool = named.map(|(_, name)| name);
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match shared.mode {
         Mode::Permissive => {
@@ -226,7 +240,21 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
                 tool = tool.unwrap_or(""),
                 "tollgate: rate limit exceeded"
             );
-            let mut resp = response::too_many_requests(shared.headers, &decision, tool);
+            // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
+            let mut resp = req
+                .extensions()
+                .get::<McpCall>()
+                .and_then(|call| {
+                    refusal::refuse(
+                        shared.refusal,
+                        shared.headers,
+                        &decision,
+                        call,
+                        named,
+                        req.headers(),
+                    )
+                })
+                .unwrap_or_else(|| response::too_many_requests(shared.headers, &decision, named));
             if shared.insert_decision {
                 resp.extensions_mut().insert(decision);
             }

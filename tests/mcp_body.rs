@@ -239,7 +239,10 @@ proptest! {
 /// A declared length over the bound is not read at all: the server gets the stream as is.
 #[tokio::test]
 async fn a_declared_length_over_the_bound_is_not_read() {
-    let cfg = RateLimitConfig::builder().mcp_max_body(100).build().unwrap();
+    let cfg = RateLimitConfig::builder()
+        .mcp_max_body(100)
+        .build()
+        .unwrap();
     let given = Arc::new(AtomicUsize::new(0));
     let at_call = Arc::new(AtomicUsize::new(usize::MAX));
     let (g, a) = (given.clone(), at_call.clone());
@@ -256,7 +259,10 @@ async fn a_declared_length_over_the_bound_is_not_read() {
     let req = Request::post("/mcp")
         .header("content-type", "application/json")
         .header("content-length", "500")
-        .body(Script { steps: VecDeque::from([Step::Data(text)]), given })
+        .body(Script {
+            steps: VecDeque::from([Step::Data(text)]),
+            given,
+        })
         .unwrap();
     let resp = svc.oneshot(req).await.unwrap();
     assert_eq!(*resp.body(), 500);

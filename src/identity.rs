@@ -160,13 +160,15 @@ impl BadIdentity {
     }
 }
 
-/// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read).
+/// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read); `call`: the
+/// JSON-RPC call [`McpLayer`](crate::McpLayer) read from the body, if any.
 pub(crate) fn extract<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
     mcp: bool,
+    call: Option<McpCall<'r>>,
 ) -> Result<Who<'r>, BadIdentity> {
-    let fields = Fields::read(req, cfg, mcp);
+    let fields = Fields::read(req, cfg, mcp, call);
     Ok(Who {
         user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant?,
@@ -182,8 +184,9 @@ pub(crate) fn extract_lenient<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
     mcp: bool,
+    call: Option<McpCall<'r>>,
 ) -> Who<'r> {
-    let fields = Fields::read(req, cfg, mcp);
+    let fields = Fields::read(req, cfg, mcp, call);
     Who {
         user: fields
             .user
@@ -191,9 +194,7 @@ pub(crate) fn extract_lenient<'r, B>(
             .flatten()
             .map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant.ok().flatten(),
-        tool: fields
-            .tool
-            .unwrap_or_else(|_| req.extensions().get::<McpCall>().and_then(named_in_body)),
+        tool: fields.tool.unwrap_or_else(|_| call.and_then(named_in_body)),
     }
 }
 
@@ -208,17 +209,20 @@ struct Fields<'r> {
 /// read it (the headers, if sent, must agree with it), else from `Mcp-Method` /
 /// `Mcp-Name` when `[mcp]` is configured and the declared protocol revision obliges the
 /// server to refuse headers that disagree with the body.
-fn mcp_named<'r, B>(req: &'r Request<B>, mcp: bool) -> Result<Option<Named<'r>>, BadIdentity> {
-    let call = req.extensions().get::<McpCall>();
+fn mcp_named<'r, B>(
+    req: &'r Request<B>,
+    mcp: bool,
+    call: Option<McpCall<'r>>,
+) -> Result<Option<Named<'r>>, BadIdentity> {
     if !mcp && call.is_none() {
         return Ok(None);
     }
     let headers = McpHeaders::read(req.headers())?;
     if let Some(call) = call {
-        if headers.method.is_some_and(|m| m != &call.method[..]) {
+        if headers.method.is_some_and(|m| m != call.method) {
             return Err(BadIdentity::HeaderMismatch);
         }
-        if let (Some(raw), Some(body)) = (headers.name, call.name.as_deref()) {
+        if let (Some(raw), Some(body)) = (headers.name, call.name) {
             if call.target().is_some() && *decode_name(raw)? != *body {
                 return Err(BadIdentity::HeaderMismatch);
             }
@@ -238,9 +242,9 @@ fn mcp_named<'r, B>(req: &'r Request<B>, mcp: bool) -> Result<Option<Named<'r>>,
     Ok(Some(Named { target, name }).filter(|n| !n.name.is_empty()))
 }
 
-fn named_in_body(call: &McpCall) -> Option<Named<'_>> {
+fn named_in_body(call: McpCall<'_>) -> Option<Named<'_>> {
     let target = call.target()?;
-    let name = call.name.as_deref()?.trim_ascii();
+    let name = call.name?.trim_ascii();
     (!name.is_empty()).then_some(Named {
         target,
         name: Cow::Borrowed(name),
@@ -248,7 +252,12 @@ fn named_in_body(call: &McpCall) -> Option<Named<'_>> {
 }
 
 impl<'r> Fields<'r> {
-    fn read<B>(req: &'r Request<B>, cfg: &IdentityConfig, mcp: bool) -> Self {
+    fn read<B>(
+        req: &'r Request<B>,
+        cfg: &IdentityConfig,
+        mcp: bool,
+        call: Option<McpCall<'r>>,
+    ) -> Self {
         let ext = req.extensions();
         let headers = req.headers();
         let (user, tenant) = match ext.get::<Identity>() {
@@ -275,7 +284,7 @@ impl<'r> Fields<'r> {
         // An app's own `ToolName` comes first; then the MCP call; then the tool header.
         let tool = match (ext.get::<ToolName>(), tool) {
             (Some(_), tool) => tool,
-            (None, tool) => match mcp_named(req, mcp) {
+            (None, tool) => match mcp_named(req, mcp, call) {
                 Ok(None) => tool,
                 found => found,
             },

@@ -14,7 +14,7 @@ use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
 use crate::identity::{self, Target};
 use crate::layer::Shared;
-use crate::mcp::jsonrpc::McpCall;
+use crate::mcp::jsonrpc::{no_call, FindCall, McpCall};
 use crate::mcp::refusal;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
@@ -86,12 +86,29 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        self.call_with(req, no_call::<ReqB>)
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// [`Service::call`], finding the JSON-RPC call [`McpLayer`](crate::McpLayer) read
+    /// from the body with `find` (in the body itself: no request extension, no
+    /// allocation).
+    pub(crate) fn call_with<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+        find: FindCall<ReqB>,
+    ) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    {
         let shared = &*self.shared;
         if shared.mode == Mode::Disabled {
             return ResponseFuture::calling(self.inner.call(req), None, shared.decorate());
         }
         let now = shared.clock.now_micros();
-        let who = match identity::extract(&req, &shared.identity, shared.mcp_headers) {
+        let call = find(&req);
+        let who = match identity::extract(&req, &shared.identity, shared.mcp_headers, call) {
             Ok(who) => who,
             Err(bad) if shared.mode == Mode::Enforce => {
                 tracing::debug!(
@@ -108,7 +125,7 @@ where
                         "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                identity::extract_lenient(&req, &shared.identity, shared.mcp_headers)
+                identity::extract_lenient(&req, &shared.identity, shared.mcp_headers, call)
             }
         };
 
@@ -162,7 +179,7 @@ where
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &plan, result, &req) {
+            StoreFuture::Ready(result) => match act(shared, &plan, result, &req, call) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
                 Action::Forward(decision) => {
                     ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
@@ -172,7 +189,7 @@ where
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan)
+                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan, find)
             }
         }
     }
@@ -188,6 +205,7 @@ pub(crate) fn act<B>(
     plan: &Plan,
     result: Result<Outcomes, StoreError>,
     req: &Request<B>,
+    call: Option<McpCall<'_>>,
 ) -> Action {
     let expected = plan.rules.iter().flatten().count();
     let result = result.and_then(|o| {
@@ -241,9 +259,7 @@ pub(crate) fn act<B>(
                 "tollgate: rate limit exceeded"
             );
             // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
-            let mut resp = req
-                .extensions()
-                .get::<McpCall>()
+            let mut resp = call
                 .and_then(|call| {
                     refusal::refuse(
                         shared.refusal,

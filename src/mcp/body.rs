@@ -13,12 +13,16 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::mcp::jsonrpc::{McpCall, Parsed};
+
 pin_project! {
     /// A request body passed on by [`McpLayer`](crate::McpLayer): byte for byte the body
     /// the client sent, with its trailers and, if reading it failed, the same error.
     pub struct McpBody<B: Body> {
         // Read before the inner service was called, replayed first.
         prefix: Option<Bytes>,
+        // The JSON-RPC call found in `prefix` (the whole body), for the rate limiter.
+        call: Option<Parsed>,
         error: Option<B::Error>,
         trailers: Option<HeaderMap>,
         // The original body has ended: `rest` is never polled again.
@@ -33,6 +37,7 @@ impl<B: Body> McpBody<B> {
     pub(crate) fn passthrough(body: B) -> Self {
         McpBody {
             prefix: None,
+            call: None,
             error: None,
             trailers: None,
             ended: false,
@@ -48,8 +53,14 @@ impl<B: Body> McpBody<B> {
         }
     }
 
-    /// `rest` was read to its end: `prefix`, then its trailers or its error, if any.
-    pub(crate) fn ended(prefix: Bytes, end: Option<Result<HeaderMap, B::Error>>, rest: B) -> Self {
+    /// `rest` was read to its end: `prefix`, then its trailers or its error, if any;
+    /// `call` is what `prefix` holds.
+    pub(crate) fn ended(
+        prefix: Bytes,
+        end: Option<Result<HeaderMap, B::Error>>,
+        rest: B,
+        call: Option<Parsed>,
+    ) -> Self {
         let (trailers, error) = match end {
             None => (None, None),
             Some(Ok(trailers)) => (Some(trailers), None),
@@ -57,11 +68,20 @@ impl<B: Body> McpBody<B> {
         };
         McpBody {
             prefix: (!prefix.is_empty()).then_some(prefix),
+            call,
             error,
             trailers,
             ended: true,
             rest,
         }
+    }
+}
+
+impl<B: Body> McpBody<B> {
+    /// The JSON-RPC call of a body read whole, while it has not been polled yet.
+    pub(crate) fn mcp_call(&self) -> Option<McpCall<'_>> {
+        let body = self.prefix.as_ref()?;
+        self.call.as_ref().map(|call| call.view(body))
     }
 }
 

@@ -8,19 +8,20 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, Method, Request};
+use http::{HeaderMap, Method, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::mcp::body::McpBody;
-use crate::mcp::jsonrpc;
-use crate::RateLimitConfig;
+use crate::mcp::jsonrpc::{self, McpCall};
+use crate::{RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
 
 /// Finds the tool or prompt of an MCP call in its JSON-RPC body, for clients that do not
 /// send the `Mcp-Method` / `Mcp-Name` headers (protocol revisions before 2026-07-28).
-/// Put it **outside** [`RateLimitLayer`](crate::RateLimitLayer), which reads what it found.
+/// Put it **directly outside** [`RateLimitLayer`](crate::RateLimitLayer), which decides
+/// with what it found: its service is only a `Service` over [`RateLimit`].
 ///
 /// For a `POST` whose content type is JSON, it reads the body up to `[mcp] max_body`
 /// (default 1 MiB) and parses it as one JSON-RPC message: `tools/call` gives the tool,
@@ -128,13 +129,17 @@ impl<S: fmt::Debug> fmt::Debug for McpService<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for McpService<S>
+/// Only directly over [`RateLimit`]: the call found in the body is handed to the rate
+/// limiter as an argument, not through a request extension (which would cost an
+/// allocation per request), and a layer put between the two is a compile error rather
+/// than a silently ignored body.
+impl<S, B, ResB> Service<Request<B>> for McpService<RateLimit<S>>
 where
-    S: Service<Request<McpBody<B>>> + Clone,
+    S: Service<Request<McpBody<B>>, Response = Response<ResB>> + Clone,
     B: Body + Unpin,
     B::Data: Buf,
 {
-    type Response = S::Response;
+    type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
     type Future = McpFuture<S, B>;
 
@@ -148,7 +153,9 @@ where
             && is_json(req.headers())
             && declared.map_or(true, |n| n <= self.max_body as u64);
         if !readable {
-            let fut = self.inner.call(req.map(McpBody::passthrough));
+            let fut = self
+                .inner
+                .call_with(req.map(McpBody::passthrough), mcp_call::<B>);
             return McpFuture {
                 state: State::Calling { fut },
             };
@@ -167,6 +174,11 @@ where
             },
         }
     }
+}
+
+/// The call [`McpService`] found in a request's body, for the rate limiter.
+fn mcp_call<B: Body>(req: &Request<McpBody<B>>) -> Option<McpCall<'_>> {
+    req.body().mcp_call()
 }
 
 /// `Content-Length`, when sent once and valid.
@@ -247,8 +259,8 @@ impl Read {
 }
 
 pin_project! {
-    /// The future of [`McpService`]: reading the body (JSON `POST`s only), then calling
-    /// the inner service.
+    /// The future of [`McpService`]: reading the body (JSON `POST`s only), then the rate
+    /// limiter's [`ResponseFuture`].
     pub struct McpFuture<S, B>
     where
         S: Service<Request<McpBody<B>>>,
@@ -267,14 +279,14 @@ pin_project! {
         B: Body,
     {
         Reading {
-            svc: Option<S>,
+            svc: Option<RateLimit<S>>,
             parts: Option<http::request::Parts>,
             body: Option<B>,
             read: Read,
         },
         Calling {
             #[pin]
-            fut: S::Future,
+            fut: ResponseFuture<S, McpBody<B>>,
         },
     }
 }
@@ -289,13 +301,13 @@ where
     }
 }
 
-impl<S, B> Future for McpFuture<S, B>
+impl<S, B, ResB> Future for McpFuture<S, B>
 where
-    S: Service<Request<McpBody<B>>>,
+    S: Service<Request<McpBody<B>>, Response = Response<ResB>> + Clone,
     B: Body + Unpin,
     B::Data: Buf,
 {
-    type Output = Result<S::Response, S::Error>;
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
@@ -327,22 +339,21 @@ where
                             },
                         }
                     };
-                    let mut parts = parts.take().expect("polled after completion");
+                    let parts = parts.take().expect("polled after completion");
                     let mut svc = svc.take().expect("polled after completion");
                     let rest = body.take().expect("polled after completion");
                     let bytes = read.take();
                     let body = match end {
                         Outcome::OverBound => McpBody::continuing(bytes, rest),
                         Outcome::Ended(end) => {
-                            if matches!(end, None | Some(Ok(_))) {
-                                if let Some(call) = jsonrpc::parse(&bytes) {
-                                    parts.extensions.insert(call);
-                                }
-                            }
-                            McpBody::ended(bytes, end, rest)
+                            let call = match end {
+                                None | Some(Ok(_)) => jsonrpc::parse(&bytes),
+                                Some(Err(_)) => None,
+                            };
+                            McpBody::ended(bytes, end, rest, call)
                         }
                     };
-                    let fut = svc.call(Request::from_parts(parts, body));
+                    let fut = svc.call_with(Request::from_parts(parts, body), mcp_call::<B>);
                     state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => return fut.poll(cx),

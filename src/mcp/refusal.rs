@@ -25,7 +25,7 @@ pub(crate) fn refuse(
     refusal: Refusal,
     style: HeaderStyle,
     decision: &Decision,
-    call: &McpCall,
+    call: McpCall<'_>,
     named: Option<(RuleKind, &str)>,
     request_headers: &HeaderMap,
 ) -> Option<Response<Bytes>> {
@@ -33,12 +33,11 @@ pub(crate) fn refuse(
     // possibly spanning lines, which would break SSE framing) is answered over HTTP.
     let id = call
         .id
-        .as_ref()
         .filter(|id| matches!(id.first(), Some(b'"' | b'-' | b'0'..=b'9' | b'n')))?;
     let tool_result = match refusal {
         Refusal::Http => return None,
         // `prompts/get` and other methods have no error-shaped result: the error form.
-        Refusal::ToolError => &call.method[..] == b"tools/call",
+        Refusal::ToolError => call.method == b"tools/call",
         Refusal::JsonRpcError => false,
     };
     let sse = only_event_stream(request_headers);

@@ -542,3 +542,86 @@ async fn a_refused_notification_gets_the_http_answer() {
     let (resp, _) = send(&svc, rpc(Value::Null, "notifications/initialized", None)).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
 }
+
+// ---- hostile input ----
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"tools/call".to_vec()),
+            Just(b"prompts/get".to_vec()),
+            Just(b"search".to_vec()),
+            Just(b"=?base64?c2VhcmNo?=".to_vec()),
+            "=\\?base64\\?[A-Za-z0-9+/=*]{0,12}\\?=".prop_map(String::into_bytes),
+            // Any bytes a header value may hold (visible ASCII, spaces, tabs, obs-text).
+            proptest::collection::vec(
+                prop_oneof![0x20u8..0x7f, Just(b'\t'), 0x80u8..=0xff],
+                0..40
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the `Mcp-*` headers and the body hold, the answer is the server's (200),
+        /// a refusal of the identity (400) or a rate-limit answer, never a panic; and a
+        /// request whose body names `search` is never counted under another tool.
+        #[test]
+        fn hostile_mcp_headers_and_bodies_never_crash_nor_move_counters(
+            method in proptest::option::of(header_bytes()),
+            name in proptest::option::of(header_bytes()),
+            version in proptest::option::of(prop_oneof![
+                Just(b"2026-07-28".to_vec()),
+                Just(b"2025-11-25".to_vec()),
+                header_bytes(),
+            ]),
+            body_name in "[ -~]{0,12}",
+            body in prop_oneof![
+                Just(None),
+                proptest::collection::vec(any::<u8>(), 0..200).prop_map(Some),
+            ],
+            with_layer in any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let mut req = rpc(json!(1), "tools/call", Some(&body_name));
+                let body_is_the_call = body.is_none();
+                if let Some(body) = body {
+                    *req.body_mut() = Full::new(Bytes::from(body));
+                }
+                for (header, value) in [("mcp-method", &method), ("mcp-name", &name), ("mcp-protocol-version", &version)] {
+                    if let Some(value) = value {
+                        if let Ok(value) = http::HeaderValue::from_bytes(value) {
+                            req.headers_mut().insert(header, value);
+                        }
+                    }
+                }
+                let (status, limit) = if with_layer {
+                    let (svc, _) = with_body("[mcp]");
+                    let (resp, _) = send(&svc, req).await;
+                    (resp.status(), resp.headers().get("x-ratelimit-limit").cloned())
+                } else {
+                    let (svc, _) = headers_only("[mcp]");
+                    let (resp, _) = send(&svc, req).await;
+                    (resp.status(), resp.headers().get("x-ratelimit-limit").cloned())
+                };
+                prop_assert!(
+                    [StatusCode::OK, StatusCode::BAD_REQUEST].contains(&status),
+                    "{}", status
+                );
+                // With the call's body read, the only tool rule it can be counted under is
+                // the body's own. (An unparsable body falls back to trusted headers, and
+                // the server refuses it.)
+                let search_rule = limit.as_ref().is_some_and(|l| l == "2");
+                if with_layer && body_is_the_call && status == StatusCode::OK && search_rule {
+                    prop_assert_eq!(body_name.trim().to_lowercase(), "search");
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

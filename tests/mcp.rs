@@ -472,6 +472,18 @@ async fn tool_error_is_a_tool_result_with_the_id_as_sent() {
 }
 
 #[tokio::test]
+async fn a_2026_07_28_request_gets_a_result_with_its_result_type() {
+    let (svc, _) = with_body("");
+    for i in 0..2 {
+        send(&svc, modern(json!(i), "tools/call", Some("search"))).await;
+    }
+    let (_, body) = send(&svc, modern(json!(2), "tools/call", Some("search"))).await;
+    let body = json_of(&body);
+    assert_eq!(body["result"]["resultType"], "complete");
+    assert_eq!(body["result"]["isError"], json!(true));
+}
+
+#[tokio::test]
 async fn jsonrpc_error_carries_the_code_and_what_was_violated() {
     let (resp, body) = refused("[mcp]\nrefusal = \"jsonrpc_error\"", json!("a"), BOTH).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -557,10 +569,7 @@ mod hostile {
             Just(b"=?base64?c2VhcmNo?=".to_vec()),
             "=\\?base64\\?[A-Za-z0-9+/=*]{0,12}\\?=".prop_map(String::into_bytes),
             // Any bytes a header value may hold (visible ASCII, spaces, tabs, obs-text).
-            proptest::collection::vec(
-                prop_oneof![0x20u8..0x7f, Just(b'\t'), 0x80u8..=0xff],
-                0..40
-            ),
+            proptest::collection::vec(prop_oneof![0x20u8..0x7f, Just(b'\t'), 0x80u8..=0xff], 0..40),
         ]
     }
 

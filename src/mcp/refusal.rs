@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
+use crate::mcp::headers::server_validates;
 use crate::mcp::jsonrpc::McpCall;
 use crate::response::{cut, detail_into, violated_into, write_headers};
 use crate::{Decision, HeaderStyle, Refusal, RuleKind};
@@ -52,10 +53,12 @@ pub(crate) fn refuse(
             buf.extend_from_slice(b",\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"");
             detail_into(buf, decision, named);
             let unit = if retry == 1 { "second" } else { "seconds" };
-            let _ = write!(
-                buf,
-                ". Retry after {retry} {unit}.\"}}],\"isError\":true}}}}"
-            );
+            let _ = write!(buf, ". Retry after {retry} {unit}.\"}}],\"isError\":true");
+            // From 2026-07-28 on, a server must say what kind of result it sends.
+            if server_validates(request_headers) {
+                buf.extend_from_slice(b",\"resultType\":\"complete\"");
+            }
+            buf.extend_from_slice(b"}}");
         } else {
             let _ = write!(
                 buf,

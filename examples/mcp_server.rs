@@ -159,11 +159,12 @@ pub fn app(cfg: RateLimitConfig) -> Router {
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default(),
     );
+    // The README's "MCP servers" section quotes from here to the end of the function.
     let limited = ServiceBuilder::new()
-        .layer(middleware::from_fn(identity_from_headers))
-        .layer(McpLayer::new(&cfg))
-        .layer(RateLimitLayer::new(cfg).decision_extension(false))
-        .service(mcp);
+        .layer(middleware::from_fn(identity_from_headers)) // inserts tollgate::Identity
+        .layer(McpLayer::new(&cfg)) // reads the JSON-RPC body
+        .layer(RateLimitLayer::new(cfg)) // decides and answers refusals
+        .service(mcp); // rmcp's StreamableHttpService
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .nest_service("/mcp", limited)

@@ -288,3 +288,108 @@ async fn disagreeing_headers_never_run_a_tool_counted_as_another() {
     let text = resp.text().await.unwrap();
     assert!(text.contains("3 results for"), "{text}");
 }
+
+/// The README's "MCP servers" section quotes the example's config whole and the end of its
+/// `app` (the layer order) verbatim.
+#[test]
+fn the_readme_quotes_the_example() {
+    let readme = include_str!("../README.md");
+    let toml = include_str!("../examples/mcp_server.toml");
+    assert!(readme.contains(&format!("```toml\n{toml}```")));
+    let source = include_str!("../examples/mcp_server.rs");
+    let from = source
+        .find("    let limited = ServiceBuilder::new()")
+        .expect("the quoted part of app");
+    let to = from + source[from..].find("\n}\n").expect("the end of app") + 1;
+    let quote = format!("```rust\n{}```", &source[from..to]);
+    assert!(readme.contains(&quote), "README does not quote:\n{quote}");
+}
+
+/// `cargo run --example mcp_server -- --config FILE --listen ADDR`, as the README runs it:
+/// the real binary, `/healthz`, and the sixth search within a minute refused.
+#[tokio::test]
+async fn the_example_binary_serves_and_limits() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|p| p.parent()).unwrap();
+    let bin = profile.join("examples").join("mcp_server");
+    if !bin.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--example", "mcp_server"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success());
+    }
+    let mut child = Command::new(&bin)
+        .args([
+            "--config",
+            "examples/mcp_server.toml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let child = Kill(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("tollgate MCP server listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_owned();
+    let base = url.trim_end_matches("/mcp");
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let mut last = Value::Null;
+    for i in 1..=6 {
+        let body = json!({"jsonrpc":"2.0","id":i,"method":"tools/call",
+            "params":{"name":"search","arguments":{"query":"rust"},
+                      "_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",
+                               "io.modelcontextprotocol/clientCapabilities":{}}}});
+        let resp = http
+            .post(&url)
+            .header("x-user-id", "alice")
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "search")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.text().await.unwrap();
+        // The server answers in SSE framing, tollgate's refusal in JSON.
+        let json = text.trim().trim_start_matches("data: ").trim();
+        last = serde_json::from_str(json).unwrap_or(Value::Null);
+        if i < 6 {
+            assert!(text.contains("3 results for"), "call {i}: {text}");
+        }
+    }
+    assert_eq!(last["result"]["isError"], json!(true), "{last}");
+    drop(child);
+}

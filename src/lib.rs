@@ -28,6 +28,12 @@
 //! Identities come from the [`Identity`] and [`ToolName`] request extensions (set them in
 //! your auth and routing layers), or from headers named in `[identity]` — only trust those
 //! behind a proxy that sets them.
+//!
+//! In front of an MCP server (Streamable HTTP), `[mcp]` makes tollgate read the tool or
+//! prompt of each call from the `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from
+//! the JSON-RPC body (for clients that send only the body); a refused `tools/call` is
+//! answered as a tool result with `isError: true` that the agent reads (see [`McpLayer`]
+//! and [`Refusal`]).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

@@ -199,7 +199,8 @@ pub(crate) fn panicked() -> StoreError {
     StoreError::new(StoreErrorKind::Internal, "the store panicked")
 }
 
-/// Turns the store's answer into what happens to the request (contract items 7–11).
+/// Turns the store's answer into what happens to the request (ARCHITECTURE.md, behaviour
+/// contract items 7–11).
 pub(crate) fn act<B>(
     shared: &Shared,
     plan: &Plan,

@@ -634,3 +634,50 @@ mod hostile {
         }
     }
 }
+
+// ---- a store that answers later (as Redis does) ----
+
+/// The memory store's answer, handed back from a future that yields once first, so the
+/// rate limiter takes its asynchronous path (the one Redis takes).
+#[derive(Debug, Clone, Default)]
+struct Later(MemoryStore);
+
+impl tollgate::Store for Later {
+    fn check(&self, request: &tollgate::StoreRequest<'_>) -> tollgate::StoreFuture {
+        let tollgate::StoreFuture::Ready(answer) = self.0.check(request) else {
+            unreachable!("the memory store answers at once")
+        };
+        tollgate::StoreFuture::Pending(Box::pin(async move {
+            tokio::task::yield_now().await;
+            answer
+        }))
+    }
+}
+
+#[tokio::test]
+async fn after_an_asynchronous_store_the_refusal_is_still_in_mcp_form() {
+    let cfg = config("");
+    let seen = Seen::default();
+    let svc = ServiceBuilder::new()
+        .layer(McpLayer::new(&cfg))
+        .layer(RateLimitLayer::with_store(cfg, Later::default()).with_clock(ManualClock::new()))
+        .service(recorder::<McpBody<Full<Bytes>>>(&seen));
+    for i in 0..2 {
+        let (resp, _) = send(&svc, rpc(json!(i), "tools/call", Some("search"))).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let (resp, body) = send(&svc, rpc(json!("late"), "tools/call", Some("search"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    let body = json_of(&body);
+    assert_eq!(body["id"], "late");
+    assert_eq!(body["result"]["isError"], json!(true));
+    // The two allowed calls reached the server with their bodies intact.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for (i, body) in seen.iter().enumerate() {
+        let sent = rpc(json!(i), "tools/call", Some("search")).into_body();
+        let sent = sent.collect().await.unwrap().to_bytes();
+        assert_eq!(body, &sent);
+    }
+}

@@ -315,17 +315,20 @@ async fn the_example_binary_serves_and_limits() {
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().and_then(|p| p.parent()).unwrap();
     let bin = profile.join("examples").join("mcp_server");
-    if !bin.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--example", "mcp_server"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        assert!(build.status().unwrap().success());
+    // Always asked for, so the binary is never older than its sources (a no-op when
+    // `cargo test` has just built it).
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args(["build", "--example", "mcp_server"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
     }
+    assert!(
+        build.status().unwrap().success(),
+        "cargo build --example mcp_server"
+    );
     let mut child = Command::new(&bin)
         .args([
             "--config",

@@ -396,3 +396,63 @@ async fn the_example_binary_serves_and_limits() {
     assert_eq!(last["result"]["isError"], json!(true), "{last}");
     drop(child);
 }
+
+/// A body with a duplicated member gets no tool rule from tollgate (which of the two would
+/// the server run?); rmcp's server refuses such a body, so no tool runs uncounted.
+#[tokio::test]
+async fn a_body_with_a_duplicated_member_runs_no_tool() {
+    let (url, _) = start().await;
+    let http = reqwest::Client::new();
+    let post = |body: Value, session: Option<&str>| {
+        let mut req = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("x-user-id", "carol")
+            .body(body.to_string());
+        if let Some(session) = session {
+            req = req
+                .header("mcp-session-id", session)
+                .header("mcp-protocol-version", "2025-06-18");
+        }
+        req.send()
+    };
+    let init = post(
+        json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18",
+               "capabilities":{},"clientInfo":{"name":"test","version":"1"}}}),
+        None,
+    )
+    .await
+    .unwrap();
+    let session = init.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    drop(init.text().await);
+    let ack = post(
+        json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+        Some(&session),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.status(), StatusCode::ACCEPTED);
+    // serde_json's `json!` cannot repeat a key: the body is written by hand.
+    let duplicated = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","name":"search","arguments":{"text":"x","query":"y"}}}"#;
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("x-user-id", "carol")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(duplicated)
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(
+        !text.contains("3 results") && !text.contains("\"result\""),
+        "{text}"
+    );
+}

@@ -548,6 +548,20 @@ async fn a_user_limit_refusal_says_which_rule_without_the_user() {
 }
 
 #[tokio::test]
+async fn a_refused_request_without_a_tool_result_gets_the_jsonrpc_error_form() {
+    let (svc, _) = with_body("by_user = \"1/m\"");
+    send(&svc, rpc(json!(1), "initialize", None)).await;
+    let (resp, body) = send(&svc, rpc(json!(2), "tools/list", None)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["retry-after"], "60");
+    let body = json_of(&body);
+    assert_eq!(body["id"], json!(2));
+    assert_eq!(body["error"]["code"], json!(-31429));
+    assert_eq!(body["error"]["data"]["violated"], json!(["user"]));
+    assert!(body["error"]["data"].get("tool").is_none(), "{body}");
+}
+
+#[tokio::test]
 async fn a_refused_notification_gets_the_http_answer() {
     let (svc, _) = with_body("by_user = \"1/m\"");
     send(&svc, rpc(json!(1), "tools/list", None)).await;

@@ -81,6 +81,28 @@ use crate::{RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
 /// );
 /// # });
 /// ```
+///
+/// Another layer between the two does not compile (the body's call could not reach the
+/// rate limiter):
+///
+/// ```compile_fail
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use std::convert::Infallible;
+/// use tollgate::{McpBody, McpLayer, RateLimitConfig, RateLimitLayer};
+/// use tower::{service_fn, util::MapRequestLayer, ServiceBuilder, ServiceExt};
+///
+/// let cfg = RateLimitConfig::from_toml_str("[mcp]").unwrap();
+/// let svc = ServiceBuilder::new()
+///     .layer(McpLayer::new(&cfg))
+///     .layer(MapRequestLayer::new(|req: Request<McpBody<Full<Bytes>>>| req))
+///     .layer(RateLimitLayer::new(cfg))
+///     .service(service_fn(|_req: Request<McpBody<Full<Bytes>>>| async {
+///         Ok::<_, Infallible>(Response::new(String::new()))
+///     }));
+/// let _ = svc.oneshot(Request::new(Full::new(Bytes::new())));
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct McpLayer {
     max_body: usize,

@@ -38,6 +38,11 @@ impl<S> RateLimit<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// Whether `mode = "disabled"`: nothing is counted, so nothing needs reading.
+    pub(crate) fn is_disabled(&self) -> bool {
+        self.shared.mode == Mode::Disabled
+    }
 }
 
 impl<S: Clone> Clone for RateLimit<S> {

@@ -236,6 +236,38 @@ proptest! {
     }
 }
 
+/// With `mode = "disabled"` nothing is counted, so no body is read before the server gets it.
+#[tokio::test]
+async fn a_disabled_limiter_reads_no_body() {
+    let cfg = RateLimitConfig::builder()
+        .mode(tollgate::Mode::Disabled)
+        .build()
+        .unwrap();
+    let given = Arc::new(AtomicUsize::new(0));
+    let at_call = Arc::new(AtomicUsize::new(usize::MAX));
+    let (g, a) = (given.clone(), at_call.clone());
+    let svc = ServiceBuilder::new()
+        .layer(McpLayer::new(&cfg))
+        .layer(RateLimitLayer::new(cfg))
+        .service(service_fn(move |req: Request<McpBody<Script>>| {
+            a.store(g.load(Ordering::SeqCst), Ordering::SeqCst);
+            async move {
+                drain(req.into_body()).await;
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }
+        }));
+    let text = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#);
+    let req = Request::post("/mcp")
+        .header("content-type", "application/json")
+        .body(Script {
+            steps: VecDeque::from([Step::Data(text)]),
+            given,
+        })
+        .unwrap();
+    svc.oneshot(req).await.unwrap();
+    assert_eq!(at_call.load(Ordering::SeqCst), 0);
+}
+
 /// A declared length over the bound is not read at all: the server gets the stream as is.
 #[tokio::test]
 async fn a_declared_length_over_the_bound_is_not_read() {

@@ -171,7 +171,8 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let declared = declared_length(req.headers());
-        let readable = req.method() == Method::POST
+        let readable = !self.inner.is_disabled()
+            && req.method() == Method::POST
             && is_json(req.headers())
             && declared.map_or(true, |n| n <= self.max_body as u64);
         if !readable {

@@ -100,6 +100,56 @@ impl IdentityConfig {
     }
 }
 
+/// How a refused MCP call is answered (`[mcp] refusal`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// HTTP 200 with a JSON-RPC result the agent reads: for `tools/call`, a tool result
+    /// with `isError: true` and a text saying which tool and when to retry; for other
+    /// methods (`prompts/get` has no error result), the `jsonrpc_error` form.
+    #[default]
+    ToolError,
+    /// HTTP 200 with a JSON-RPC error, code `-32029`, whose `data` carries `retry_after`,
+    /// `violated` and the tool or prompt.
+    JsonRpcError,
+    /// The plain `429` problem+json answer, as for any HTTP request.
+    Http,
+}
+
+/// `[mcp]`: read MCP tool and prompt names from `Mcp-Method` / `Mcp-Name` headers and
+/// (through [`McpLayer`](crate::McpLayer)) from JSON-RPC bodies; answer refusals in MCP
+/// form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct McpConfig {
+    refusal: Refusal,
+    max_body: usize,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            refusal: Refusal::ToolError,
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+/// `[mcp] max_body` when not given: 1 MiB.
+const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// The largest `[mcp] max_body` accepted: 64 MiB.
+const LARGEST_MAX_BODY: usize = 64 << 20;
+
+impl McpConfig {
+    /// How refusals of MCP calls are answered (default `tool_error`).
+    pub fn refusal(&self) -> Refusal {
+        self.refusal
+    }
+    /// The most body bytes [`McpLayer`](crate::McpLayer) reads to find the tool
+    /// (default 1 MiB); a larger body is passed on unparsed.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+}
+
 /// `[backend]`: where counters live and how Redis is reached.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -242,11 +292,13 @@ pub struct RateLimitConfig {
     by_user: Option<Rate>,
     by_tenant: Option<Rate>,
     by_tool: BTreeMap<String, Rate>,
+    by_prompt: BTreeMap<String, Rate>,
     algorithm: Algorithm,
     mode: Mode,
     fail_mode: FailMode,
     headers: HeaderStyle,
     identity: IdentityConfig,
+    mcp: Option<McpConfig>,
     backend: BackendConfig,
 }
 
@@ -283,6 +335,20 @@ impl RateLimitConfig {
     /// The rate of one tool; `name` is normalised as requests are.
     pub fn tool_rate(&self, name: &str) -> Option<Rate> {
         self.by_tool.get(&normalize_tool(name)).copied()
+    }
+    /// Per-prompt rates (MCP `prompts/get`), by normalised prompt name.
+    pub fn by_prompt(&self) -> impl Iterator<Item = (&str, Rate)> + '_ {
+        self.by_prompt
+            .iter()
+            .map(|(name, rate)| (name.as_str(), *rate))
+    }
+    /// The rate of one prompt; `name` is normalised as requests are.
+    pub fn prompt_rate(&self, name: &str) -> Option<Rate> {
+        self.by_prompt.get(&normalize_tool(name)).copied()
+    }
+    /// The `[mcp]` section, when present.
+    pub fn mcp(&self) -> Option<&McpConfig> {
+        self.mcp.as_ref()
     }
     /// The counting algorithm.
     pub fn algorithm(&self) -> Algorithm {
@@ -397,6 +463,35 @@ impl RateLimitConfigBuilder {
             .by_tool
             .get_or_insert_with(Vec::new)
             .push((name.into(), rate.into().0));
+        self
+    }
+    /// Limit the MCP prompt `name` (`prompts/get`, shared by all callers) to `rate`.
+    pub fn prompt(mut self, name: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw
+            .by_prompt
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// Turn on `[mcp]` (its defaults unless set below).
+    pub fn mcp(mut self) -> Self {
+        self.raw.mcp.get_or_insert_with(RawMcp::default);
+        self
+    }
+    /// `[mcp] refusal`: how refused MCP calls are answered (turns on `[mcp]`).
+    pub fn mcp_refusal(mut self, refusal: Refusal) -> Self {
+        let name = match refusal {
+            Refusal::ToolError => "tool_error",
+            Refusal::JsonRpcError => "jsonrpc_error",
+            Refusal::Http => "http",
+        };
+        self.raw.mcp.get_or_insert_with(RawMcp::default).refusal = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// `[mcp] max_body` in bytes (turns on `[mcp]`).
+    pub fn mcp_max_body(mut self, bytes: usize) -> Self {
+        self.raw.mcp.get_or_insert_with(RawMcp::default).max_body =
+            Some(Scalar::Int(bytes as i128));
         self
     }
     /// The counting algorithm.
@@ -548,6 +643,26 @@ pub(crate) fn normalize_tool(name: &str) -> String {
     name.trim().to_lowercase()
 }
 
+/// `"1MiB"` → 1048576; `None` when it is not a size.
+fn parse_size(text: &str) -> Option<i128> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 12 {
+        return None;
+    }
+    let n: i128 = digits.parse().ok()?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
 // ---- raw form and validation ----
 
 /// A scalar as written, kept loose so a wrong type is one reported problem among others
@@ -633,12 +748,24 @@ struct Raw {
     by_tenant: Option<Scalar>,
     #[serde(deserialize_with = "deserialize_tools")]
     by_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    by_prompt: Option<Vec<(String, Scalar)>>,
     algorithm: Option<Scalar>,
     mode: Option<Scalar>,
     fail_mode: Option<Scalar>,
     headers: Option<Scalar>,
     identity: RawIdentity,
+    mcp: Option<RawMcp>,
     backend: RawBackend,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawMcp {
+    refusal: Option<Scalar>,
+    max_body: Option<Scalar>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -915,6 +1042,76 @@ impl Check {
         let _ = cluster;
     }
 
+    /// A `[by_tool]`-like table: names trimmed and lower-cased, none empty, no two alike.
+    fn names(
+        &mut self,
+        table: &str,
+        what: &str,
+        entries: &Option<Vec<(String, Scalar)>>,
+    ) -> BTreeMap<String, Rate> {
+        let mut rates = BTreeMap::new();
+        let mut written: BTreeMap<String, String> = BTreeMap::new();
+        for (name, rate) in entries.iter().flatten() {
+            let field = format!("{table}[{name:?}]");
+            let rate = self.rate(&field, &Some(rate.clone()));
+            let normalized = normalize_tool(name);
+            if normalized.is_empty() {
+                self.err.push(field, format!("{what} name is empty"));
+                continue;
+            }
+            if let Some(first) = written.get(&normalized) {
+                self.err.push(
+                    field,
+                    format!("same {what} as {table}[{first:?}] after trimming and lower-casing"),
+                );
+                continue;
+            }
+            written.insert(normalized.clone(), name.clone());
+            if let Some(rate) = rate {
+                rates.insert(normalized, rate);
+            }
+        }
+        rates
+    }
+
+    /// A byte size: an integer, or text such as `"1MiB"`, `"512 KiB"`, `"65536"` (units
+    /// `B`, `KiB`/`KB`, `MiB`/`MB`; both binary, as a buffer size is).
+    fn size(&mut self, field: &str, value: &Option<Scalar>, default: usize, max: usize) -> usize {
+        let bytes = match value {
+            None => return default,
+            Some(Scalar::Int(n)) => Some(*n),
+            Some(Scalar::Text(text)) => parse_size(text),
+            Some(Scalar::Other(what)) => {
+                self.err.push(
+                    field,
+                    format!("expected a size like \"1MiB\", found {what}"),
+                );
+                return default;
+            }
+        };
+        match bytes {
+            Some(n) if n >= 1 && n <= max as i128 => n as usize,
+            Some(n) => {
+                self.err.push(
+                    field,
+                    format!("{n} bytes is out of range: must be 1 byte to 64 MiB"),
+                );
+                default
+            }
+            None => {
+                let shown = match value {
+                    Some(Scalar::Text(t)) => t.as_str(),
+                    _ => "",
+                };
+                self.err.push(
+                    field,
+                    format!("invalid size {shown:?}: expected bytes or a number with B, KiB or MiB, like \"1MiB\""),
+                );
+                default
+            }
+        }
+    }
+
     fn unknown(&mut self, section: &str, keys: &BTreeMap<String, IgnoredAny>) {
         for key in keys.keys() {
             let plain = !key.is_empty()
@@ -943,28 +1140,8 @@ impl TryFrom<Raw> for RateLimitConfig {
         let by_user = c.rate("by_user", &raw.by_user);
         let by_tenant = c.rate("by_tenant", &raw.by_tenant);
 
-        let mut by_tool = BTreeMap::new();
-        let mut written: BTreeMap<String, String> = BTreeMap::new();
-        for (name, rate) in raw.by_tool.iter().flatten() {
-            let field = format!("by_tool[{name:?}]");
-            let rate = c.rate(&field, &Some(rate.clone()));
-            let normalized = normalize_tool(name);
-            if normalized.is_empty() {
-                c.err.push(field, "tool name is empty");
-                continue;
-            }
-            if let Some(first) = written.get(&normalized) {
-                c.err.push(
-                    field,
-                    format!("same tool as by_tool[{first:?}] after trimming and lower-casing"),
-                );
-                continue;
-            }
-            written.insert(normalized.clone(), name.clone());
-            if let Some(rate) = rate {
-                by_tool.insert(normalized, rate);
-            }
-        }
+        let by_tool = c.names("by_tool", "tool", &raw.by_tool);
+        let by_prompt = c.names("by_prompt", "prompt", &raw.by_prompt);
 
         let algorithm = c.choice(
             "algorithm",
@@ -1016,6 +1193,11 @@ impl TryFrom<Raw> for RateLimitConfig {
                 by_tool
                     .iter()
                     .map(|(name, r)| (format!("by_tool[{name:?}]"), *r)),
+            )
+            .chain(
+                by_prompt
+                    .iter()
+                    .map(|(name, r)| (format!("by_prompt[{name:?}]"), *r)),
             );
         for (field, rate) in rules {
             if !algorithm.supports(rate) {
@@ -1031,6 +1213,28 @@ impl TryFrom<Raw> for RateLimitConfig {
             tenant_header: c.header("identity.tenant_header", &raw.identity.tenant_header),
             tool_header: c.header("identity.tool_header", &raw.identity.tool_header),
         };
+
+        let mcp = raw.mcp.as_ref().map(|m| {
+            let refusal = c.choice(
+                "mcp.refusal",
+                "refusal",
+                &m.refusal,
+                &[
+                    ("tool_error", Refusal::ToolError),
+                    ("jsonrpc_error", Refusal::JsonRpcError),
+                    ("http", Refusal::Http),
+                ],
+                Refusal::ToolError,
+            );
+            let max_body = c.size(
+                "mcp.max_body",
+                &m.max_body,
+                DEFAULT_MAX_BODY,
+                LARGEST_MAX_BODY,
+            );
+            c.unknown("mcp.", &m.unknown);
+            McpConfig { refusal, max_body }
+        });
 
         let b = &raw.backend;
         let defaults = BackendConfig::default();
@@ -1120,11 +1324,13 @@ impl TryFrom<Raw> for RateLimitConfig {
             by_user,
             by_tenant,
             by_tool,
+            by_prompt,
             algorithm,
             mode,
             fail_mode,
             headers,
             identity,
+            mcp,
             backend: BackendConfig {
                 kind,
                 url,

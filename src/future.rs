@@ -13,6 +13,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::layer::Shared;
+use crate::mcp::jsonrpc::FindCall;
 use crate::response::{self, ResponseBody};
 use crate::service::{act, panicked, Action, Plan};
 use crate::store::{Outcomes, StoreError};
@@ -51,6 +52,7 @@ pin_project! {
             req: Option<Request<ReqB>>,
             shared: Arc<Shared>,
             plan: Plan,
+            find: FindCall<ReqB>,
         },
         Calling {
             #[pin]
@@ -90,6 +92,7 @@ where
         req: Request<ReqB>,
         shared: Arc<Shared>,
         plan: Plan,
+        find: FindCall<ReqB>,
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
@@ -98,6 +101,7 @@ where
                 req: Some(req),
                 shared,
                 plan,
+                find,
             },
         }
     }
@@ -128,11 +132,13 @@ where
                     req,
                     shared,
                     plan,
+                    find,
                 } => {
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
-                    let next = match act(shared, plan, result) {
+                    let request = req.as_ref().expect("polled after completion");
+                    let next = match act(shared, plan, result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");

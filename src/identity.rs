@@ -1,12 +1,15 @@
 //! Who is calling and which tool: request extensions first, configured headers second,
 //! normalised per ARCHITECTURE.md, behaviour contract item 2.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::{HeaderMap, HeaderName, Request};
 
 use crate::config::IdentityConfig;
-use crate::Subject;
+use crate::mcp::headers::{decode_name, server_validates, target_of, McpHeaders};
+use crate::mcp::jsonrpc::McpCall;
+use crate::{RuleKind, Subject};
 
 /// Longest user or tenant id accepted, in bytes. Longer ids are refused (400), never
 /// truncated: truncation would merge distinct identities.
@@ -84,13 +87,36 @@ impl ToolName {
     }
 }
 
+/// Which rule table a called name is matched against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// `by_tool`: a `ToolName`, the tool header, or an MCP `tools/call`.
+    Tool,
+    /// `by_prompt`: an MCP `prompts/get`.
+    Prompt,
+}
+
+impl Target {
+    pub(crate) fn rule(self) -> RuleKind {
+        match self {
+            Target::Tool => RuleKind::Tool,
+            Target::Prompt => RuleKind::Prompt,
+        }
+    }
+}
+
+/// The tool or prompt a request calls: trimmed, not yet lower-cased. Borrowed from the
+/// request except for a base64-encoded `Mcp-Name`, which is decoded.
+pub(crate) struct Named<'r> {
+    pub(crate) target: Target,
+    pub(crate) name: Cow<'r, [u8]>,
+}
+
 /// A request's identity, borrowed from it and normalised (trimmed; empty → absent).
-#[derive(Clone, Copy)]
 pub(crate) struct Who<'r> {
     pub(crate) user: Subject<'r>,
     pub(crate) tenant: Option<&'r [u8]>,
-    /// Trimmed but not yet lower-cased: matched against the configured tools.
-    pub(crate) tool: Option<&'r [u8]>,
+    pub(crate) tool: Option<Named<'r>>,
 }
 
 /// An identity tollgate refuses to count rather than guess at.
@@ -100,6 +126,13 @@ pub(crate) enum BadIdentity {
     Repeated(&'static str),
     /// A user or tenant id is longer than [`MAX_IDENTITY_LEN`].
     TooLong(&'static str),
+    /// `Mcp-Name` is `=?base64?…?=` around something that is not base64 of UTF-8 text.
+    MalformedName,
+    /// `Mcp-Method` or `Mcp-Name` disagrees with the JSON-RPC body tollgate read.
+    HeaderMismatch,
+    /// `Mcp-Method` / `Mcp-Name` name a tool or prompt, but the request declares no
+    /// protocol revision whose servers must check them against the body.
+    Unvalidated,
 }
 
 impl BadIdentity {
@@ -108,18 +141,34 @@ impl BadIdentity {
         match self {
             BadIdentity::Repeated("user") => "the user identity header appears more than once",
             BadIdentity::Repeated("tenant") => "the tenant identity header appears more than once",
+            BadIdentity::Repeated("mcp-method") => "the Mcp-Method header appears more than once",
+            BadIdentity::Repeated("mcp-name") => "the Mcp-Name header appears more than once",
             BadIdentity::Repeated(_) => "the tool header appears more than once",
+            BadIdentity::MalformedName => {
+                "the Mcp-Name header's =?base64?...?= value is not base64 of UTF-8 text"
+            }
+            BadIdentity::HeaderMismatch => {
+                "the Mcp-Method or Mcp-Name header does not match the JSON-RPC body"
+            }
+            BadIdentity::Unvalidated => {
+                "Mcp-Method and Mcp-Name are trusted only with an MCP-Protocol-Version of \
+                 2026-07-28 or later, whose servers check them against the body"
+            }
             BadIdentity::TooLong("user") => "the user id is longer than 256 bytes",
             BadIdentity::TooLong(_) => "the tenant id is longer than 256 bytes",
         }
     }
 }
 
+/// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read); `call`: the
+/// JSON-RPC call [`McpLayer`](crate::McpLayer) read from the body, if any.
 pub(crate) fn extract<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
+    mcp: bool,
+    call: Option<McpCall<'r>>,
 ) -> Result<Who<'r>, BadIdentity> {
-    let fields = Fields::read(req, cfg);
+    let fields = Fields::read(req, cfg, mcp, call);
     Ok(Who {
         user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant?,
@@ -128,9 +177,16 @@ pub(crate) fn extract<'r, B>(
 }
 
 /// As [`extract`], but a field tollgate refuses is treated as absent (permissive mode):
-/// the user becomes anonymous, the tenant none; the other fields still count.
-pub(crate) fn extract_lenient<'r, B>(req: &'r Request<B>, cfg: &IdentityConfig) -> Who<'r> {
-    let fields = Fields::read(req, cfg);
+/// the user becomes anonymous, the tenant none; the other fields still count. An MCP
+/// call whose headers disagree with its body counts under the body's tool, which is the
+/// one the server runs.
+pub(crate) fn extract_lenient<'r, B>(
+    req: &'r Request<B>,
+    cfg: &IdentityConfig,
+    mcp: bool,
+    call: Option<McpCall<'r>>,
+) -> Who<'r> {
+    let fields = Fields::read(req, cfg, mcp, call);
     Who {
         user: fields
             .user
@@ -138,7 +194,7 @@ pub(crate) fn extract_lenient<'r, B>(req: &'r Request<B>, cfg: &IdentityConfig) 
             .flatten()
             .map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant.ok().flatten(),
-        tool: fields.tool.ok().flatten(),
+        tool: fields.tool.unwrap_or_else(|_| call.and_then(named_in_body)),
     }
 }
 
@@ -146,11 +202,62 @@ pub(crate) fn extract_lenient<'r, B>(req: &'r Request<B>, cfg: &IdentityConfig) 
 struct Fields<'r> {
     user: Result<Option<&'r [u8]>, BadIdentity>,
     tenant: Result<Option<&'r [u8]>, BadIdentity>,
-    tool: Result<Option<&'r [u8]>, BadIdentity>,
+    tool: Result<Option<Named<'r>>, BadIdentity>,
+}
+
+/// The tool or prompt of an MCP call: from the body when [`McpLayer`](crate::McpLayer)
+/// read it (the headers, if sent, must agree with it), else from `Mcp-Method` /
+/// `Mcp-Name` when `[mcp]` is configured and the declared protocol revision obliges the
+/// server to refuse headers that disagree with the body.
+fn mcp_named<'r, B>(
+    req: &'r Request<B>,
+    mcp: bool,
+    call: Option<McpCall<'r>>,
+) -> Result<Option<Named<'r>>, BadIdentity> {
+    if !mcp && call.is_none() {
+        return Ok(None);
+    }
+    let headers = McpHeaders::read(req.headers())?;
+    if let Some(call) = call {
+        if headers.method.is_some_and(|m| m != call.method) {
+            return Err(BadIdentity::HeaderMismatch);
+        }
+        if let (Some(raw), Some(body)) = (headers.name, call.name) {
+            if call.target().is_some() && *decode_name(raw)? != *body {
+                return Err(BadIdentity::HeaderMismatch);
+            }
+        }
+        return Ok(named_in_body(call));
+    }
+    let (Some(target), Some(raw)) = (headers.method.and_then(target_of), headers.name) else {
+        return Ok(None);
+    };
+    if !server_validates(req.headers()) {
+        return Err(BadIdentity::Unvalidated);
+    }
+    let name = match decode_name(raw)? {
+        Cow::Borrowed(name) => Cow::Borrowed(name.trim_ascii()),
+        Cow::Owned(name) => Cow::Owned(name.trim_ascii().to_vec()),
+    };
+    Ok(Some(Named { target, name }).filter(|n| !n.name.is_empty()))
+}
+
+fn named_in_body(call: McpCall<'_>) -> Option<Named<'_>> {
+    let target = call.target()?;
+    let name = call.name?.trim_ascii();
+    (!name.is_empty()).then_some(Named {
+        target,
+        name: Cow::Borrowed(name),
+    })
 }
 
 impl<'r> Fields<'r> {
-    fn read<B>(req: &'r Request<B>, cfg: &IdentityConfig) -> Self {
+    fn read<B>(
+        req: &'r Request<B>,
+        cfg: &IdentityConfig,
+        mcp: bool,
+        call: Option<McpCall<'r>>,
+    ) -> Self {
         let ext = req.extensions();
         let headers = req.headers();
         let (user, tenant) = match ext.get::<Identity>() {
@@ -168,10 +275,24 @@ impl<'r> Fields<'r> {
             Some(t) => Ok(Some(t.0.trim().as_bytes())),
             None => header(headers, cfg.tool_header(), "tool"),
         };
+        let tool = tool.map(|t| {
+            t.filter(|t| !t.is_empty()).map(|name| Named {
+                target: Target::Tool,
+                name: Cow::Borrowed(name),
+            })
+        });
+        // An app's own `ToolName` comes first; then the MCP call; then the tool header.
+        let tool = match (ext.get::<ToolName>(), tool) {
+            (Some(_), tool) => tool,
+            (None, tool) => match mcp_named(req, mcp, call) {
+                Ok(None) => tool,
+                found => found,
+            },
+        };
         Fields {
             user: bounded(user, "user"),
             tenant: bounded(tenant, "tenant"),
-            tool: tool.map(|t| t.filter(|t| !t.is_empty())),
+            tool,
         }
     }
 }

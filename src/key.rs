@@ -18,6 +18,8 @@ pub enum RuleKind {
     Tenant,
     /// The per-tool rule (`by_tool`).
     Tool,
+    /// The per-prompt rule (`by_prompt`): an MCP `prompts/get`, counted apart from tools.
+    Prompt,
 }
 
 impl RuleKind {
@@ -27,6 +29,7 @@ impl RuleKind {
             RuleKind::User => "user",
             RuleKind::Tenant => "tenant",
             RuleKind::Tool => "tool",
+            RuleKind::Prompt => "prompt",
         }
     }
 }
@@ -114,6 +117,7 @@ impl<'a> Key<'a> {
             RuleKind::User => "u",
             RuleKind::Tenant => "t",
             RuleKind::Tool => "k",
+            RuleKind::Prompt => "p",
         };
         let _ = write!(out, "{prefix}:{alg}:{kind}:{}:{{", self.rate.period_secs());
         match self.subject {
@@ -214,9 +218,14 @@ mod tests {
         fn encoding_is_injective(
             a in proptest::collection::vec(any::<u8>(), 0..24),
             b in proptest::collection::vec(any::<u8>(), 0..24),
-            ka in 0usize..3, kb in 0usize..3, pa in 1u64..4, pb in 1u64..4,
+            ka in 0usize..4, kb in 0usize..4, pa in 1u64..4, pb in 1u64..4,
         ) {
-            let kinds = [RuleKind::User, RuleKind::Tenant, RuleKind::Tool];
+            let kinds = [
+                RuleKind::User,
+                RuleKind::Tenant,
+                RuleKind::Tool,
+                RuleKind::Prompt,
+            ];
             let ea = key(kinds[ka], Subject::Named(&a), pa);
             let eb = key(kinds[kb], Subject::Named(&b), pb);
             prop_assert_eq!(ea == eb, (a, ka, pa) == (b, kb, pb));

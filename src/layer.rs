@@ -8,10 +8,11 @@ use hashbrown::HashMap;
 use tower_layer::Layer;
 
 use crate::config::IdentityConfig;
+use crate::identity::Target;
 use crate::log_gate::LogGate;
 use crate::{
-    Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Store,
-    SystemClock,
+    Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Refusal,
+    Store, SystemClock,
 };
 
 /// Applies a [`RateLimitConfig`] to a service. Cloning the layer, or the services it
@@ -55,6 +56,10 @@ pub(crate) struct Shared {
     pub(crate) headers: HeaderStyle,
     pub(crate) insert_decision: bool,
     pub(crate) identity: IdentityConfig,
+    /// `[mcp]` is configured: the `Mcp-Method` / `Mcp-Name` headers are read.
+    pub(crate) mcp_headers: bool,
+    /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
+    pub(crate) refusal: Refusal,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
@@ -73,33 +78,36 @@ impl Shared {
 pub(crate) struct Rules {
     pub(crate) user: Option<Rate>,
     pub(crate) tenant: Option<Rate>,
-    tools: HashMap<Box<str>, (u32, Rate)>,
-    tool_names: Vec<Box<str>>,
+    tools: Table,
+    prompts: Table,
+}
+
+/// One `[by_tool]`-like table: normalised names → (index, rate).
+struct Table {
+    rates: HashMap<Box<str>, (u32, Rate)>,
+    names: Vec<Box<str>>,
 }
 
 /// Longest tool name normalised without allocating.
 const TOOL_STACK: usize = 64;
 
-impl Rules {
-    fn new(cfg: &RateLimitConfig) -> Rules {
-        let tool_names: Vec<Box<str>> = cfg.by_tool().map(|(n, _)| n.into()).collect();
-        let tools = cfg
-            .by_tool()
-            .enumerate()
-            .map(|(i, (name, rate))| (name.into(), (i as u32, rate)))
-            .collect();
-        Rules {
-            user: cfg.by_user(),
-            tenant: cfg.by_tenant(),
-            tools,
-            tool_names,
+impl Table {
+    fn new<'a>(entries: impl Iterator<Item = (&'a str, Rate)>) -> Table {
+        let entries: Vec<(&str, Rate)> = entries.collect();
+        Table {
+            names: entries.iter().map(|(n, _)| (*n).into()).collect(),
+            rates: entries
+                .iter()
+                .enumerate()
+                .map(|(i, (name, rate))| ((*name).into(), (i as u32, *rate)))
+                .collect(),
         }
     }
 
-    /// The configured tool matching `raw` (already trimmed) after lower-casing, with its
-    /// index and rate. ASCII names up to 64 bytes are folded on the stack.
-    pub(crate) fn tool(&self, raw: &[u8]) -> Option<(u32, Rate)> {
-        if self.tools.is_empty() {
+    /// The entry matching `raw` (already trimmed) after lower-casing, with its index and
+    /// rate. ASCII names up to 64 bytes are folded on the stack.
+    fn get(&self, raw: &[u8]) -> Option<(u32, Rate)> {
+        if self.rates.is_empty() {
             return None;
         }
         if raw.is_ascii() && raw.len() <= TOOL_STACK {
@@ -108,14 +116,38 @@ impl Rules {
             folded.copy_from_slice(raw);
             folded.make_ascii_lowercase();
             let name = std::str::from_utf8(folded).ok()?;
-            return self.tools.get(name).copied();
+            return self.rates.get(name).copied();
         }
         let name = std::str::from_utf8(raw).ok()?.trim().to_lowercase();
-        self.tools.get(name.as_str()).copied()
+        self.rates.get(name.as_str()).copied()
+    }
+}
+
+impl Rules {
+    fn new(cfg: &RateLimitConfig) -> Rules {
+        Rules {
+            user: cfg.by_user(),
+            tenant: cfg.by_tenant(),
+            tools: Table::new(cfg.by_tool()),
+            prompts: Table::new(cfg.by_prompt()),
+        }
     }
 
-    pub(crate) fn tool_name(&self, index: u32) -> &str {
-        &self.tool_names[index as usize]
+    fn table(&self, target: Target) -> &Table {
+        match target {
+            Target::Tool => &self.tools,
+            Target::Prompt => &self.prompts,
+        }
+    }
+
+    /// The configured tool or prompt matching `raw` (trimmed), with its index and rate.
+    pub(crate) fn named(&self, target: Target, raw: &[u8]) -> Option<(u32, Rate)> {
+        self.table(target).get(raw)
+    }
+
+    /// The normalised name of entry `index` of `target`'s table.
+    pub(crate) fn name(&self, target: Target, index: u32) -> &str {
+        &self.table(target).names[index as usize]
     }
 }
 
@@ -170,6 +202,8 @@ impl RateLimitLayer {
                 headers: cfg.headers(),
                 insert_decision: true,
                 identity: cfg.identity().clone(),
+                mcp_headers: cfg.mcp().is_some(),
+                refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
                 store,
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
@@ -217,11 +251,14 @@ impl fmt::Debug for RateLimitLayer {
         f.debug_struct("RateLimitLayer")
             .field("by_user", &s.rules.user)
             .field("by_tenant", &s.rules.tenant)
-            .field("by_tool", &s.rules.tool_names)
+            .field("by_tool", &s.rules.tools.names)
+            .field("by_prompt", &s.rules.prompts.names)
             .field("algorithm", &s.algorithm)
             .field("mode", &s.mode)
             .field("fail_mode", &s.fail_mode)
             .field("headers", &s.headers)
+            .field("mcp_headers", &s.mcp_headers)
+            .field("refusal", &s.refusal)
             .field("store", &s.store)
             .field("clock", &s.clock)
             .finish()

@@ -29,6 +29,12 @@
 //! Identities come from the [`Identity`] and [`ToolName`] request extensions (set them in
 //! your auth and routing layers), or from headers named in `[identity]` — only trust those
 //! behind a proxy that sets them.
+//!
+//! In front of an MCP server (Streamable HTTP), `[mcp]` makes tollgate read the tool or
+//! prompt of each call from the `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from
+//! the JSON-RPC body (for clients that send only the body); a refused `tools/call` is
+//! answered as a tool result with `isError: true` that the agent reads (see [`McpLayer`]
+//! and [`Refusal`]).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -46,6 +52,7 @@ mod identity;
 mod key;
 mod layer;
 mod log_gate;
+mod mcp;
 mod rate;
 mod response;
 mod service;
@@ -54,14 +61,17 @@ mod store;
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig, Mode,
-    RateLimitConfig, RateLimitConfigBuilder, RateSpec,
+    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig,
+    McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
 };
 pub use decision::Decision;
 pub use future::ResponseFuture;
 pub use identity::{Identity, ToolName, MAX_IDENTITY_LEN};
 pub use key::{Key, RuleKind, Subject};
 pub use layer::{RateLimitLayer, Stats};
+pub use mcp::body::McpBody;
+pub use mcp::layer::{McpFuture, McpLayer, McpService};
+pub use mcp::refusal::RATE_LIMIT_ERROR_CODE;
 pub use rate::{Rate, RateError};
 pub use response::ResponseBody;
 pub use service::RateLimit;

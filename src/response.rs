@@ -104,7 +104,7 @@ thread_local! {
 }
 
 /// Bytes written by `write`, cut from this thread's chunk.
-fn cut(write: impl FnOnce(&mut BytesMut)) -> Bytes {
+pub(crate) fn cut(write: impl FnOnce(&mut BytesMut)) -> Bytes {
     VALUES.with(|chunk| {
         let mut chunk = chunk.borrow_mut();
         if chunk.capacity() - chunk.len() < LONGEST {
@@ -219,37 +219,56 @@ pub(crate) fn write_headers(
 pub(crate) fn too_many_requests(
     style: HeaderStyle,
     decision: &Decision,
-    tool: Option<&str>,
+    named: Option<(RuleKind, &str)>,
 ) -> Response<Bytes> {
     let retry = decision.retry_after_secs();
-    let tool_violated = decision.violated().any(|kind| kind == RuleKind::Tool);
     let body = cut(|buf| {
         buf.extend_from_slice(
             b"{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
               \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
-              \"detail\":\"Rate limit exceeded",
+              \"detail\":\"",
         );
-        match (tool, tool_violated, decision.speaking_verdict()) {
-            (Some(tool), true, _) => {
-                buf.extend_from_slice(b" for tool '");
-                json_escape_into(buf, tool);
-                buf.extend_from_slice(b"'");
-            }
-            (_, _, Some(v)) => {
-                let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
-            }
-            _ => {}
-        }
-        let _ = write!(buf, "\",\"retry_after\":{retry},\"violated\":[");
-        for (i, kind) in decision.violated().enumerate() {
-            let sep = if i > 0 { "," } else { "" };
-            let _ = write!(buf, "{sep}\"{kind}\"");
-        }
-        buf.extend_from_slice(b"]}");
+        detail_into(buf, decision, named);
+        let _ = write!(buf, "\",\"retry_after\":{retry},\"violated\":");
+        violated_into(buf, decision);
+        buf.extend_from_slice(b"}");
     });
     let mut resp = problem(StatusCode::TOO_MANY_REQUESTS, body);
     write_headers(style, decision, resp.headers_mut(), true);
     resp
+}
+
+/// Writes, JSON-escaped, `Rate limit exceeded for tool 'search'` when the named tool's
+/// (or prompt's) rule refused, else `Rate limit exceeded: user limit of 30/m`. `named` is
+/// a configured (normalised) name, never a user or tenant id.
+pub(crate) fn detail_into(
+    buf: &mut BytesMut,
+    decision: &Decision,
+    named: Option<(RuleKind, &str)>,
+) {
+    buf.extend_from_slice(b"Rate limit exceeded");
+    let named = named.filter(|(kind, _)| decision.violated().any(|v| v == *kind));
+    match (named, decision.speaking_verdict()) {
+        (Some((kind, name)), _) => {
+            let _ = write!(buf, " for {kind} '");
+            json_escape_into(buf, name);
+            buf.extend_from_slice(b"'");
+        }
+        (None, Some(v)) => {
+            let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
+        }
+        (None, None) => {}
+    }
+}
+
+/// Writes the refusing rules as a JSON array: `["tool"]`.
+pub(crate) fn violated_into(buf: &mut BytesMut, decision: &Decision) {
+    buf.extend_from_slice(b"[");
+    for (i, kind) in decision.violated().enumerate() {
+        let sep = if i > 0 { "," } else { "" };
+        let _ = write!(buf, "{sep}\"{kind}\"");
+    }
+    buf.extend_from_slice(b"]");
 }
 
 /// The 503 answer when the store is down, no fallback answers and fail_mode = closed.
@@ -287,7 +306,7 @@ fn problem(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
 }
 
 /// Appends `s` escaped for the inside of a JSON string.
-fn json_escape_into(out: &mut BytesMut, s: &str) {
+pub(crate) fn json_escape_into(out: &mut BytesMut, s: &str) {
     for c in s.chars() {
         match c {
             '"' => out.extend_from_slice(b"\\\""),
@@ -329,7 +348,11 @@ mod tests {
             outcome: rejected,
         };
         let decision = Decision::new([None, None, Some(verdict)], 1_000_000);
-        let resp = too_many_requests(HeaderStyle::Legacy, &decision, Some("se\"ar\\ch\n🦀"));
+        let resp = too_many_requests(
+            HeaderStyle::Legacy,
+            &decision,
+            Some((RuleKind::Tool, "se\"ar\\ch\n🦀")),
+        );
         assert_eq!(resp.headers()["retry-after"], "30");
         let body = std::str::from_utf8(resp.body()).unwrap();
         assert!(

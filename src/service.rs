@@ -12,8 +12,10 @@ use tower_service::Service;
 
 use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
-use crate::identity;
+use crate::identity::{self, Target};
 use crate::layer::Shared;
+use crate::mcp::jsonrpc::{no_call, FindCall, McpCall};
+use crate::mcp::refusal;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::{FailMode, Key, Mode, Rate, RuleKind, Subject};
@@ -35,6 +37,11 @@ impl<S> RateLimit<S> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Whether `mode = "disabled"`: nothing is counted, so nothing needs reading.
+    pub(crate) fn is_disabled(&self) -> bool {
+        self.shared.mode == Mode::Disabled
     }
 }
 
@@ -59,7 +66,7 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
     rules: [Option<(RuleKind, Rate)>; 3],
-    tool: Option<u32>,
+    tool: Option<(Target, u32)>,
     pub(crate) now: u64,
 }
 
@@ -84,12 +91,29 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        self.call_with(req, no_call::<ReqB>)
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// [`Service::call`], finding the JSON-RPC call [`McpLayer`](crate::McpLayer) read
+    /// from the body with `find` (in the body itself: no request extension, no
+    /// allocation).
+    pub(crate) fn call_with<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+        find: FindCall<ReqB>,
+    ) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    {
         let shared = &*self.shared;
         if shared.mode == Mode::Disabled {
             return ResponseFuture::calling(self.inner.call(req), None, shared.decorate());
         }
         let now = shared.clock.now_micros();
-        let who = match identity::extract(&req, &shared.identity) {
+        let call = find(&req);
+        let who = match identity::extract(&req, &shared.identity, shared.mcp_headers, call) {
             Ok(who) => who,
             Err(bad) if shared.mode == Mode::Enforce => {
                 tracing::debug!(
@@ -106,7 +130,7 @@ where
                         "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                identity::extract_lenient(&req, &shared.identity)
+                identity::extract_lenient(&req, &shared.identity, shared.mcp_headers, call)
             }
         };
 
@@ -135,14 +159,18 @@ where
         if let (Some(rate), Some(tenant)) = (rules.tenant, who.tenant) {
             add(RuleKind::Tenant, Subject::Named(tenant), rate);
         }
-        if let Some((index, rate)) = who.tool.and_then(|t| rules.tool(t)) {
+        let called = who.tool.as_ref();
+        if let Some((target, (index, rate))) =
+            called.and_then(|t| Some((t.target, rules.named(t.target, &t.name)?)))
+        {
             add(
-                RuleKind::Tool,
-                Subject::Named(rules.tool_name(index).as_bytes()),
+                target.rule(),
+                Subject::Named(rules.name(target, index).as_bytes()),
                 rate,
             );
-            plan.tool = Some(index);
+            plan.tool = Some((target, index));
         }
+        drop(who);
         if n == 0 {
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
@@ -156,7 +184,7 @@ where
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &plan, result) {
+            StoreFuture::Ready(result) => match act(shared, &plan, result, &req, call) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
                 Action::Forward(decision) => {
                     ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
@@ -166,7 +194,7 @@ where
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan)
+                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan, find)
             }
         }
     }
@@ -178,7 +206,13 @@ pub(crate) fn panicked() -> StoreError {
 
 /// Turns the store's answer into what happens to the request (ARCHITECTURE.md, behaviour
 /// contract items 7–11).
-pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreError>) -> Action {
+pub(crate) fn act<B>(
+    shared: &Shared,
+    plan: &Plan,
+    result: Result<Outcomes, StoreError>,
+    req: &Request<B>,
+    call: Option<McpCall<'_>>,
+) -> Action {
     let expected = plan.rules.iter().flatten().count();
     let result = result.and_then(|o| {
         if o.len() == expected {
@@ -210,7 +244,10 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }
-    let tool = plan.tool.map(|i| shared.rules.tool_name(i));
+    let named = plan
+        .tool
+        .map(|(target, i)| (target.rule(), shared.rules.name(target, i)));
+    let tool = named.map(|(_, name)| name);
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match shared.mode {
         Mode::Permissive => {
@@ -227,7 +264,19 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
                 tool = tool.unwrap_or(""),
                 "tollgate: rate limit exceeded"
             );
-            let mut resp = response::too_many_requests(shared.headers, &decision, tool);
+            // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
+            let mut resp = call
+                .and_then(|call| {
+                    refusal::refuse(
+                        shared.refusal,
+                        shared.headers,
+                        &decision,
+                        call,
+                        named,
+                        req.headers(),
+                    )
+                })
+                .unwrap_or_else(|| response::too_many_requests(shared.headers, &decision, named));
             if shared.insert_decision {
                 resp.extensions_mut().insert(decision);
             }

@@ -336,3 +336,125 @@ fn memory_per_tracked_key_at_one_million_keys() {
     assert!(held >= KEYS * 9 / 10, "only {held} keys held");
     assert!(per_key <= 128.0, "{per_key:.1} bytes per tracked key");
 }
+
+/// A request body that hands out its frames one by one, already in memory (as a server's
+/// read buffer holds them: shared `Bytes`, so slicing one allocates nothing).
+struct Frames(std::collections::VecDeque<bytes::Bytes>);
+
+impl http_body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// `REQUESTS` MCP `tools/call` requests, each body cut into `frames` frames, with a
+/// `Content-Length` header.
+fn mcp_requests(frames: usize) -> Vec<Request<Frames>> {
+    let mut buffer = bytes::BytesMut::new();
+    (0..REQUESTS)
+        .map(|i| {
+            let text = format!(
+                r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"search","arguments":{{"query":"rust tower middleware"}}}}}}"#
+            );
+            buffer.extend_from_slice(text.as_bytes());
+            let body = buffer.split().freeze();
+            let step = body.len().div_ceil(frames);
+            let parts = (0..body.len())
+                .step_by(step)
+                .map(|at| body.slice(at..(at + step).min(body.len())))
+                .collect();
+            Request::post("/mcp")
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .header("x-user-id", format!("user-{:04}", i % USERS))
+                .body(Frames(parts))
+                .expect("valid request")
+        })
+        .collect()
+}
+
+/// Allocations per MCP request through `svc`, counted as in [`per_request`].
+fn mcp_per_request<S, B>(svc: S, frames: usize) -> f64
+where
+    S: Service<Request<Frames>, Response = Response<B>, Error = Infallible> + Clone,
+{
+    let waker = Waker::from(Arc::new(Noop));
+    let mut cx = Context::from_waker(&waker);
+    let mut run = |reqs: Vec<Request<Frames>>, out: &mut Vec<Response<B>>| {
+        for req in reqs {
+            let mut fut = pin!(svc.clone().oneshot(req));
+            match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(resp) => out.push(resp.expect("infallible")),
+                Poll::Pending => panic!("an in-memory body never waits"),
+            }
+        }
+    };
+    let mut warm = Vec::with_capacity(REQUESTS);
+    run(mcp_requests(frames), &mut warm);
+    let reqs = mcp_requests(frames);
+    let mut responses = Vec::with_capacity(REQUESTS);
+    let ((), allocs, _) = counted(trace_wanted(), || run(reqs, &mut responses));
+    for resp in &responses {
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    allocs as f64 / REQUESTS as f64
+}
+
+/// The body peek: `McpLayer` in front of the rate limiter against the rate limiter alone,
+/// over the same MCP requests (the handler does not read the body in either case).
+#[test]
+fn the_body_peek_allocates_one_buffer_at_most() {
+    let mcp_cfg = RateLimitConfig::builder()
+        .by_user("1000000/s")
+        .tool("search", "1000000/s")
+        .user_header("x-user-id")
+        .mcp()
+        .build()
+        .expect("valid config");
+    let figures = on_own_thread(move || {
+        let handler = |_req: Request<tollgate::McpBody<Frames>>| {
+            let mut resp = Response::new(());
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            std::future::ready(Ok::<_, Infallible>(resp))
+        };
+        let bare_handler = |_req: Request<Frames>| {
+            let mut resp = Response::new(());
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            std::future::ready(Ok::<_, Infallible>(resp))
+        };
+        let limiter = || {
+            RateLimitLayer::with_store(mcp_cfg.clone(), MemoryStore::new())
+                .decision_extension(false)
+        };
+        [1, 2, 5].map(|frames| {
+            let without = mcp_per_request(limiter().layer(service_fn(bare_handler)), frames);
+            let with = mcp_per_request(
+                tollgate::McpLayer::new(&mcp_cfg).layer(limiter().layer(service_fn(handler))),
+                frames,
+            );
+            (frames, without, with)
+        })
+    });
+    for (frames, without, with) in figures {
+        let extra = with - without;
+        println!(
+            "allocations per MCP tools/call in {frames} frame(s): rate limiter alone \
+             {without:.3}, with McpLayer {with:.3}, the peek's own {extra:.3}"
+        );
+        // One frame is kept as it came; more are gathered into one buffer sized from
+        // Content-Length.
+        let allowed = if frames == 1 { 0.0 } else { 1.0 };
+        assert!(
+            extra <= allowed + AMORTISED,
+            "the peek allocates {extra} times per request in {frames} frames"
+        );
+    }
+}

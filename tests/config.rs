@@ -309,3 +309,86 @@ fn rediss_without_the_tls_feature_is_a_config_error() {
         "backend.url: rediss:// needs tollgate built with its `redis-tls` feature"
     );
 }
+#[test]
+fn mcp_section_and_prompts_are_validated_together() {
+    let lines = problems(
+        "[by_prompt]\nSummary = \"1/m\"\n\" summary \" = \"2/m\"\nx = \"abc/m\"\n\
+         [mcp]\nrefusal = \"teapot\"\nmax_body = \"1GiB\"\nmax_bodi = 5",
+    );
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("by_prompt[\"x\"]: invalid rate \"abc/m\"")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("same prompt as by_prompt[")),
+        "{lines:?}"
+    );
+    assert!(lines.contains(
+        &"mcp.refusal: unknown refusal \"teapot\": expected tool_error, jsonrpc_error or http"
+            .to_owned()
+    ));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("mcp.max_body: invalid size \"1GiB\"")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"mcp.max_bodi: unknown field".to_owned()),
+        "{lines:?}"
+    );
+    assert_eq!(
+        problems("[mcp]\nmax_body = 0"),
+        ["mcp.max_body: 0 bytes is out of range: must be 1 byte to 64 MiB"]
+    );
+    assert_eq!(
+        problems("[mcp]\nmax_body = \"65MiB\""),
+        ["mcp.max_body: 68157440 bytes is out of range: must be 1 byte to 64 MiB"]
+    );
+    assert_eq!(
+        problems("[mcp]\nmax_body = true"),
+        ["mcp.max_body: expected a size like \"1MiB\", found a boolean"]
+    );
+}
+
+#[test]
+fn mcp_section_defaults_and_sizes() {
+    use tollgate::Refusal;
+    let cfg = RateLimitConfig::from_toml_str("").unwrap();
+    assert!(cfg.mcp().is_none());
+    let cfg = RateLimitConfig::from_toml_str("[mcp]").unwrap();
+    let mcp = cfg.mcp().unwrap();
+    assert_eq!(
+        (mcp.refusal(), mcp.max_body()),
+        (Refusal::ToolError, 1 << 20)
+    );
+    for (text, bytes) in [
+        ("\"1MiB\"", 1 << 20),
+        ("\"512 KiB\"", 512 << 10),
+        ("\"64kb\"", 64 << 10),
+        ("\"100\"", 100),
+        ("100", 100),
+        ("\"2 MB\"", 2 << 20),
+    ] {
+        let cfg = RateLimitConfig::from_toml_str(&format!("[mcp]\nmax_body = {text}")).unwrap();
+        assert_eq!(cfg.mcp().unwrap().max_body(), bytes, "{text}");
+    }
+    let cfg = RateLimitConfig::from_toml_str(
+        "[by_prompt]\n\" Summary \" = \"3/m\"\n[mcp]\nrefusal = \"JSONRPC_error\"",
+    )
+    .unwrap();
+    assert_eq!(cfg.prompt_rate("summary"), Some(Rate::per_minute(3)));
+    assert_eq!(cfg.tool_rate("summary"), None);
+    assert_eq!(cfg.mcp().unwrap().refusal(), Refusal::JsonRpcError);
+    let built = RateLimitConfig::builder()
+        .prompt(" Summary ", "3/m")
+        .mcp_refusal(Refusal::JsonRpcError)
+        .build()
+        .unwrap();
+    assert_eq!(built, cfg);
+}

@@ -72,7 +72,7 @@ struct Entry {
 
 impl Entry {
     fn expires_at(&self) -> u64 {
-        let alg = match self.tag >> 2 {
+        let alg = match self.tag >> 3 {
             0 => Algorithm::FixedWindow,
             1 => Algorithm::SlidingWindow,
             _ => Algorithm::TokenBucket,
@@ -250,13 +250,14 @@ impl Probe {
             (RuleKind::User, _) => 0,
             (RuleKind::Tenant, _) => 1,
             (RuleKind::Tool, _) => 2,
+            (RuleKind::Prompt, _) => 4,
         };
         let alg = match key.algorithm {
             Algorithm::FixedWindow => 0,
             Algorithm::SlidingWindow => 1,
             Algorithm::TokenBucket => 2,
         };
-        let tag = kind | alg << 2;
+        let tag = kind | alg << 3;
         let hash = hash_of(inner, tag, key.rate.period_secs(), subject_bytes(key));
         let shard = if inner.shards.len() == 1 {
             0

@@ -159,8 +159,10 @@ pub(crate) struct Health {
     pub(crate) fail_closed: AtomicU64,
     /// Store failures.
     pub(crate) log: LogGate,
-    /// Identities counted as anonymous in permissive mode.
+    /// Refused identities (400s), and identities counted as anonymous in permissive mode.
     pub(crate) identity_log: LogGate,
+    /// Refusals (429s): a client decides how often they happen.
+    pub(crate) refusal_log: LogGate,
 }
 
 /// Failure counts since the layer was built.

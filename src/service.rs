@@ -116,10 +116,13 @@ impl<S> RateLimit<S> {
         let who = match identity::extract(&req, &shared.identity, shared.mcp_headers, call) {
             Ok(who) => who,
             Err(bad) if shared.mode == Mode::Enforce => {
-                tracing::debug!(
-                    reason = bad.detail(),
-                    "tollgate: refused an ambiguous identity"
-                );
+                if let Some(suppressed) = shared.health.identity_log.may_log(now) {
+                    tracing::debug!(
+                        reason = bad.detail(),
+                        suppressed,
+                        "tollgate: refused an ambiguous identity"
+                    );
+                }
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
@@ -259,11 +262,14 @@ pub(crate) fn act<B>(
             Action::Forward(Some(decision))
         }
         _ => {
-            tracing::debug!(
-                rule,
-                tool = tool.unwrap_or(""),
-                "tollgate: rate limit exceeded"
-            );
+            if let Some(suppressed) = shared.health.refusal_log.may_log(plan.now) {
+                tracing::debug!(
+                    rule,
+                    tool = tool.unwrap_or(""),
+                    suppressed,
+                    "tollgate: rate limit exceeded"
+                );
+            }
             // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
             let mut resp = call
                 .and_then(|call| {

@@ -78,3 +78,35 @@ fn no_identity_reaches_a_log_line() {
         assert!(!text.contains(secret), "{secret} leaked:\n{text}");
     }
 }
+
+/// Every log line a client can trigger is rate-limited: a hundred refusals and a hundred
+/// refused identities in the same second log about one line each, not a hundred.
+#[test]
+fn client_triggered_lines_are_rate_limited() {
+    let captured = common::CapturedLogs::start(tracing::Level::TRACE);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cfg = RateLimitConfig::from_toml_str(
+            "by_user = \"1/m\"\n[identity]\nuser_header = \"x-user-id\"",
+        )
+        .unwrap();
+        let layer =
+            RateLimitLayer::with_store(cfg, MemoryStore::new()).with_clock(ManualClock::new());
+        let (svc, _) = counting_service(layer);
+        for _ in 0..100 {
+            svc.clone().oneshot(request("search")).await.unwrap();
+            let mut req = Request::new(Body::new());
+            req.headers_mut().append("x-user-id", "a".parse().unwrap());
+            req.headers_mut().append("x-user-id", "b".parse().unwrap());
+            svc.clone().oneshot(req).await.unwrap();
+        }
+    });
+    let text = captured.text();
+    for line in ["rate limit exceeded", "ambiguous identity"] {
+        let n = text.lines().filter(|l| l.contains(line)).count();
+        assert!((1..=2).contains(&n), "{n} lines of {line:?}:\n{text}");
+    }
+}

@@ -77,12 +77,19 @@ async fn one_script_call_per_request_whatever_the_number_of_rules() {
     let load = command_calls(&mut conn, "script|load").await;
     // Every command the server ran besides ours (INFO, CONFIG) is counted too: the
     // store issued exactly 10 EVALSHA and nothing else.
-    let (get, set) = (
+    let (mget, get, set) = (
+        command_calls(&mut conn, "mget").await,
         command_calls(&mut conn, "get").await,
         command_calls(&mut conn, "set").await,
     );
     assert_eq!((evalsha, eval, load), (10, 0, 0));
-    assert_eq!(get, 30, "three keys read inside each script call");
+    assert_eq!(
+        mget, 10,
+        "the three keys read at once inside each script call"
+    );
+    // A missing key reads as nil, and so would a key of another type: each new user's key
+    // is asked again alone, to tell the two apart.
+    assert_eq!(get, 10, "one new key per request");
     assert_eq!(set, 30, "and each written once, with its expiry");
 }
 

@@ -20,18 +20,28 @@ if now < 0 then
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 
--- Per key index: its state as t, c, p (t false when the key holds none); whether Redis
--- refused it; for keys to write, when they expire (µs) and which requests counted there.
+-- Per key index: its state as t, c, p (t false when the key holds none); whether it
+-- cannot be used; for keys to write, when they expire (µs) and which requests counted
+-- there.
 local st, sc, sp, broken, expires, counted = {}, {}, {}, {}, {}, {}
+-- One MGET reads every key; it answers nil both for a missing key and for a key of
+-- another type, so only those are asked again one by one (a missing key reads as false,
+-- a key of another type fails its requests alone; any other error, a server that cannot
+-- serve, fails the call so the client drops the connection).
+local values = {}
+if #KEYS > 0 then values = redis.call('MGET', unpack(KEYS)) end
 for i = 1, #KEYS do
   st[i] = false
-  local v = redis.pcall('GET', KEYS[i])
-  if type(v) == 'table' then
-    -- A key of another type fails its requests alone; any other error (the server cannot
-    -- serve) fails the call, so the client drops the connection.
-    if string.sub(v.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(v.err) end
-    broken[i] = true
-  elseif v then
+  local v = values[i]
+  if not v then
+    v = redis.pcall('GET', KEYS[i])
+    if type(v) == 'table' then
+      if string.sub(v.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(v.err) end
+      broken[i] = true
+      v = false
+    end
+  end
+  if v then
     local t, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
     if t then
       st[i], sc[i], sp[i] = tonumber(t), tonumber(c), tonumber(p)

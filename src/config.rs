@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use http::HeaderName;
 use serde::de::{self, IgnoredAny};
 use serde::Deserialize;
 
+use crate::tier::TierConfig;
 use crate::{Algorithm, Rate};
 
 /// What happens to a request over its limit.
@@ -76,13 +78,45 @@ pub enum Fallback {
     None,
 }
 
-/// `[identity]`: request headers to read identities from. Read only when named; trust
-/// them only behind a proxy that sets them and strips them from clients.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How requests without a user are counted (`anonymous = ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Anonymous {
+    /// One `anonymous` bucket shared by every request without a user.
+    #[default]
+    Shared,
+    /// One bucket per client address (IPv6 grouped by `[identity] ipv6_prefix`), read
+    /// from the connection and, through `[identity] trusted_proxies`, from
+    /// `X-Forwarded-For` or `Forwarded`. Without a peer address a request falls back to
+    /// the shared bucket (logged, rate-limited).
+    ByIp,
+}
+
+/// `[identity]`: where identities come from besides the [`Identity`](crate::Identity) and
+/// [`ToolName`](crate::ToolName) extensions. Headers are read only when named; trust them
+/// only behind a proxy that sets them and strips them from clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityConfig {
     user_header: Option<HeaderName>,
     tenant_header: Option<HeaderName>,
     tool_header: Option<HeaderName>,
+    tool_path: Option<crate::tool_path::ToolPath>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    ipv6_prefix: u8,
+    pub(crate) anonymous: Anonymous,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            user_header: None,
+            tenant_header: None,
+            tool_header: None,
+            tool_path: None,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: 64,
+            anonymous: Anonymous::Shared,
+        }
+    }
 }
 
 impl IdentityConfig {
@@ -97,6 +131,29 @@ impl IdentityConfig {
     /// Header carrying the tool name.
     pub fn tool_header(&self) -> Option<&HeaderName> {
         self.tool_header.as_ref()
+    }
+    /// The path pattern the tool name is taken from (`"/tools/{name}"`), when a request
+    /// has no [`ToolName`](crate::ToolName) extension.
+    pub fn tool_path(&self) -> Option<&str> {
+        self.tool_path.as_ref().map(|p| p.as_str())
+    }
+    pub(crate) fn tool_path_matcher(&self) -> Option<&crate::tool_path::ToolPath> {
+        self.tool_path.as_ref()
+    }
+    /// Networks of the proxies whose `X-Forwarded-For` / `Forwarded` entries are
+    /// believed, as (network address, prefix length).
+    pub fn trusted_proxies(&self) -> impl Iterator<Item = (IpAddr, u8)> + '_ {
+        self.trusted_proxies
+            .iter()
+            .map(|net| (net.network(), net.prefix_len()))
+    }
+    pub(crate) fn trusted_nets(&self) -> &[ipnet::IpNet] {
+        &self.trusted_proxies
+    }
+    /// The prefix length IPv6 clients are grouped by with `anonymous = "by_ip"` (default
+    /// 64).
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
     }
 }
 
@@ -235,6 +292,10 @@ pub struct RateLimitConfig {
     by_user: Option<Rate>,
     by_tenant: Option<Rate>,
     by_tool: BTreeMap<String, Rate>,
+    by_user_tool: BTreeMap<String, Rate>,
+    tiers: BTreeMap<String, TierConfig>,
+    /// Trimmed tenant id → tier name.
+    tenants: BTreeMap<String, String>,
     algorithm: Algorithm,
     mode: Mode,
     fail_mode: FailMode,
@@ -277,6 +338,31 @@ impl RateLimitConfig {
     pub fn tool_rate(&self, name: &str) -> Option<Rate> {
         self.by_tool.get(&normalize_tool(name)).copied()
     }
+    /// Per-user, per-tool rates (`by_user_tool`), by normalised tool name: each user has
+    /// their own counter for each of these tools.
+    pub fn by_user_tool(&self) -> impl Iterator<Item = (&str, Rate)> + '_ {
+        self.by_user_tool
+            .iter()
+            .map(|(name, rate)| (name.as_str(), *rate))
+    }
+    /// The configured tiers (`[tiers.<name>]`), by name.
+    pub fn tiers(&self) -> impl Iterator<Item = (&str, &TierConfig)> + '_ {
+        self.tiers.iter().map(|(name, tier)| (name.as_str(), tier))
+    }
+    /// One tier's rules.
+    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
+        self.tiers.get(name)
+    }
+    /// `[tenants]`: each listed tenant (trimmed) with its tier's name.
+    pub fn tenants(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.tenants
+            .iter()
+            .map(|(t, tier)| (t.as_str(), tier.as_str()))
+    }
+    /// How requests without a user are counted.
+    pub fn anonymous(&self) -> Anonymous {
+        self.identity.anonymous
+    }
     /// The counting algorithm.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
@@ -311,7 +397,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.problems.push((field.into(), message.into()));
     }
 
@@ -390,6 +476,99 @@ impl RateLimitConfigBuilder {
             .by_tool
             .get_or_insert_with(Vec::new)
             .push((name.into(), rate.into().0));
+        self
+    }
+    /// Give each user their own counter of `rate` for the tool `name` (`by_user_tool`).
+    pub fn user_tool(mut self, name: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw
+            .by_user_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// `tier`'s per-user rate (`[tiers.<tier>] by_user`).
+    pub fn tier_by_user(mut self, tier: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw_tier(tier.into()).by_user = Some(rate.into().0);
+        self
+    }
+    /// `tier`'s per-tenant rate (`[tiers.<tier>] by_tenant`).
+    pub fn tier_by_tenant(mut self, tier: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw_tier(tier.into()).by_tenant = Some(rate.into().0);
+        self
+    }
+    /// `tier`'s rate for the tool `name` (`[tiers.<tier>.by_tool]`).
+    pub fn tier_tool(
+        mut self,
+        tier: impl Into<String>,
+        name: impl Into<String>,
+        rate: impl Into<RateSpec>,
+    ) -> Self {
+        self.raw_tier(tier.into())
+            .by_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// `tier`'s per-user rate for the tool `name` (`[tiers.<tier>.by_user_tool]`).
+    pub fn tier_user_tool(
+        mut self,
+        tier: impl Into<String>,
+        name: impl Into<String>,
+        rate: impl Into<RateSpec>,
+    ) -> Self {
+        self.raw_tier(tier.into())
+            .by_user_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// Put `tenant` in `tier` (`[tenants]`).
+    pub fn tenant_tier(mut self, tenant: impl Into<String>, tier: impl Into<String>) -> Self {
+        self.raw
+            .tenants
+            .get_or_insert_with(BTreeMap::new)
+            .insert(tenant.into(), Scalar::Text(tier.into()));
+        self
+    }
+    fn raw_tier(&mut self, tier: String) -> &mut RawTier {
+        self.raw
+            .tiers
+            .get_or_insert_with(BTreeMap::new)
+            .entry(tier)
+            .or_default()
+    }
+    /// How requests without a user are counted.
+    pub fn anonymous(mut self, anonymous: Anonymous) -> Self {
+        let name = match anonymous {
+            Anonymous::Shared => "shared",
+            Anonymous::ByIp => "by_ip",
+        };
+        self.raw.anonymous = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Take the tool from the request path, e.g. `"/tools/{name}"` (checked at `build`).
+    pub fn tool_path(mut self, pattern: impl Into<String>) -> Self {
+        self.raw.identity.tool_path = Some(Scalar::Text(pattern.into()));
+        self
+    }
+    /// Believe `X-Forwarded-For` / `Forwarded` from peers in these networks (`"10.0.0.0/8"`,
+    /// `"::1"`; checked at `build`).
+    pub fn trusted_proxies<I, N>(mut self, networks: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.raw.identity.trusted_proxies = Some(Loose::Ok(
+            networks
+                .into_iter()
+                .map(|n| Scalar::Text(n.into()))
+                .collect(),
+        ));
+        self
+    }
+    /// Group IPv6 clients by this prefix length (32 to 128; default 64).
+    pub fn ipv6_prefix(mut self, prefix_len: u8) -> Self {
+        self.raw.identity.ipv6_prefix = Some(Scalar::Int(i128::from(prefix_len)));
         self
     }
     /// The counting algorithm.
@@ -496,7 +675,8 @@ impl RateLimitConfigBuilder {
         self.raw.backend.max_keys = Some(Scalar::Int(max_keys as i128));
         self
     }
-    /// Refused keys the Redis store remembers locally (0 turns the deny cache off).
+    /// Refused keys the Redis store remembers locally (0 turns the deny cache off; 1 to 15
+    /// are refused at `build`: the cache holds at least 16).
     pub fn deny_cache(mut self, keys: usize) -> Self {
         self.raw.backend.deny_cache = Some(Scalar::Int(keys as i128));
         self
@@ -506,6 +686,9 @@ impl RateLimitConfigBuilder {
         RateLimitConfig::try_from(self.raw)
     }
 }
+
+/// Smallest deny cache that caches anything (one key per shard).
+const DENY_CACHE_MIN: usize = 16;
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
@@ -541,7 +724,7 @@ pub(crate) fn normalize_tool(name: &str) -> String {
 /// A scalar as written, kept loose so a wrong type is one reported problem among others
 /// rather than an abort.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Scalar {
+pub(crate) enum Scalar {
     Text(String),
     Int(i128),
     Other(&'static str),
@@ -586,7 +769,7 @@ impl<'de> Deserialize<'de> for Scalar {
 /// A value of the expected shape, or what was found instead (so a wrong type is one
 /// reported problem naming its field, not a parse error).
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Loose<T> {
+pub(crate) enum Loose<T> {
     Ok(T),
     Found(&'static str),
 }
@@ -621,6 +804,11 @@ struct Raw {
     by_tenant: Option<Scalar>,
     #[serde(deserialize_with = "deserialize_tools")]
     by_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    by_user_tool: Option<Vec<(String, Scalar)>>,
+    tiers: Option<BTreeMap<String, RawTier>>,
+    tenants: Option<BTreeMap<String, Scalar>>,
+    anonymous: Option<Scalar>,
     algorithm: Option<Scalar>,
     mode: Option<Scalar>,
     fail_mode: Option<Scalar>,
@@ -633,10 +821,26 @@ struct Raw {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
+pub(crate) struct RawTier {
+    pub(crate) by_user: Option<Scalar>,
+    pub(crate) by_tenant: Option<Scalar>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) by_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) by_user_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 struct RawIdentity {
     user_header: Option<Scalar>,
     tenant_header: Option<Scalar>,
     tool_header: Option<Scalar>,
+    tool_path: Option<Scalar>,
+    trusted_proxies: Option<Loose<Vec<Scalar>>>,
+    ipv6_prefix: Option<Scalar>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -660,12 +864,12 @@ struct RawBackend {
 }
 
 /// Collects problems while turning raw values into typed ones.
-struct Check {
-    err: ConfigError,
+pub(crate) struct Check {
+    pub(crate) err: ConfigError,
 }
 
 impl Check {
-    fn text<'a>(&mut self, field: &str, value: &'a Option<Scalar>) -> Option<&'a str> {
+    pub(crate) fn text<'a>(&mut self, field: &str, value: &'a Option<Scalar>) -> Option<&'a str> {
         match value {
             None => None,
             Some(Scalar::Text(t)) => Some(t),
@@ -681,7 +885,7 @@ impl Check {
         }
     }
 
-    fn rate(&mut self, field: &str, value: &Option<Scalar>) -> Option<Rate> {
+    pub(crate) fn rate(&mut self, field: &str, value: &Option<Scalar>) -> Option<Rate> {
         if let Some(Scalar::Int(n)) = value {
             self.err.push(
                 field,
@@ -903,6 +1107,38 @@ impl Check {
         let _ = cluster;
     }
 
+    /// A `by_tool`-shaped table (`field` is e.g. `by_tool` or `tiers.pro.by_user_tool`):
+    /// names normalised, each rate checked, names equal after normalisation refused.
+    pub(crate) fn tools(
+        &mut self,
+        field: &str,
+        raw: &Option<Vec<(String, Scalar)>>,
+    ) -> BTreeMap<String, Rate> {
+        let mut tools = BTreeMap::new();
+        let mut written: BTreeMap<String, String> = BTreeMap::new();
+        for (name, rate) in raw.iter().flatten() {
+            let entry = format!("{field}[{name:?}]");
+            let rate = self.rate(&entry, &Some(rate.clone()));
+            let normalized = normalize_tool(name);
+            if normalized.is_empty() {
+                self.err.push(entry, "tool name is empty");
+                continue;
+            }
+            if let Some(first) = written.get(&normalized) {
+                self.err.push(
+                    entry,
+                    format!("same tool as {field}[{first:?}] after trimming and lower-casing"),
+                );
+                continue;
+            }
+            written.insert(normalized.clone(), name.clone());
+            if let Some(rate) = rate {
+                tools.insert(normalized, rate);
+            }
+        }
+        tools
+    }
+
     fn unknown(&mut self, section: &str, keys: &BTreeMap<String, IgnoredAny>) {
         for key in keys.keys() {
             let plain = !key.is_empty()
@@ -931,28 +1167,10 @@ impl TryFrom<Raw> for RateLimitConfig {
         let by_user = c.rate("by_user", &raw.by_user);
         let by_tenant = c.rate("by_tenant", &raw.by_tenant);
 
-        let mut by_tool = BTreeMap::new();
-        let mut written: BTreeMap<String, String> = BTreeMap::new();
-        for (name, rate) in raw.by_tool.iter().flatten() {
-            let field = format!("by_tool[{name:?}]");
-            let rate = c.rate(&field, &Some(rate.clone()));
-            let normalized = normalize_tool(name);
-            if normalized.is_empty() {
-                c.err.push(field, "tool name is empty");
-                continue;
-            }
-            if let Some(first) = written.get(&normalized) {
-                c.err.push(
-                    field,
-                    format!("same tool as by_tool[{first:?}] after trimming and lower-casing"),
-                );
-                continue;
-            }
-            written.insert(normalized.clone(), name.clone());
-            if let Some(rate) = rate {
-                by_tool.insert(normalized, rate);
-            }
-        }
+        let by_tool = c.tools("by_tool", &raw.by_tool);
+        let by_user_tool = c.tools("by_user_tool", &raw.by_user_tool);
+        let tiers = crate::tier::check_tiers(&mut c, raw.tiers.as_ref());
+        let tenants = crate::tier::check_tenants(&mut c, raw.tenants.as_ref(), &tiers);
 
         let algorithm = c.choice(
             "algorithm",
@@ -996,7 +1214,7 @@ impl TryFrom<Raw> for RateLimitConfig {
             HeaderStyle::Legacy,
         );
 
-        let rules = by_user
+        let mut rules: Vec<(String, Rate)> = by_user
             .map(|r| ("by_user".to_owned(), r))
             .into_iter()
             .chain(by_tenant.map(|r| ("by_tenant".to_owned(), r)))
@@ -1004,7 +1222,16 @@ impl TryFrom<Raw> for RateLimitConfig {
                 by_tool
                     .iter()
                     .map(|(name, r)| (format!("by_tool[{name:?}]"), *r)),
-            );
+            )
+            .chain(
+                by_user_tool
+                    .iter()
+                    .map(|(name, r)| (format!("by_user_tool[{name:?}]"), *r)),
+            )
+            .collect();
+        for (name, tier) in &tiers {
+            rules.extend(tier.rules_with_fields(name));
+        }
         for (field, rate) in rules {
             if !algorithm.supports(rate) {
                 c.err.push(
@@ -1014,10 +1241,58 @@ impl TryFrom<Raw> for RateLimitConfig {
             }
         }
 
+        let anonymous = c.choice(
+            "anonymous",
+            "anonymous bucket",
+            &raw.anonymous,
+            &[("shared", Anonymous::Shared), ("by_ip", Anonymous::ByIp)],
+            Anonymous::Shared,
+        );
+        let ri = &raw.identity;
+        let tool_header = c.header("identity.tool_header", &ri.tool_header);
+        let tool_path = c.text("identity.tool_path", &ri.tool_path).and_then(|p| {
+            match crate::tool_path::ToolPath::parse(p) {
+                Ok(path) => Some(path),
+                Err(problem) => {
+                    c.err.push("identity.tool_path", problem);
+                    None
+                }
+            }
+        });
+        if tool_path.is_some() && tool_header.is_some() {
+            c.err.push(
+                "identity.tool_path",
+                "set identity.tool_header or identity.tool_path, not both (a client could name another tool in the header than the one its path calls)",
+            );
+        }
+        let trusted_proxies = crate::client_ip::check_networks(
+            &mut c,
+            "identity.trusted_proxies",
+            &ri.trusted_proxies,
+        );
+        let ipv6_prefix = c.int("identity.ipv6_prefix", &ri.ipv6_prefix, (32, 128), 64) as u8;
+        if anonymous != Anonymous::ByIp {
+            if ri.trusted_proxies.is_some() {
+                c.err.push(
+                    "identity.trusted_proxies",
+                    "only used with anonymous = \"by_ip\"",
+                );
+            }
+            if ri.ipv6_prefix.is_some() {
+                c.err.push(
+                    "identity.ipv6_prefix",
+                    "only used with anonymous = \"by_ip\"",
+                );
+            }
+        }
         let identity = IdentityConfig {
-            user_header: c.header("identity.user_header", &raw.identity.user_header),
-            tenant_header: c.header("identity.tenant_header", &raw.identity.tenant_header),
-            tool_header: c.header("identity.tool_header", &raw.identity.tool_header),
+            user_header: c.header("identity.user_header", &ri.user_header),
+            tenant_header: c.header("identity.tenant_header", &ri.tenant_header),
+            tool_header,
+            tool_path,
+            trusted_proxies,
+            ipv6_prefix,
+            anonymous,
         };
 
         let b = &raw.backend;
@@ -1095,8 +1370,20 @@ impl TryFrom<Raw> for RateLimitConfig {
         ) as usize;
         let deny_cache =
             c.int("backend.deny_cache", &b.deny_cache, (0, 10_000_000), 10_000) as usize;
+        if (1..DENY_CACHE_MIN).contains(&deny_cache) {
+            // The cache is sixteen shards of at least one key: a smaller capacity would
+            // silently be none at all.
+            c.err.push(
+                "backend.deny_cache",
+                format!("{deny_cache} is too small: 0 turns the deny cache off, otherwise it holds at least {DENY_CACHE_MIN} keys"),
+            );
+        }
 
         c.unknown("", &raw.unknown);
+        for (name, tier) in raw.tiers.iter().flatten() {
+            let section = format!("{}.", crate::tier::tier_field(name));
+            c.unknown(&section, &tier.unknown);
+        }
         c.unknown("identity.", &raw.identity.unknown);
         c.unknown("backend.", &raw.backend.unknown);
 
@@ -1107,6 +1394,9 @@ impl TryFrom<Raw> for RateLimitConfig {
             by_user,
             by_tenant,
             by_tool,
+            by_user_tool,
+            tiers,
+            tenants,
             algorithm,
             mode,
             fail_mode,

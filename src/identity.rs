@@ -91,6 +91,8 @@ pub(crate) struct Who<'r> {
     pub(crate) tenant: Option<&'r [u8]>,
     /// Trimmed but not yet lower-cased: matched against the configured tools.
     pub(crate) tool: Option<&'r [u8]>,
+    /// The tool came from the path (`[identity] tool_path`): still percent-encoded.
+    pub(crate) tool_from_path: bool,
 }
 
 /// An identity tollgate refuses to count rather than guess at.
@@ -124,6 +126,7 @@ pub(crate) fn extract<'r, B>(
         user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant?,
         tool: fields.tool?,
+        tool_from_path: fields.tool_from_path,
     })
 }
 
@@ -139,6 +142,7 @@ pub(crate) fn extract_lenient<'r, B>(req: &'r Request<B>, cfg: &IdentityConfig) 
             .map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant.ok().flatten(),
         tool: fields.tool.ok().flatten(),
+        tool_from_path: fields.tool_from_path,
     }
 }
 
@@ -147,6 +151,7 @@ struct Fields<'r> {
     user: Result<Option<&'r [u8]>, BadIdentity>,
     tenant: Result<Option<&'r [u8]>, BadIdentity>,
     tool: Result<Option<&'r [u8]>, BadIdentity>,
+    tool_from_path: bool,
 }
 
 impl<'r> Fields<'r> {
@@ -164,14 +169,21 @@ impl<'r> Fields<'r> {
                 header(headers, cfg.tenant_header(), "tenant"),
             ),
         };
-        let tool = match ext.get::<ToolName>() {
-            Some(t) => Ok(Some(t.0.trim().as_bytes())),
-            None => header(headers, cfg.tool_header(), "tool"),
+        let mut tool_from_path = false;
+        let tool = match (ext.get::<ToolName>(), cfg.tool_path_matcher()) {
+            (Some(t), _) => Ok(Some(t.0.trim().as_bytes())),
+            (None, Some(pattern)) => {
+                let tool = pattern.tool(req.uri().path());
+                tool_from_path = tool.is_some();
+                Ok(tool.map(str::as_bytes))
+            }
+            (None, None) => header(headers, cfg.tool_header(), "tool"),
         };
         Fields {
             user: bounded(user, "user"),
             tenant: bounded(tenant, "tenant"),
             tool: tool.map(|t| t.filter(|t| !t.is_empty())),
+            tool_from_path,
         }
     }
 }

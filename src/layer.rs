@@ -9,6 +9,7 @@ use tower_layer::Layer;
 
 use crate::config::IdentityConfig;
 use crate::log_gate::LogGate;
+use crate::tier::RuleSet;
 use crate::{
     Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Store,
     SystemClock,
@@ -69,11 +70,14 @@ impl Shared {
     }
 }
 
-/// The configured rates, ready for lookup.
+/// The configured rates, ready for lookup: the base rules, each tier's overrides, the
+/// tenants' tiers, and every tool any of them names (by number).
 pub(crate) struct Rules {
-    pub(crate) user: Option<Rate>,
-    pub(crate) tenant: Option<Rate>,
-    tools: HashMap<Box<str>, (u32, Rate)>,
+    pub(crate) base: RuleSet,
+    tiers: Vec<(Box<str>, RuleSet)>,
+    tier_index: HashMap<Box<str>, u32>,
+    tenants: HashMap<Box<[u8]>, u32>,
+    tools: HashMap<Box<str>, u32>,
     tool_names: Vec<Box<str>>,
 }
 
@@ -82,25 +86,75 @@ const TOOL_STACK: usize = 64;
 
 impl Rules {
     fn new(cfg: &RateLimitConfig) -> Rules {
-        let tool_names: Vec<Box<str>> = cfg.by_tool().map(|(n, _)| n.into()).collect();
-        let tools = cfg
-            .by_tool()
-            .enumerate()
-            .map(|(i, (name, rate))| (name.into(), (i as u32, rate)))
-            .collect();
-        Rules {
+        let mut tool_names: Vec<Box<str>> = Vec::new();
+        let mut tools: HashMap<Box<str>, u32> = HashMap::new();
+        let mut number = |name: &str| {
+            if !tools.contains_key(name) {
+                tools.insert(name.into(), tool_names.len() as u32);
+                tool_names.push(name.into());
+            }
+        };
+        cfg.by_tool().for_each(|(n, _)| number(n));
+        cfg.by_user_tool().for_each(|(n, _)| number(n));
+        for (_, tier) in cfg.tiers() {
+            tier.by_tool().for_each(|(n, _)| number(n));
+            tier.by_user_tool().for_each(|(n, _)| number(n));
+        }
+        let table = |rates: &mut dyn Iterator<Item = (&str, Rate)>| {
+            let mut out = vec![None; tool_names.len()];
+            for (name, rate) in rates {
+                out[tools[name] as usize] = Some(rate);
+            }
+            out
+        };
+        let base = RuleSet {
             user: cfg.by_user(),
             tenant: cfg.by_tenant(),
+            tools: table(&mut cfg.by_tool()),
+            user_tools: table(&mut cfg.by_user_tool()),
+        };
+        let tiers: Vec<(Box<str>, RuleSet)> = cfg
+            .tiers()
+            .map(|(name, tier)| {
+                let set = RuleSet {
+                    user: tier.by_user(),
+                    tenant: tier.by_tenant(),
+                    tools: table(&mut tier.by_tool()),
+                    user_tools: table(&mut tier.by_user_tool()),
+                };
+                (name.into(), set)
+            })
+            .collect();
+        let tier_index: HashMap<Box<str>, u32> = tiers
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.clone(), i as u32))
+            .collect();
+        let tenants = cfg
+            .tenants()
+            .map(|(tenant, tier)| (tenant.as_bytes().into(), tier_index[tier]))
+            .collect();
+        Rules {
+            base,
+            tiers,
+            tier_index,
+            tenants,
             tools,
             tool_names,
         }
     }
 
-    /// The configured tool matching `raw` (already trimmed) after lower-casing, with its
-    /// index and rate. ASCII names up to 64 bytes are folded on the stack.
-    pub(crate) fn tool(&self, raw: &[u8]) -> Option<(u32, Rate)> {
+    /// The number of the configured tool matching `raw` (already trimmed) after
+    /// lower-casing (and percent-decoding, for a name taken from the path). ASCII names
+    /// up to 64 bytes are folded on the stack.
+    pub(crate) fn tool(&self, raw: &[u8], encoded: bool) -> Option<u32> {
         if self.tools.is_empty() {
             return None;
+        }
+        if encoded && raw.contains(&b'%') {
+            let mut decoded = Vec::new();
+            crate::tool_path::percent_decode_into(raw, &mut decoded);
+            return self.tool(decoded.trim_ascii(), false);
         }
         if raw.is_ascii() && raw.len() <= TOOL_STACK {
             let mut buf = [0u8; TOOL_STACK];
@@ -117,6 +171,28 @@ impl Rules {
     pub(crate) fn tool_name(&self, index: u32) -> &str {
         &self.tool_names[index as usize]
     }
+
+    /// The tier named `name`, if configured.
+    pub(crate) fn tier_named(&self, name: &str) -> Option<u32> {
+        if self.tier_index.is_empty() {
+            return None;
+        }
+        self.tier_index.get(name).copied()
+    }
+
+    /// The tier `[tenants]` puts `tenant` in.
+    pub(crate) fn tenant_tier(&self, tenant: &[u8]) -> Option<u32> {
+        if self.tenants.is_empty() {
+            return None;
+        }
+        self.tenants.get(tenant).copied()
+    }
+
+    /// A tier's name and rules.
+    pub(crate) fn tier(&self, index: u32) -> (&str, &RuleSet) {
+        let (name, set) = &self.tiers[index as usize];
+        (name, set)
+    }
 }
 
 /// Failure counters, and the gate that keeps failure logs to one line a second.
@@ -129,6 +205,12 @@ pub(crate) struct Health {
     pub(crate) log: LogGate,
     /// Identities counted as anonymous in permissive mode.
     pub(crate) identity_log: LogGate,
+    /// Would-be refusals in permissive mode.
+    pub(crate) permissive_log: LogGate,
+    /// `anonymous = "by_ip"` requests without a peer address.
+    pub(crate) peer_log: LogGate,
+    /// `Tier` extensions naming no configured tier.
+    pub(crate) tier_log: LogGate,
 }
 
 /// Failure counts since the layer was built.
@@ -215,9 +297,13 @@ impl fmt::Debug for RateLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.shared;
         f.debug_struct("RateLimitLayer")
-            .field("by_user", &s.rules.user)
-            .field("by_tenant", &s.rules.tenant)
-            .field("by_tool", &s.rules.tool_names)
+            .field("by_user", &s.rules.base.user)
+            .field("by_tenant", &s.rules.base.tenant)
+            .field("tools", &s.rules.tool_names)
+            .field(
+                "tiers",
+                &s.rules.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("algorithm", &s.algorithm)
             .field("mode", &s.mode)
             .field("fail_mode", &s.fail_mode)

@@ -38,6 +38,7 @@
 )]
 
 mod algorithm;
+mod client_ip;
 mod clock;
 mod config;
 mod decision;
@@ -50,12 +51,14 @@ mod rate;
 mod response;
 mod service;
 mod store;
+mod tier;
+mod tool_path;
 
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig, Mode,
-    RateLimitConfig, RateLimitConfigBuilder, RateSpec,
+    Anonymous, BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle,
+    IdentityConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec,
 };
 pub use decision::Decision;
 pub use future::ResponseFuture;
@@ -71,3 +74,4 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+pub use tier::{Tier, TierConfig};

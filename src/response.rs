@@ -222,20 +222,24 @@ pub(crate) fn too_many_requests(
     tool: Option<&str>,
 ) -> Response<Bytes> {
     let retry = decision.retry_after_secs();
-    let tool_violated = decision.violated().any(|kind| kind == RuleKind::Tool);
     let body = cut(|buf| {
         buf.extend_from_slice(
             b"{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
               \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
               \"detail\":\"Rate limit exceeded",
         );
-        match (tool, tool_violated, decision.speaking_verdict()) {
-            (Some(tool), true, _) => {
+        // The detail describes the speaking rule, as every header does (ARCHITECTURE.md,
+        // behaviour contract items 7 and 9).
+        match (decision.speaking_verdict(), tool) {
+            (Some(v), Some(tool)) if matches!(v.kind, RuleKind::Tool | RuleKind::UserTool) => {
                 buf.extend_from_slice(b" for tool '");
                 json_escape_into(buf, tool);
                 buf.extend_from_slice(b"'");
+                if v.kind == RuleKind::UserTool {
+                    let _ = write!(buf, ": per-user limit of {}", v.rate);
+                }
             }
-            (_, _, Some(v)) => {
+            (Some(v), _) => {
                 let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
             }
             _ => {}
@@ -328,7 +332,7 @@ mod tests {
             rate: Rate::per_minute(10),
             outcome: rejected,
         };
-        let decision = Decision::new([None, None, Some(verdict)], 1_000_000);
+        let decision = Decision::new([None, None, Some(verdict), None], 1_000_000);
         let resp = too_many_requests(HeaderStyle::Legacy, &decision, Some("se\"ar\\ch\n🦀"));
         assert_eq!(resp.headers()["retry-after"], "30");
         let body = std::str::from_utf8(resp.body()).unwrap();

@@ -13,10 +13,11 @@ use tower_service::Service;
 use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
 use crate::identity;
+use crate::key::MAX_KEYS;
 use crate::layer::Shared;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
-use crate::{FailMode, Key, Mode, Rate, RuleKind, Subject};
+use crate::{Anonymous, FailMode, Key, Mode, Rate, RuleKind, Subject, Tier};
 
 /// The rate-limiting service; see [`RateLimitLayer`](crate::RateLimitLayer).
 ///
@@ -55,10 +56,11 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
     }
 }
 
-/// Which rules a request is counted under: at most one each of user, tenant, tool.
+/// Which rules a request is counted under: at most one each of user, tenant, tool and
+/// user×tool.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
-    rules: [Option<(RuleKind, Rate)>; 3],
+    rules: [Option<(RuleKind, Rate)>; MAX_KEYS],
     tool: Option<u32>,
     pub(crate) now: u64,
 }
@@ -116,32 +118,96 @@ where
             Rate::per_second(1),
             shared.algorithm,
         );
-        let mut keys = [placeholder; 3];
+        let mut keys = [placeholder; MAX_KEYS];
         let mut plan = Plan {
-            rules: [None; 3],
+            rules: [None; MAX_KEYS],
             tool: None,
             now,
         };
         let mut n = 0;
-        let mut add = |kind, subject, rate: Rate| {
-            keys[n] = Key::new(kind, subject, rate, shared.algorithm);
-            plan.rules[n] = Some((kind, rate));
-            n += 1;
-        };
         let rules = &*shared.rules;
-        if let Some(rate) = rules.user {
-            add(RuleKind::User, who.user, rate);
+        // The tier: the app's `Tier` extension, else `[tenants]`; a tier's own rules count
+        // in counters of their own (the tier is in the key), the rules it does not name are
+        // the base rules and their counters.
+        let tier = match req.extensions().get::<Tier>() {
+            Some(t) => rules.tier_named(t.as_str()).or_else(|| {
+                if let Some(suppressed) = shared.health.tier_log.may_log(now) {
+                    tracing::warn!(
+                        suppressed,
+                        "tollgate: a Tier extension names no configured tier; the base rules apply"
+                    );
+                }
+                None
+            }),
+            None => who.tenant.and_then(|t| rules.tenant_tier(t)),
         }
-        if let (Some(rate), Some(tenant)) = (rules.tenant, who.tenant) {
-            add(RuleKind::Tenant, Subject::Named(tenant), rate);
+        .map(|i| rules.tier(i));
+        let pick = |base: Option<Rate>, over: Option<Rate>| match (over, tier) {
+            (Some(rate), Some((name, _))) => Some((rate, Some(name))),
+            _ => base.map(|rate| (rate, None)),
+        };
+        let tool = who
+            .tool
+            .and_then(|t| rules.tool(t, who.tool_from_path))
+            .map(|i| (i, rules.tool_name(i)));
+        let set = tier.map(|(_, set)| set);
+        let user_rule = pick(rules.base.user, set.and_then(|s| s.user));
+        let tenant_rule = pick(rules.base.tenant, set.and_then(|s| s.tenant));
+        let tool_rule = tool.and_then(|(i, _)| {
+            let i = i as usize;
+            pick(rules.base.tools[i], set.and_then(|s| s.tools[i]))
+        });
+        let user_tool_rule = tool.and_then(|(i, _)| {
+            let i = i as usize;
+            pick(rules.base.user_tools[i], set.and_then(|s| s.user_tools[i]))
+        });
+        // Anonymous callers by client address, looked up only when a per-user rule applies.
+        let user = match who.user {
+            Subject::Anonymous
+                if shared.identity.anonymous == Anonymous::ByIp
+                    && (user_rule.is_some() || user_tool_rule.is_some()) =>
+            {
+                crate::client_ip::subject(&req, &shared.identity).unwrap_or_else(|| {
+                    if let Some(suppressed) = shared.health.peer_log.may_log(now) {
+                        tracing::warn!(
+                            suppressed,
+                            "tollgate: anonymous = \"by_ip\" but the request carries no peer address, so it counts in the shared anonymous bucket: serve axum with `into_make_service_with_connect_info::<SocketAddr>()` (tollgate's `axum` feature, on by default), or insert the peer's `SocketAddr` into the request extensions (plain hyper)"
+                        );
+                    }
+                    Subject::Anonymous
+                })
+            }
+            user => user,
+        };
+        let alg = shared.algorithm;
+        let planned = [
+            user_rule.map(|(rate, tier)| tiered(Key::new(RuleKind::User, user, rate, alg), tier)),
+            who.tenant.and_then(|tenant| {
+                let (rate, tier) = tenant_rule?;
+                Some(tiered(
+                    Key::new(RuleKind::Tenant, Subject::Named(tenant), rate, alg),
+                    tier,
+                ))
+            }),
+            tool.and_then(|(_, name)| {
+                let (rate, tier) = tool_rule?;
+                Some(tiered(
+                    Key::new(RuleKind::Tool, Subject::Named(name.as_bytes()), rate, alg),
+                    tier,
+                ))
+            }),
+            tool.and_then(|(_, name)| {
+                let (rate, tier) = user_tool_rule?;
+                Some(tiered(Key::user_tool(user, name, rate, alg), tier))
+            }),
+        ];
+        for key in planned.into_iter().flatten() {
+            plan.rules[n] = Some((key.kind, key.rate));
+            keys[n] = key;
+            n += 1;
         }
-        if let Some((index, rate)) = who.tool.and_then(|t| rules.tool(t)) {
-            add(
-                RuleKind::Tool,
-                Subject::Named(rules.tool_name(index).as_bytes()),
-                rate,
-            );
-            plan.tool = Some(index);
+        if tool_rule.is_some() || user_tool_rule.is_some() {
+            plan.tool = tool.map(|(i, _)| i);
         }
         if n == 0 {
             let decision = Decision::unlimited(now);
@@ -172,6 +238,14 @@ where
     }
 }
 
+/// `key` under `tier`'s rule, when the rule came from a tier.
+fn tiered<'k>(key: Key<'k>, tier: Option<&'k str>) -> Key<'k> {
+    match tier {
+        Some(name) => key.with_tier(name),
+        None => key,
+    }
+}
+
 pub(crate) fn panicked() -> StoreError {
     StoreError::new(StoreErrorKind::Internal, "the store panicked")
 }
@@ -194,7 +268,7 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
         Ok(outcomes) => outcomes,
         Err(error) => return store_failed(shared, plan, &error),
     };
-    let mut verdicts = [None; 3];
+    let mut verdicts = [None; MAX_KEYS];
     for ((slot, rule), outcome) in verdicts
         .iter_mut()
         .zip(plan.rules.iter().flatten())
@@ -214,11 +288,16 @@ pub(crate) fn act(shared: &Shared, plan: &Plan, result: Result<Outcomes, StoreEr
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match shared.mode {
         Mode::Permissive => {
-            tracing::warn!(
-                rule,
-                tool = tool.unwrap_or(""),
-                "tollgate: rate limit exceeded; request forwarded (permissive mode)"
-            );
+            // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
+            // behaviour contract item 13).
+            if let Some(suppressed) = shared.health.permissive_log.may_log(plan.now) {
+                tracing::warn!(
+                    rule,
+                    tool = tool.unwrap_or(""),
+                    suppressed,
+                    "tollgate: rate limit exceeded; request forwarded (permissive mode)"
+                );
+            }
             Action::Forward(Some(decision))
         }
         _ => {

@@ -593,9 +593,10 @@ proptest! {
         }
     }
 
-    /// Key encoding is injective over arbitrary bytes, rules, algorithms and periods
-    /// (the rate's count is deliberately not part of a key), and the subject part never
-    /// carries a separator (so it is exactly the key's cluster hash tag).
+    /// Key encoding is injective over arbitrary bytes, rules, algorithms, periods and
+    /// counts (the count is part of a key, so two layers giving one rule different counts
+    /// never share a counter), and the subject part never carries a separator (so it is
+    /// exactly the key's cluster hash tag).
     #[test]
     fn key_encoding_is_injective(
         a in prop::collection::vec(any::<u8>(), 0..32),
@@ -616,11 +617,12 @@ proptest! {
         let same = (anon.0 || anon.1 || a == b) && anon.0 == anon.1
             && kind(kinds.0) == kind(kinds.1)
             && algorithm(algs.0) == algorithm(algs.1)
-            && periods.0 == periods.1;
+            && periods.0 == periods.1
+            && counts.0 == counts.1;
         prop_assert_eq!(ea == eb, same, "{} vs {}", ea, eb);
         for e in [&ea, &eb] {
             // The subject is the Redis Cluster hash tag: one `{…}` holding no separator.
-            let tag = e.splitn(5, ':').nth(4).unwrap();
+            let tag = e.splitn(6, ':').nth(5).unwrap();
             let subject = tag.strip_prefix('{').and_then(|t| t.strip_suffix('}'));
             prop_assert!(subject.is_some(), "{}", e);
             let subject = subject.unwrap();

@@ -405,10 +405,10 @@ impl Store for RedisStore {
         };
         // The layer uses one algorithm for every rule of a request.
         let algorithm = keys[0].algorithm();
-        if keys.len() > 3 || keys.iter().any(|k| k.algorithm() != algorithm) {
+        if keys.len() > crate::key::MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
             return StoreFuture::Ready(Err(StoreError::new(
                 StoreErrorKind::Internal,
-                "a request must carry at most three keys of one algorithm",
+                "a request must carry at most four keys of one algorithm",
             )));
         }
         let now = request.now_micros();
@@ -501,7 +501,7 @@ impl Inner {
                 .map(|group| self.reserve(call, group, deadline)),
         )
         .await;
-        let mut per_key: [Option<Outcome>; 3] = [None; 3];
+        let mut per_key: [Option<Outcome>; crate::key::MAX_KEYS] = [None; crate::key::MAX_KEYS];
         let mut error = None;
         let mut all = true;
         for (group, answer) in groups.iter().zip(&answers) {

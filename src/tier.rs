@@ -109,7 +109,8 @@ pub(crate) fn check_tiers(
     let mut tiers = BTreeMap::new();
     for (name, tier) in raw.into_iter().flatten() {
         let section = tier_field(name);
-        if !valid_name(name) {
+        let valid = valid_name(name);
+        if !valid {
             c.err.push(
                 section.clone(),
                 "a tier name is 1 to 32 letters, digits, '_' or '-'",
@@ -121,7 +122,9 @@ pub(crate) fn check_tiers(
             by_tool: c.tools(&format!("{section}.by_tool"), &tier.by_tool),
             by_user_tool: c.tools(&format!("{section}.by_user_tool"), &tier.by_user_tool),
         };
-        tiers.insert(name.clone(), config);
+        if valid {
+            tiers.insert(name.clone(), config);
+        }
     }
     tiers
 }

@@ -37,3 +37,108 @@ fn every_toml_snippet_in_the_readme_is_a_valid_config() {
         }
     }
 }
+
+/// The README's headline example, as written: its TOML is taken from the first ```rust
+/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression
+/// (issue "policy for real APIs"): the headline configured `[by_tool] search` with no
+/// source for the tool, so the tool limit silently never applied.
+#[tokio::test]
+async fn the_headline_example_limits_the_tool_as_written() {
+    use axum::{body::Body, routing::post, Router};
+    use http::{Request, StatusCode};
+    use tollgate::RateLimitLayer;
+    use tower::ServiceExt;
+
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a rust block");
+    let toml = block
+        .split("r#\"")
+        .nth(1)
+        .and_then(|rest| rest.split("\"#").next())
+        .expect("the headline's TOML");
+    assert!(
+        block.contains(".layer(RateLimitLayer::new(cfg))"),
+        "{block}"
+    );
+    let cfg = RateLimitConfig::from_toml_str(toml).unwrap();
+    let app = Router::new()
+        .route("/tools/{name}", post(|| async { "called" }))
+        .layer(RateLimitLayer::new(cfg));
+    let call = |tool: &str| {
+        Request::post(format!("/tools/{tool}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    for i in 0..10 {
+        let resp = app.clone().oneshot(call("search")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "call {i}");
+    }
+    let refused = app.clone().oneshot(call("search")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["x-ratelimit-limit"], "10");
+    let other = app.clone().oneshot(call("fetch")).await.unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::OK,
+        "other tools have no tool rule"
+    );
+}
+
+fn blocks(markdown: &str, lang: &str) -> Vec<String> {
+    let fence = format!("```{lang}");
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            None if line.trim_start() == fence => current = Some(String::new()),
+            Some(_) if line.trim_start() == "```" => out.extend(current.take()),
+            Some(text) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The README's JSON (the 429 body) is JSON with the fields a 429 carries, and its error
+/// example is exactly what tollgate says for those three mistakes.
+#[test]
+fn the_readme_json_and_error_examples_are_what_tollgate_writes() {
+    let readme = include_str!("../README.md");
+    let json = blocks(readme, "json");
+    assert!(!json.is_empty());
+    for block in json {
+        let value: serde_json::Value = serde_json::from_str(&block).expect(&block);
+        for field in [
+            "type",
+            "title",
+            "status",
+            "code",
+            "detail",
+            "retry_after",
+            "violated",
+        ] {
+            assert!(value.get(field).is_some(), "{field} missing in {block}");
+        }
+    }
+    let errors = blocks(readme, "text")
+        .into_iter()
+        .find(|b| b.contains("backend.url"))
+        .expect("the error example");
+    let got = RateLimitConfig::from_toml_str(
+        "algorithm = \"leaky\"\n[by_tool]\nsearch = \"abc/m\"\n[backend]\nkind = \"redis\"",
+    )
+    .unwrap_err()
+    .to_string();
+    let mut want: Vec<&str> = errors.lines().collect();
+    let mut got: Vec<&str> = got.lines().collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want);
+}

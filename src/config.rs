@@ -675,8 +675,7 @@ impl RateLimitConfigBuilder {
         self.raw.backend.max_keys = Some(Scalar::Int(max_keys as i128));
         self
     }
-    /// Refused keys the Redis store remembers locally (0 turns the deny cache off; 1 to 15
-    /// are refused at `build`: the cache holds at least 16).
+    /// Refused keys the Redis store remembers locally (0 turns the deny cache off).
     pub fn deny_cache(mut self, keys: usize) -> Self {
         self.raw.backend.deny_cache = Some(Scalar::Int(keys as i128));
         self
@@ -686,9 +685,6 @@ impl RateLimitConfigBuilder {
         RateLimitConfig::try_from(self.raw)
     }
 }
-
-/// Smallest deny cache that caches anything (one key per shard).
-const DENY_CACHE_MIN: usize = 16;
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
@@ -1370,14 +1366,6 @@ impl TryFrom<Raw> for RateLimitConfig {
         ) as usize;
         let deny_cache =
             c.int("backend.deny_cache", &b.deny_cache, (0, 10_000_000), 10_000) as usize;
-        if (1..DENY_CACHE_MIN).contains(&deny_cache) {
-            // The cache is sixteen shards of at least one key: a smaller capacity would
-            // silently be none at all.
-            c.err.push(
-                "backend.deny_cache",
-                format!("{deny_cache} is too small: 0 turns the deny cache off, otherwise it holds at least {DENY_CACHE_MIN} keys"),
-            );
-        }
 
         c.unknown("", &raw.unknown);
         for (name, tier) in raw.tiers.iter().flatten() {

@@ -96,7 +96,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 /// chunk, so formatting a header costs no heap allocation (one 16 KiB chunk serves a few
 /// thousand values, then the next is allocated; a chunk is freed when its last value is).
 const CHUNK: usize = 16 * 1024;
-/// Longest value written at once (an IETF policy with three rules is under 120 bytes).
+/// Longest value written at once (an IETF policy with four rules is under 160 bytes).
 const LONGEST: usize = 256;
 
 thread_local! {

@@ -155,7 +155,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How many refused keys to remember locally (default 10 000; below 16 turns the cache
+    /// How many refused keys to remember locally (default 10 000; 0 turns the cache
     /// off). While Redis has said a key refuses until T, requests carrying it are refused
     /// here until T without a round trip: an abusive caller costs memory-store time, not a
     /// Redis call. Such a locally refused request reports only the remembered keys as

@@ -1029,16 +1029,6 @@ impl Check {
         urls_written: Option<usize>,
     ) {
         let cluster = kind == BackendKind::RedisCluster;
-        if kind != BackendKind::Memory && !cfg!(feature = "redis") {
-            self.err.push(
-                "backend.kind",
-                format!(
-                    "{:?} needs tollgate built with its `redis` feature",
-                    if cluster { "redis_cluster" } else { "redis" }
-                ),
-            );
-            return;
-        }
         match kind {
             BackendKind::Memory => {}
             BackendKind::Redis => {
@@ -1082,6 +1072,15 @@ impl Check {
                     );
                 }
             }
+        }
+        if kind != BackendKind::Memory && !cfg!(feature = "redis") {
+            self.err.push(
+                "backend.kind",
+                format!(
+                    "{:?} needs tollgate built with its `redis` feature",
+                    if cluster { "redis_cluster" } else { "redis" }
+                ),
+            );
         }
     }
 

@@ -67,6 +67,7 @@ mod identity;
 mod key;
 mod layer;
 mod log_gate;
+mod plan;
 mod rate;
 mod response;
 mod service;

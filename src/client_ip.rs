@@ -45,16 +45,10 @@ pub(crate) fn group(addr: IpAddr, ipv6_prefix: u8) -> Subject<'static> {
     match addr.to_canonical() {
         IpAddr::V4(v4) => Subject::Client(IpAddr::V4(v4), 32),
         IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(ipv6_prefix.min(128)))
-                .unwrap_or(0);
-            let masked = if ipv6_prefix >= 128 {
-                bits
-            } else {
-                bits & mask
-            };
-            Subject::Client(IpAddr::V6(Ipv6Addr::from(masked)), ipv6_prefix)
+            // The config keeps the prefix within 32..=128; anything else is the whole address.
+            let prefix = ipv6_prefix.min(128);
+            let network = ipnet::Ipv6Net::new(v6, prefix).map_or(v6, |net| net.network());
+            Subject::Client(IpAddr::V6(network), prefix)
         }
     }
 }

@@ -224,6 +224,42 @@ mod tests {
         assert_eq!(DenyCache::new(0).per_shard, 0);
     }
 
+    /// A request's four keys (user, tenant, tool, user×tool): the answer holds four
+    /// outcomes, the refused ones as Redis said.
+    #[test]
+    fn answers_for_all_four_keys_of_a_request() {
+        let cache = DenyCache::new(100);
+        let rate = Rate::per_minute(1);
+        let alg = Algorithm::FixedWindow;
+        let keys = [
+            Key::new(RuleKind::User, Subject::Named(b"u"), rate, alg),
+            Key::new(RuleKind::Tenant, Subject::Named(b"t"), rate, alg).with_tier("pro"),
+            Key::new(RuleKind::Tool, Subject::Named(b"search"), rate, alg),
+            Key::user_tool(Subject::Named(b"u"), "search", rate, alg),
+        ];
+        let names: Vec<String> = keys.iter().map(|k| k.encode("rl")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut outcomes = Outcomes::new();
+        for (i, retry) in [0, 0, 2_000, 7_000].into_iter().enumerate() {
+            assert!(
+                outcomes.push(Outcome {
+                    allowed: retry == 0,
+                    remaining: 0,
+                    reset_after: retry,
+                    retry_after: retry,
+                    reset_at: 0,
+                }),
+                "key {i}"
+            );
+        }
+        cache.record(&names, &outcomes, 0);
+        let hit = cache.check("rl", &keys, 1_000).unwrap();
+        let allowed: Vec<bool> = hit.iter().map(|o| o.allowed).collect();
+        assert_eq!(allowed, [true, true, false, false]);
+        let waits: Vec<u64> = hit.iter().map(|o| o.retry_after).collect();
+        assert_eq!(waits, [0, 0, 1_000, 6_000]);
+    }
+
     /// Regression (issue "policy for real APIs"): `deny_cache` 1 to 15 was documented as
     /// a size but cached nothing (16 shards of zero). Now it holds exactly that many.
     #[test]

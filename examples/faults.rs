@@ -93,6 +93,7 @@ mod faults {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let mut child = Command::new(&bin)
+                    .current_dir(std::env::temp_dir())
                     .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
                     .args(["--save", "", "--appendonly", "no"])
                     .stdin(Stdio::null())

@@ -171,6 +171,7 @@ pub struct BackendConfig {
     fallback: Fallback,
     max_keys: usize,
     deny_cache: usize,
+    max_batch: usize,
 }
 
 impl Default for BackendConfig {
@@ -187,6 +188,7 @@ impl Default for BackendConfig {
             fallback: Fallback::Memory,
             max_keys: 1_000_000,
             deny_cache: 10_000,
+            max_batch: 128,
         }
     }
 }
@@ -237,6 +239,10 @@ impl BackendConfig {
     pub fn deny_cache(&self) -> usize {
         self.deny_cache
     }
+    /// Most requests one Redis script call decides (default 128; 1 turns coalescing off).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
 }
 
 impl fmt::Debug for BackendConfig {
@@ -254,6 +260,7 @@ impl fmt::Debug for BackendConfig {
             .field("fallback", &self.fallback)
             .field("max_keys", &self.max_keys)
             .field("deny_cache", &self.deny_cache)
+            .field("max_batch", &self.max_batch)
             .finish()
     }
 }
@@ -680,6 +687,11 @@ impl RateLimitConfigBuilder {
         self.raw.backend.deny_cache = Some(Scalar::Int(keys as i128));
         self
     }
+    /// Most requests one Redis script call decides (1 turns coalescing off).
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.raw.backend.max_batch = Some(Scalar::Int(requests as i128));
+        self
+    }
     /// Validates everything, reporting every problem.
     pub fn build(self) -> Result<RateLimitConfig, ConfigError> {
         RateLimitConfig::try_from(self.raw)
@@ -855,6 +867,7 @@ struct RawBackend {
     fallback: Option<Scalar>,
     max_keys: Option<Scalar>,
     deny_cache: Option<Scalar>,
+    max_batch: Option<Scalar>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -1365,6 +1378,7 @@ impl TryFrom<Raw> for RateLimitConfig {
         ) as usize;
         let deny_cache =
             c.int("backend.deny_cache", &b.deny_cache, (0, 10_000_000), 10_000) as usize;
+        let max_batch = c.int("backend.max_batch", &b.max_batch, (1, 1024), 128) as usize;
 
         c.unknown("", &raw.unknown);
         for (name, tier) in raw.tiers.iter().flatten() {
@@ -1401,6 +1415,7 @@ impl TryFrom<Raw> for RateLimitConfig {
                 fallback,
                 max_keys,
                 deny_cache,
+                max_batch,
             },
         })
     }

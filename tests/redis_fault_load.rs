@@ -456,12 +456,13 @@ async fn assert_enforced_by_redis(gw: &Gateway, user: &str) {
         allowed += u32::from(send(fallback, user).await.status() == StatusCode::OK);
     }
     assert_eq!(allowed, LIMIT, "the limit holds exactly after recovery");
-    let count: Option<u32> = admin_cmd(
-        &gw.url,
-        redis::cmd("HGET").arg(user_key(&gw.prefix, user)).arg("c"),
-    )
-    .await;
-    assert_eq!(count, Some(LIMIT), "Redis holds the user's count");
+    let state: Option<String> =
+        admin_cmd(&gw.url, redis::cmd("GET").arg(user_key(&gw.prefix, user))).await;
+    assert_eq!(
+        state.as_deref().and_then(common::redis::count_of),
+        Some(u64::from(LIMIT)),
+        "Redis holds the user's count"
+    );
     for (name, layer) in [
         ("verifier", &gw.verifier),
         ("open", gw.instance(Policy::Open)),

@@ -99,7 +99,10 @@ pub(crate) fn pings(port: u16) -> bool {
 }
 
 fn spawn(port: u16) -> std::io::Result<Child> {
+    // A replica (the failover tests) writes the RDB it syncs to its working directory:
+    // the temp dir, never the checkout.
     Command::new(server_bin())
+        .current_dir(std::env::temp_dir())
         .args([
             "--port",
             &port.to_string(),
@@ -400,4 +403,9 @@ pub async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> u
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// The count `c` of a key's state as the scripts store it (`"t:c:p"`).
+pub fn count_of(state: &str) -> Option<u64> {
+    state.split(':').nth(1)?.parse().ok()
 }

@@ -7,7 +7,7 @@
 //! again, resolving the host again: after a failover behind the same name, the next
 //! connection reaches the new primary. See ARCHITECTURE.md, behaviour contract item 14.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -142,18 +142,18 @@ impl Connector {
     }
 
     /// Runs `invocation` (EVALSHA; on `NOSCRIPT` redis-rs loads the script and retries
-    /// once), all of it done by `deadline`. `pick` spreads calls over a single server's
-    /// sockets.
+    /// once), all of it done by `deadline`, on socket `lane` (modulo their number) of a
+    /// single server.
     pub(super) async fn invoke(
         &self,
         invocation: &ScriptInvocation<'_>,
-        pick: &AtomicUsize,
+        lane: usize,
         timeout: Duration,
         deadline: Instant,
     ) -> Result<Vec<i64>, StoreError> {
         match self {
             Connector::Single { client, slots } => {
-                let index = pick.fetch_add(1, Ordering::Relaxed) % slots.len();
+                let index = lane % slots.len();
                 let slot = &slots[index];
                 let open = || async {
                     let config = AsyncConnectionConfig::new()

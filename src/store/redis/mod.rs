@@ -19,7 +19,7 @@
 //! reservation and its refund (ARCHITECTURE.md, "Redis Cluster").
 
 use std::fmt;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,15 +30,24 @@ use redis::{Client, IntoConnectionInfo, Script};
 use super::deny_cache::DenyCache;
 use super::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::log_gate::LogGate;
+#[cfg(test)]
 use crate::Algorithm;
 
+mod batch;
 mod conn;
 pub(crate) mod tls;
 
+use batch::{Answer, CallKey, Coalescer, Job};
 use conn::Connector;
 
 /// Keys the deny cache holds by default.
 const DENY_CACHE: usize = 10_000;
+
+/// Requests one script call decides at most, by default. A batch of 128 keeps Redis busy
+/// for a fraction of a millisecond (each request costs it about a microsecond of Lua), so
+/// other clients of the server do not wait on it, while at 512 concurrent callers over
+/// four sockets it already takes about one call per hundred checks.
+pub(crate) const MAX_BATCH: usize = 128;
 
 /// Counters in Redis, shared by every instance pointed at the same server (or cluster)
 /// and prefix.
@@ -77,16 +86,13 @@ struct Inner {
     timeout: Duration,
     caller_time: bool,
     next_socket: AtomicUsize,
-    scripts: Scripts,
+    /// `lua/algorithms.lua` + `lua/batch.lua`: decides one request or a batch.
+    script: Script,
+    refund: Script,
+    /// `None` when coalescing is off (`max_batch = 1`) or on a cluster.
+    coalescer: Option<Coalescer>,
     deny: DenyCache,
     refund_log: RefundLog,
-}
-
-struct Scripts {
-    fixed_window: Script,
-    sliding_window: Script,
-    token_bucket: Script,
-    refund: Script,
 }
 
 /// Where the store's Redis is.
@@ -105,6 +111,7 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     caller_time: bool,
     deny_cache: usize,
+    max_batch: usize,
     tls_ca: Option<Vec<u8>>,
     tls_insecure: bool,
 }
@@ -120,6 +127,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("caller_time", &self.caller_time)
             .field("deny_cache", &self.deny_cache)
+            .field("max_batch", &self.max_batch)
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<set>"))
             .field("tls_insecure", &self.tls_insecure)
             .finish()
@@ -162,6 +170,16 @@ impl RedisStoreBuilder {
     /// refused (the state of its other keys is not known without Redis).
     pub fn deny_cache(mut self, capacity: usize) -> Self {
         self.deny_cache = capacity;
+        self
+    }
+
+    /// Most requests one script call decides (default 128, at least 1). Concurrent
+    /// requests on one socket are coalesced: while a call is in flight the next batch
+    /// fills, and goes as one `EVALSHA` that decides them in order exactly as one call
+    /// each would. A lone request goes at once. `1` turns coalescing off (one call per
+    /// request). A cluster store sends one call per request and hash slot.
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.max_batch = requests.max(1);
         self
     }
 
@@ -290,6 +308,7 @@ impl RedisStore {
             timeout: Duration::from_millis(50),
             caller_time: false,
             deny_cache: DENY_CACHE,
+            max_batch: MAX_BATCH,
             tls_ca: None,
             tls_insecure: false,
         }
@@ -307,7 +326,8 @@ impl RedisStore {
             .key_prefix(backend.key_prefix())
             .pool_size(backend.pool_size())
             .timeout(backend.timeout())
-            .deny_cache(backend.deny_cache());
+            .deny_cache(backend.deny_cache())
+            .max_batch(backend.max_batch());
         builder.tls_ca = backend.tls_ca().map(<[u8]>::to_vec);
         builder.tls_insecure = backend.tls_insecure();
         let connector = match builder.connector() {
@@ -321,12 +341,11 @@ impl RedisStore {
     }
 
     fn from_parts(connector: Option<Connector>, b: RedisStoreBuilder) -> RedisStore {
-        let script = |algorithm: &str| {
-            Script::new(&format!(
-                "{}{}",
-                include_str!("../lua/common.lua"),
-                algorithm
-            ))
+        let coalescer = match &connector {
+            Some(single @ Connector::Single { .. }) if b.max_batch > 1 => {
+                Some(Coalescer::new(single.shared_connections(), b.max_batch))
+            }
+            _ => None,
         };
         RedisStore {
             inner: Arc::new(Inner {
@@ -336,15 +355,88 @@ impl RedisStore {
                 timeout: b.timeout,
                 caller_time: b.caller_time,
                 next_socket: AtomicUsize::new(0),
-                scripts: Scripts {
-                    fixed_window: script(include_str!("../lua/fixed_window.lua")),
-                    sliding_window: script(include_str!("../lua/sliding_window.lua")),
-                    token_bucket: script(include_str!("../lua/token_bucket.lua")),
-                    refund: Script::new(include_str!("../lua/refund.lua")),
-                },
+                script: Script::new(concat!(
+                    include_str!("../lua/algorithms.lua"),
+                    include_str!("../lua/batch.lua")
+                )),
+                refund: Script::new(include_str!("../lua/refund.lua")),
+                coalescer,
                 deny: DenyCache::new(b.deny_cache),
                 refund_log: RefundLog::new(),
             }),
+        }
+    }
+
+    /// Decides `requests` in this order, as the concurrent requests of one coalesced
+    /// batch are decided: one script call for each run of up to `max_batch` requests with
+    /// the same time (on one server; a cluster store takes one call per request and hash
+    /// slot). Each answer is exactly what one call per request, in this order, would
+    /// have given. For bulk checks, and to test coalescing deterministically.
+    ///
+    /// ```no_run
+    /// # async fn run() {
+    /// use tollgate::{Algorithm, Key, Rate, RedisStore, RuleKind, StoreRequest, Subject};
+    ///
+    /// let store = RedisStore::builder("redis://127.0.0.1:6379/0").build().unwrap();
+    /// let rate = Rate::per_minute(1);
+    /// let alice = [Key::new(RuleKind::User, Subject::Named(b"alice"), rate, Algorithm::FixedWindow)];
+    /// let now = 1_700_000_000_000_000;
+    /// let answers = store
+    ///     .check_batch(&[StoreRequest::new(&alice, now), StoreRequest::new(&alice, now)])
+    ///     .await;
+    /// assert!(answers[0].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    /// assert!(!answers[1].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    /// # }
+    /// ```
+    pub fn check_batch(
+        &self,
+        requests: &[StoreRequest<'_>],
+    ) -> impl std::future::Future<Output = Vec<Result<Outcomes, StoreError>>> + Send + 'static {
+        let inner = self.inner.clone();
+        let jobs: Vec<Result<Job, StoreError>> = requests.iter().map(|r| inner.job(r)).collect();
+        let times: Vec<u64> = requests.iter().map(|r| r.now_micros()).collect();
+        async move {
+            let deadline = tokio::time::Instant::now() + inner.timeout;
+            let mut out: Vec<Result<Outcomes, StoreError>> = Vec::with_capacity(jobs.len());
+            let max_batch = inner.coalescer.as_ref().map_or(1, |c| c.max_batch());
+            let mut i = 0;
+            while i < jobs.len() {
+                let job = match &jobs[i] {
+                    Err(e) => {
+                        out.push(Err(e.clone()));
+                        i += 1;
+                        continue;
+                    }
+                    Ok(job) => job,
+                };
+                if matches!(inner.connector, Some(Connector::Cluster { .. })) {
+                    out.push(inner.decide_across_slots(job, deadline).await);
+                    i += 1;
+                    continue;
+                }
+                // A run of valid jobs with this job's time, up to max_batch.
+                let mut end = i + 1;
+                while end < jobs.len()
+                    && end - i < max_batch
+                    && matches!(&jobs[end], Ok(j) if j.now == job.now)
+                {
+                    end += 1;
+                }
+                let run = jobs[i..end].iter().flatten();
+                let lane = inner.next_socket.fetch_add(1, Ordering::Relaxed);
+                match inner.run(run, lane, deadline).await {
+                    Ok(answers) => out.extend(answers.into_iter().map(|a| a.map(|(o, _)| o))),
+                    Err(e) => out.extend((i..end).map(|_| Err(e.clone()))),
+                }
+                i = end;
+            }
+            for ((job, answer), now) in jobs.iter().zip(&out).zip(times) {
+                if let (Ok(job), Ok(outcomes)) = (job, answer) {
+                    let names: Vec<&str> = job.keys.iter().map(|k| k.name.as_str()).collect();
+                    inner.deny.record(&names, outcomes, now);
+                }
+            }
+            out
         }
     }
 
@@ -396,83 +488,59 @@ impl Store for RedisStore {
     }
 
     fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        let keys = request.keys();
-        if keys.is_empty() {
+        if request.keys().is_empty() {
             return StoreFuture::Ready(Ok(Outcomes::new()));
         }
-        let Some(connector) = &self.inner.connector else {
-            return StoreFuture::Ready(Err(invalid("the redis backend could not be built")));
+        let job = match self.inner.job(request) {
+            Ok(job) => job,
+            Err(e) => return StoreFuture::Ready(Err(e)),
         };
-        // The layer uses one algorithm for every rule of a request.
-        let algorithm = keys[0].algorithm();
-        if keys.len() > crate::key::MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
-            return StoreFuture::Ready(Err(StoreError::new(
-                StoreErrorKind::Internal,
-                "a request must carry at most four keys of one algorithm",
-            )));
-        }
         let now = request.now_micros();
-        let call = Call {
-            algorithm,
-            now: self.inner.caller_time.then_some(now),
-            keys: keys
-                .iter()
-                .map(|key| CallKey {
-                    name: key.encode(&self.inner.prefix),
-                    count: key.rate().count() as i64,
-                    period: key.rate().period_micros() as i64,
-                })
-                .collect(),
-        };
-        let groups = match connector {
-            Connector::Single { .. } => vec![(0..call.keys.len()).collect()],
-            Connector::Cluster { .. } => by_slot(&call.keys),
-        };
+        let cluster = matches!(self.inner.connector, Some(Connector::Cluster { .. }));
         let inner = self.inner.clone();
         StoreFuture::Pending(Box::pin(async move {
             let deadline = tokio::time::Instant::now() + inner.timeout;
-            let outcomes = inner.decide(&call, &groups, deadline).await?;
-            let names: Vec<&str> = call.keys.iter().map(|k| k.name.as_str()).collect();
+            let outcomes = if cluster {
+                inner.decide_across_slots(&job, deadline).await?
+            } else {
+                inner.decide(&job, deadline).await?.0
+            };
+            let names: Vec<&str> = job.keys.iter().map(|k| k.name.as_str()).collect();
             inner.deny.record(&names, &outcomes, now);
             Ok(outcomes)
         }))
     }
 }
 
-/// One request's keys, encoded, with their rates.
-struct Call {
-    algorithm: Algorithm,
-    /// The caller's time, when the store decides on it.
-    now: Option<u64>,
-    keys: Vec<CallKey>,
-}
-
-struct CallKey {
-    name: String,
-    count: i64,
-    period: i64,
-}
-
-/// The request's key indices grouped by cluster hash slot, in key order.
-fn by_slot(keys: &[CallKey]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<(HashSlot, Vec<usize>)> = Vec::with_capacity(keys.len());
-    for (i, key) in keys.iter().enumerate() {
-        let slot = HashSlot::for_key(key.name.as_bytes());
-        match groups.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, group)) => group.push(i),
-            None => groups.push((slot, vec![i])),
-        }
-    }
-    groups.into_iter().map(|(_, group)| group).collect()
-}
-
 impl Inner {
-    fn script(&self, algorithm: Algorithm) -> &Script {
-        match algorithm {
-            Algorithm::FixedWindow => &self.scripts.fixed_window,
-            Algorithm::SlidingWindow => &self.scripts.sliding_window,
-            Algorithm::TokenBucket => &self.scripts.token_bucket,
+    /// The job a request is for the script: its keys encoded, with their rates.
+    fn job(&self, request: &StoreRequest<'_>) -> Result<Job, StoreError> {
+        if self.connector.is_none() {
+            return Err(invalid("the redis backend could not be built"));
         }
+        let keys = request.keys();
+        // The layer uses one algorithm for every rule of a request.
+        let algorithm = keys
+            .first()
+            .map_or(crate::Algorithm::FixedWindow, |k| k.algorithm());
+        if keys.len() > crate::key::MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
+            return Err(StoreError::new(
+                StoreErrorKind::Internal,
+                "a request must carry at most four keys of one algorithm",
+            ));
+        }
+        Ok(Job {
+            algorithm,
+            now: self.caller_time.then_some(request.now_micros()),
+            keys: keys
+                .iter()
+                .map(|key| CallKey {
+                    name: key.encode(&self.prefix),
+                    count: key.rate().count() as i64,
+                    period: key.rate().period_micros() as i64,
+                })
+                .collect(),
+        })
     }
 
     fn connector(&self) -> Result<&Connector, StoreError> {
@@ -481,26 +549,78 @@ impl Inner {
             .ok_or_else(|| invalid("the redis backend could not be built"))
     }
 
-    /// The request's outcomes. Keys on one slot (always, on one server): one atomic
-    /// script. Keys on several slots: one script per slot, all at once (each reserves
-    /// on its slot all-or-nothing); if any slot refused or failed, the slots that
-    /// reserved are given back.
-    async fn decide(
+    /// One job's answer: coalesced with concurrent ones when coalescing is on, else one
+    /// script call of its own.
+    async fn decide(self: &Arc<Self>, job: &Job, deadline: tokio::time::Instant) -> Answer {
+        match &self.coalescer {
+            Some(coalescer) => {
+                let owned = Job {
+                    algorithm: job.algorithm,
+                    now: job.now,
+                    keys: job.keys.clone(),
+                };
+                coalescer
+                    .submit(Arc::downgrade(self), owned, deadline)
+                    .await
+            }
+            None => {
+                let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
+                let mut answers = self.run(std::iter::once(job), lane, deadline).await?;
+                answers.pop().unwrap_or_else(|| {
+                    Err(StoreError::new(
+                        StoreErrorKind::Protocol,
+                        "the redis script answered nothing",
+                    ))
+                })
+            }
+        }
+    }
+
+    /// One script call deciding `jobs` in order (they share one caller time), on socket
+    /// `lane` (to one server; a cluster routes by the first key): one answer per job.
+    async fn run<'a>(
         &self,
-        call: &Call,
-        groups: &[Vec<usize>],
+        jobs: impl Iterator<Item = &'a Job> + Clone,
+        lane: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Answer>, StoreError> {
+        let (keys, args) = batch::encode(jobs.clone());
+        let mut invocation = self.script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let values = self
+            .connector()?
+            .invoke(&invocation, lane, self.timeout, deadline)
+            .await?;
+        batch::parse(&values, jobs)
+    }
+
+    /// A cluster request's outcomes. Keys on one slot: one atomic script. Keys on several
+    /// slots: one script per slot, all at once (each reserves on its slot
+    /// all-or-nothing); if any slot refused or failed, the slots that reserved are given
+    /// back.
+    async fn decide_across_slots(
+        self: &Arc<Self>,
+        job: &Job,
         deadline: tokio::time::Instant,
     ) -> Result<Outcomes, StoreError> {
-        if let [group] = groups {
-            let (outcomes, _) = self.reserve(call, group, deadline).await?;
-            return Ok(outcomes);
+        let groups = by_slot(&job.keys);
+        if groups.len() == 1 {
+            return Ok(self.decide(job, deadline).await?.0);
         }
-        let answers = futures_join(
-            groups
-                .iter()
-                .map(|group| self.reserve(call, group, deadline)),
-        )
-        .await;
+        let parts: Vec<Job> = groups
+            .iter()
+            .map(|group| Job {
+                algorithm: job.algorithm,
+                now: job.now,
+                keys: group.iter().map(|&i| job.keys[i].clone()).collect(),
+            })
+            .collect();
+        let answers = futures_join(parts.iter().map(|part| self.decide(part, deadline))).await;
         let mut per_key: [Option<Outcome>; crate::key::MAX_KEYS] = [None; crate::key::MAX_KEYS];
         let mut error = None;
         let mut all = true;
@@ -516,12 +636,12 @@ impl Inner {
             }
         }
         if error.is_some() || !all {
-            let refunds = groups.iter().zip(&answers).filter_map(|(group, answer)| {
+            let refunds = parts.iter().zip(&answers).filter_map(|(part, answer)| {
                 let (outcomes, decided_at) = answer.as_ref().ok()?;
                 outcomes
                     .iter()
                     .all(|o| o.allowed)
-                    .then(|| self.refund(call, group, *decided_at, deadline))
+                    .then(|| self.refund(part, *decided_at, deadline))
             });
             for given in futures_join(refunds).await {
                 if let Err(error) = given {
@@ -541,53 +661,39 @@ impl Inner {
         Ok(out)
     }
 
-    /// Runs the algorithm's script on the keys of `group` (all on one slot): their
-    /// outcomes, and the time the script decided at.
-    async fn reserve(
-        &self,
-        call: &Call,
-        group: &[usize],
-        deadline: tokio::time::Instant,
-    ) -> Result<(Outcomes, u64), StoreError> {
-        let mut invocation = self.script(call.algorithm).prepare_invoke();
-        invocation.arg(call.now.map_or(-1, |now| now as i64));
-        for &i in group {
-            let key = &call.keys[i];
-            invocation.key(key.name.as_str());
-            invocation.arg(key.count).arg(key.period);
-        }
-        let values = self
-            .connector()?
-            .invoke(&invocation, &self.next_socket, self.timeout, deadline)
-            .await?;
-        parse(&values, group.len())
-    }
-
-    /// Gives back what a reservation decided at `decided_at` took on the keys of `group`.
+    /// Gives back what `part`'s reservation, decided at `decided_at`, took.
     async fn refund(
         &self,
-        call: &Call,
-        group: &[usize],
+        part: &Job,
         decided_at: u64,
         deadline: tokio::time::Instant,
     ) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.refund.prepare_invoke();
-        invocation.arg(match call.algorithm {
-            Algorithm::FixedWindow => "fw",
-            Algorithm::SlidingWindow => "sw",
-            Algorithm::TokenBucket => "tb",
-        });
+        let mut invocation = self.refund.prepare_invoke();
+        invocation.arg(batch::refund_code(part.algorithm));
         invocation.arg(decided_at as i64);
-        for &i in group {
-            let key = &call.keys[i];
+        for key in part.keys.iter() {
             invocation.key(key.name.as_str());
             invocation.arg(key.count).arg(key.period);
         }
+        let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
         self.connector()?
-            .invoke(&invocation, &self.next_socket, self.timeout, deadline)
+            .invoke(&invocation, lane, self.timeout, deadline)
             .await
             .map(|_| ())
     }
+}
+
+/// The request's key indices grouped by cluster hash slot, in key order.
+fn by_slot(keys: &[CallKey]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(HashSlot, Vec<usize>)> = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let slot = HashSlot::for_key(key.name.as_bytes());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, group)) => group.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
 }
 
 /// Awaits every future, concurrently, in order.
@@ -640,30 +746,6 @@ impl RefundLog {
     }
 }
 
-/// Four integers per key (allowed, remaining, reset_after µs, retry_after µs), then the
-/// time the script decided at (µs, Redis's clock unless the caller's was passed).
-fn parse(values: &[i64], n: usize) -> Result<(Outcomes, u64), StoreError> {
-    if values.len() != 4 * n + 1 || values.iter().any(|v| *v < 0) {
-        return Err(StoreError::new(
-            StoreErrorKind::Protocol,
-            "the redis script answered an unexpected shape",
-        ));
-    }
-    let decided_at = values[4 * n] as u64;
-    let mut out = Outcomes::new();
-    for chunk in values[..4 * n].chunks_exact(4) {
-        let reset_after = chunk[2] as u64;
-        out.push(Outcome {
-            allowed: chunk[0] == 1,
-            remaining: chunk[1] as u64,
-            reset_after,
-            retry_after: chunk[3] as u64,
-            reset_at: decided_at.saturating_add(reset_after),
-        });
-    }
-    Ok((out, decided_at))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,22 +767,81 @@ mod tests {
         );
     }
 
+    fn job(keys: &[&str]) -> Job {
+        Job {
+            algorithm: Algorithm::FixedWindow,
+            now: Some(7),
+            keys: keys
+                .iter()
+                .map(|k| CallKey {
+                    name: (*k).to_owned(),
+                    count: 5,
+                    period: 60_000_000,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_each_key_once_and_splits_the_answer_per_request() {
+        let jobs = [job(&["a", "b"]), job(&["b"]), job(&["c", "a"])];
+        let (keys, args) = batch::encode(jobs.iter());
+        assert_eq!(keys, ["a", "b", "c"]);
+        let rate = [5, 60_000_000];
+        let mut expected = vec![7, 3];
+        for (n, indices) in [(2, vec![1, 2]), (1, vec![2]), (2, vec![3, 1])] {
+            expected.extend([1, n]);
+            for i in indices {
+                expected.push(i);
+                expected.extend(rate);
+            }
+        }
+        assert_eq!(args, expected);
+
+        // Per job a status, then four integers per key; the second job's key was refused.
+        let key = |k: i64| [1, k, 10 + k, 0];
+        let mut values = vec![1];
+        values.extend(key(0));
+        values.extend(key(1));
+        values.push(0);
+        values.extend([0, 0, 0, 0]);
+        values.push(1);
+        values.extend(key(3));
+        values.extend(key(4));
+        values.push(100);
+        let answers = batch::parse(&values, jobs.iter()).unwrap();
+        let remaining: Vec<Option<Vec<u64>>> = answers
+            .iter()
+            .map(|a| {
+                a.as_ref()
+                    .ok()
+                    .map(|(o, _)| o.iter().map(|o| o.remaining).collect())
+            })
+            .collect();
+        assert_eq!(remaining, [Some(vec![0, 1]), None, Some(vec![3, 4])]);
+        assert_eq!(
+            answers[1].as_ref().unwrap_err().kind(),
+            StoreErrorKind::Protocol
+        );
+        let (last, at) = answers[2].as_ref().unwrap();
+        assert_eq!(*at, 100);
+        assert_eq!(last.iter().last().unwrap().reset_at, 114);
+    }
+
     #[test]
     fn unexpected_answers_are_protocol_errors() {
+        let one = [job(&["a"])];
         assert_eq!(
-            parse(&[1, 2, 3, 0], 1).unwrap_err().kind(),
+            batch::parse(&[1, 1, 2, 3, 0], one.iter())
+                .unwrap_err()
+                .kind(),
             StoreErrorKind::Protocol
         );
         assert_eq!(
-            parse(&[1, -2, 3, 0, 9], 1).unwrap_err().kind(),
+            batch::parse(&[1, 1, -2, 3, 0, 9], one.iter())
+                .unwrap_err()
+                .kind(),
             StoreErrorKind::Protocol
-        );
-        let (ok, decided_at) = parse(&[1, 4, 10, 0, 0, 0, 5, 5, 100], 2).unwrap();
-        assert_eq!(decided_at, 100);
-        assert_eq!(ok.len(), 2);
-        assert_eq!(
-            ok.iter().map(|o| o.reset_at).collect::<Vec<_>>(),
-            [110, 105]
         );
     }
 }

@@ -1,0 +1,114 @@
+
+-- tollgate: decides a batch of requests in one call (algorithms.lua is prepended).
+-- KEYS: every key the batch touches, each once.
+-- ARGV[1]: now in µs since the Unix epoch, or -1 to read Redis TIME (read once).
+-- ARGV[2]: the number of requests; then, per request in queue order: its algorithm
+--   (1 fixed window, 2 sliding window, 3 token bucket), its number of keys n, then n ×
+--   (key index into KEYS, count, period µs).
+-- Each key is read once, the requests are decided in order on the states as the earlier
+-- requests left them — a request allowed only if every one of its keys allows, and then
+-- counted under every one (all-or-nothing) — and each changed key is written once, as
+-- `SET key "t:c:p" PX ttl`.
+-- Returns, per request: 1, or 0 when one of its keys cannot be used (a key of another
+-- type or value, or a write refused when Redis is out of memory: that request alone
+-- fails, as it would in a call of its own); then per key: allowed (1/0), remaining, reset_after µs,
+-- retry_after µs. Last, the time decided at.
+
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+-- Per key index: its state as t, c, p (t false when the key holds none); whether Redis
+-- refused it; for keys to write, when they expire (µs) and which requests counted there.
+local st, sc, sp, broken, expires, counted = {}, {}, {}, {}, {}, {}
+for i = 1, #KEYS do
+  st[i] = false
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) == 'table' then
+    -- A key of another type fails its requests alone; any other error (the server cannot
+    -- serve) fails the call, so the client drops the connection.
+    if string.sub(v.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(v.err) end
+    broken[i] = true
+  elseif v then
+    local t, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
+    if t then
+      st[i], sc[i], sp[i] = tonumber(t), tonumber(c), tonumber(p)
+    else
+      -- Not a counter (someone else's value under our prefix): refuse to guess.
+      broken[i] = true
+    end
+  end
+end
+
+-- A request's pending writes, applied only when all of its keys allow.
+local wi, wt, wc, wp, we = {}, {}, {}, {}, {}
+-- Where each request's status sits in `out`.
+local status_at = {}
+
+local out = {}
+local at = 3
+for r = 1, tonumber(ARGV[2]) do
+  local algorithm = ALGORITHMS[tonumber(ARGV[at])]
+  local n = tonumber(ARGV[at + 1])
+  at = at + 2
+  local o = #out + 1
+  status_at[r] = o
+  out[o] = 1
+  local usable = true
+  for k = 0, n - 1 do
+    if broken[tonumber(ARGV[at + 3 * k])] then usable = false end
+  end
+  local all = usable
+  for k = 1, n do
+    local i = tonumber(ARGV[at])
+    local allowed, remaining, reset_after, retry_after, t, c, p, expires_at = false, 0, 0, 0
+    if usable then
+      local t0, c0, p0 = nil, nil, nil
+      if st[i] then t0, c0, p0 = st[i], sc[i], sp[i] end
+      allowed, remaining, reset_after, retry_after, t, c, p, expires_at =
+        algorithm(t0, c0, p0, now, tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]))
+    end
+    at = at + 3
+    out[o + 1] = allowed and 1 or 0
+    out[o + 2] = remaining
+    out[o + 3] = reset_after
+    out[o + 4] = retry_after
+    o = o + 4
+    if allowed then
+      wi[k], wt[k], wc[k], wp[k], we[k] = i, t, c, p, expires_at
+    else
+      all = false
+    end
+  end
+  if not usable then
+    out[status_at[r]] = 0
+  elseif all then
+    for k = 1, n do
+      local i = wi[k]
+      st[i], sc[i], sp[i], expires[i] = wt[k], wc[k], wp[k], we[k]
+      local list = counted[i]
+      if list == nil then
+        list = {}
+        counted[i] = list
+      end
+      list[#list + 1] = r
+    end
+  end
+end
+
+for i, expires_at in pairs(expires) do
+  local written = redis.pcall('SET', KEYS[i], string.format('%.0f:%.0f:%.0f', st[i], sc[i], sp[i]),
+    'PX', math.max(1, math.ceil((expires_at - now) / 1000)))
+  if type(written) == 'table' and written.err then
+    -- Out of memory fails the requests counted here alone; any other error (READONLY on a
+    -- demoted primary) fails the call, so the client drops the connection.
+    if string.sub(written.err, 1, 3) ~= 'OOM' then return redis.error_reply(written.err) end
+    for _, r in ipairs(counted[i]) do
+      out[status_at[r]] = 0
+    end
+  end
+end
+out[#out + 1] = now
+return out

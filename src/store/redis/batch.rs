@@ -1,0 +1,304 @@
+//! Coalescing: the checks of concurrent requests decided in one script call.
+//!
+//! Each of the store's sockets to one server has a lane: a queue and a task that sends
+//! it. A request joins a lane's queue; the lane's task takes what has queued (up to
+//! `max_batch`, all with the same caller time) and sends it as ONE `EVALSHA` of
+//! `lua/batch.lua`, which reads each key once, decides the requests in queue order
+//! exactly as one script per request would, and writes each changed key once. While that
+//! batch is in flight the next one fills, so an idle store adds no wait (a lone request
+//! goes at once) and a busy one sends fewer, larger calls.
+//!
+//! Each request keeps its own deadline: one whose deadline passed before its batch was
+//! sent is not sent; a batch is bounded by its earliest deadline and, if it fails or times
+//! out, fails only its own requests (the fallback answers them as for any failure).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, Weak};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Inner, Outcome, Outcomes, StoreError, StoreErrorKind};
+use crate::Algorithm;
+
+/// One request (or, on a cluster, its keys on one hash slot) as the script takes it.
+#[derive(Clone)]
+pub(super) struct Job {
+    pub(super) algorithm: Algorithm,
+    /// The caller's time, when the store decides on it (else Redis `TIME`).
+    pub(super) now: Option<u64>,
+    /// Shared, so handing a job to a lane copies no key.
+    pub(super) keys: std::sync::Arc<[CallKey]>,
+}
+
+/// A key's name and its rate.
+#[derive(Clone)]
+pub(super) struct CallKey {
+    pub(super) name: String,
+    pub(super) count: i64,
+    pub(super) period: i64,
+}
+
+/// A job's answer: its keys' outcomes and the time the script decided at.
+pub(super) type Answer = Result<(Outcomes, u64), StoreError>;
+
+fn algorithm_code(algorithm: Algorithm) -> i64 {
+    match algorithm {
+        Algorithm::FixedWindow => 1,
+        Algorithm::SlidingWindow => 2,
+        Algorithm::TokenBucket => 3,
+    }
+}
+
+pub(super) fn refund_code(algorithm: Algorithm) -> i64 {
+    algorithm_code(algorithm)
+}
+
+/// `lua/batch.lua`'s KEYS (each key once) and ARGV for `jobs`, which share one time.
+pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> (Vec<&'a str>, Vec<i64>) {
+    let mut keys: Vec<&str> = Vec::new();
+    let mut index: hashbrown::HashMap<&str, i64> = hashbrown::HashMap::new();
+    let now = jobs
+        .clone()
+        .next()
+        .and_then(|j| j.now)
+        .map_or(-1, |n| n as i64);
+    let mut args = vec![now, jobs.clone().count() as i64];
+    for job in jobs {
+        args.push(algorithm_code(job.algorithm));
+        args.push(job.keys.len() as i64);
+        for key in job.keys.iter() {
+            let i = *index.entry(key.name.as_str()).or_insert_with(|| {
+                keys.push(key.name.as_str());
+                keys.len() as i64
+            });
+            args.extend([i, key.count, key.period]);
+        }
+    }
+    (keys, args)
+}
+
+/// Splits the script's flat answer (per job a status, then four integers per key; last
+/// the time it decided at) back into one answer per job. A status of 0 means Redis
+/// refused one of the job's keys (a key of another type, a write refused for lack of
+/// memory): that job alone fails, as it would have in a call of its own.
+pub(super) fn parse<'a>(
+    values: &[i64],
+    jobs: impl Iterator<Item = &'a Job> + Clone,
+) -> Result<Vec<Answer>, StoreError> {
+    let (count, keys) = jobs
+        .clone()
+        .fold((0, 0), |(n, k), job| (n + 1, k + job.keys.len()));
+    if values.len() != count + 4 * keys + 1 || values.iter().any(|v| *v < 0) {
+        return Err(StoreError::new(
+            StoreErrorKind::Protocol,
+            "the redis script answered an unexpected shape",
+        ));
+    }
+    let decided_at = values[values.len() - 1] as u64;
+    let mut rest = &values[..values.len() - 1];
+    Ok(jobs
+        .map(|job| {
+            let (status, tail) = rest.split_at(1);
+            let (mine, tail) = tail.split_at(4 * job.keys.len());
+            rest = tail;
+            if status[0] != 1 {
+                return Err(StoreError::new(
+                    StoreErrorKind::Protocol,
+                    "redis refused a key of this request (another type, or out of memory)",
+                ));
+            }
+            let mut out = Outcomes::new();
+            for chunk in mine.chunks_exact(4) {
+                let reset_after = chunk[2] as u64;
+                out.push(Outcome {
+                    allowed: chunk[0] == 1,
+                    remaining: chunk[1] as u64,
+                    reset_after,
+                    retry_after: chunk[3] as u64,
+                    reset_at: decided_at.saturating_add(reset_after),
+                });
+            }
+            Ok((out, decided_at))
+        })
+        .collect())
+}
+
+/// A job waiting in a lane.
+struct Queued {
+    job: Job,
+    deadline: Instant,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The lanes of one store (one per socket).
+pub(super) struct Coalescer {
+    lanes: Box<[Lane]>,
+    next: AtomicUsize,
+    max_batch: usize,
+}
+
+struct Lane {
+    /// The lane task's queue; replaced when that task is gone (its runtime shut down).
+    queue: Mutex<Option<mpsc::UnboundedSender<Queued>>>,
+}
+
+impl Coalescer {
+    pub(super) fn new(lanes: usize, max_batch: usize) -> Self {
+        Coalescer {
+            lanes: (0..lanes.max(1))
+                .map(|_| Lane {
+                    queue: Mutex::new(None),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            max_batch,
+        }
+    }
+
+    /// Most requests in one batch.
+    pub(super) fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// `job`'s answer, decided in a batch on one of the lanes, by `deadline`.
+    pub(super) async fn submit(&self, store: Weak<Inner>, job: Job, deadline: Instant) -> Answer {
+        let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            job,
+            deadline,
+            reply,
+        };
+        {
+            let mut queue = self.lanes[lane]
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let unsent = match queue.as_ref() {
+                Some(sender) => sender.send(queued).err().map(|e| e.0),
+                None => Some(queued),
+            };
+            if let Some(queued) = unsent {
+                // No lane task yet, or its runtime shut down: start one on this runtime.
+                let (sender, receiver) = mpsc::unbounded_channel();
+                tokio::spawn(run_lane(store, lane, self.max_batch, receiver));
+                // Cannot fail: the receiver was just made and is alive.
+                let _ = sender.send(queued);
+                *queue = Some(sender);
+            }
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "the redis batch was dropped (its runtime shut down)",
+            )),
+            Err(_) => Err(super::conn::timed_out("redis did not answer in time")),
+        }
+    }
+}
+
+/// The requests still worth sending at `now`, and those whose deadline has passed while
+/// they queued (they are answered with a timeout, never sent: Redis must not count a
+/// request its caller has already given up on). One whose caller has gone is dropped.
+fn still_wanted(batch: Vec<Queued>, now: Instant) -> (Vec<Queued>, Vec<Queued>) {
+    batch
+        .into_iter()
+        .filter(|q| !q.reply.is_closed())
+        .partition(|q| q.deadline > now)
+}
+
+/// A lane's task: sends what has queued as one batch at a time, until the store is gone.
+async fn run_lane(
+    store: Weak<Inner>,
+    lane: usize,
+    max_batch: usize,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+) {
+    let mut next: Option<Queued> = None;
+    loop {
+        let first = match next.take() {
+            Some(q) => q,
+            None => match queue.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                // One batch, one time: a request on another caller time starts the next.
+                Ok(q) if q.job.now == batch[0].job.now => batch.push(q),
+                Ok(q) => {
+                    next = Some(q);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let (batch, late) = still_wanted(batch, Instant::now());
+        for q in late {
+            let _ = q.reply.send(Err(super::conn::timed_out(
+                "the deadline passed before the redis batch was sent",
+            )));
+        }
+        let Some(deadline) = batch.iter().map(|q| q.deadline).min() else {
+            continue;
+        };
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        match store
+            .run(batch.iter().map(|q| &q.job), lane, deadline)
+            .await
+        {
+            Ok(answers) => {
+                for (q, answer) in batch.into_iter().zip(answers) {
+                    let _ = q.reply.send(answer);
+                }
+            }
+            Err(error) => {
+                for q in batch {
+                    let _ = q.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn queued(deadline: Instant) -> (Queued, oneshot::Receiver<Answer>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            algorithm: Algorithm::FixedWindow,
+            now: None,
+            keys: Vec::new().into(),
+        };
+        (
+            Queued {
+                job,
+                deadline,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_or_abandoned_is_not_sent() {
+        let now = Instant::now();
+        let (late, _late_rx) = queued(now - Duration::from_millis(1));
+        let (due, _due_rx) = queued(now + Duration::from_millis(50));
+        let (gone, gone_rx) = queued(now + Duration::from_millis(50));
+        drop(gone_rx);
+        let (send, late) = still_wanted(vec![late, due, gone], now);
+        assert_eq!(send.len(), 1);
+        assert_eq!(send[0].deadline, now + Duration::from_millis(50));
+        assert_eq!(late.len(), 1);
+    }
+}

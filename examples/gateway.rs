@@ -16,6 +16,9 @@
 //!   trusted proxy that set them and turns them into the [`Identity`] extension. In a real
 //!   deployment these headers must be set by your auth proxy and stripped from client
 //!   requests, or any client can pick whose quota it spends.
+//! * The server is made with `into_make_service_with_connect_info::<SocketAddr>()`, so
+//!   every request carries its peer address and `anonymous = "by_ip"` (see
+//!   `examples/gateway-policy.toml`) counts callers without `x-user-id` per client address.
 //!
 //! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]).
 
@@ -47,7 +50,9 @@ OPTIONS:
     -h, --help      print this help
 
 Identity is read from the x-user-id and x-tenant-id headers, which this example trusts
-as if a proxy had set them. Stop with Ctrl-C or SIGTERM (graceful shutdown).";
+as if a proxy had set them. Requests carry their peer address, so a config with
+anonymous = \"by_ip\" (examples/gateway-policy.toml) counts anonymous callers per client
+address. Stop with Ctrl-C or SIGTERM (graceful shutdown).";
 
 /// The limits used without `--config`.
 const DEFAULT_CONFIG: &str = r#"
@@ -174,10 +179,15 @@ async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
     // The one line on stdout; scripts and tests read the port from it.
     println!("tollgate gateway listening on http://{addr}");
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    // With the peer address in every request (`ConnectInfo<SocketAddr>`), tollgate can
+    // count anonymous callers by client address (`anonymous = "by_ip"`).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(|e| format!("server error: {e}"))?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }
@@ -210,11 +220,19 @@ fn describe(cfg: &RateLimitConfig) {
         .by_tool()
         .map(|(name, rate)| format!("{name}={rate}"))
         .collect();
+    let user_tools: Vec<String> = cfg
+        .by_user_tool()
+        .map(|(name, rate)| format!("{name}={rate}"))
+        .collect();
+    let tiers: Vec<&str> = cfg.tiers().map(|(name, _)| name).collect();
     eprintln!(
-        "gateway: by_user={} by_tenant={} by_tool=[{}] algorithm={:?} mode={:?} backend={:?}",
+        "gateway: by_user={} by_tenant={} by_tool=[{}] by_user_tool=[{}] tiers=[{}] anonymous={:?} algorithm={:?} mode={:?} backend={:?}",
         show(cfg.by_user()),
         show(cfg.by_tenant()),
         tools.join(", "),
+        user_tools.join(", "),
+        tiers.join(", "),
+        cfg.anonymous(),
         cfg.algorithm(),
         cfg.mode(),
         cfg.backend().kind(),

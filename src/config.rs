@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use http::HeaderName;
 use serde::de::{self, IgnoredAny};
 use serde::Deserialize;
 
+use crate::tier::TierConfig;
 use crate::{Algorithm, Rate};
 
 /// What happens to a request over its limit.
@@ -76,13 +78,45 @@ pub enum Fallback {
     None,
 }
 
-/// `[identity]`: request headers to read identities from. Read only when named; trust
-/// them only behind a proxy that sets them and strips them from clients.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How requests without a user are counted (`anonymous = ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Anonymous {
+    /// One `anonymous` bucket shared by every request without a user.
+    #[default]
+    Shared,
+    /// One bucket per client address (IPv6 grouped by `[identity] ipv6_prefix`), read
+    /// from the connection and, through `[identity] trusted_proxies`, from
+    /// `X-Forwarded-For` or `Forwarded`. Without a peer address a request falls back to
+    /// the shared bucket (logged, rate-limited).
+    ByIp,
+}
+
+/// `[identity]`: where identities come from besides the [`Identity`](crate::Identity) and
+/// [`ToolName`](crate::ToolName) extensions. Headers are read only when named; trust them
+/// only behind a proxy that sets them and strips them from clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdentityConfig {
     user_header: Option<HeaderName>,
     tenant_header: Option<HeaderName>,
     tool_header: Option<HeaderName>,
+    tool_path: Option<crate::tool_path::ToolPath>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    ipv6_prefix: u8,
+    pub(crate) anonymous: Anonymous,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            user_header: None,
+            tenant_header: None,
+            tool_header: None,
+            tool_path: None,
+            trusted_proxies: Vec::new(),
+            ipv6_prefix: 64,
+            anonymous: Anonymous::Shared,
+        }
+    }
 }
 
 impl IdentityConfig {
@@ -97,6 +131,29 @@ impl IdentityConfig {
     /// Header carrying the tool name.
     pub fn tool_header(&self) -> Option<&HeaderName> {
         self.tool_header.as_ref()
+    }
+    /// The path pattern the tool name is taken from (`"/tools/{name}"`), when a request
+    /// has no [`ToolName`](crate::ToolName) extension.
+    pub fn tool_path(&self) -> Option<&str> {
+        self.tool_path.as_ref().map(|p| p.as_str())
+    }
+    pub(crate) fn tool_path_matcher(&self) -> Option<&crate::tool_path::ToolPath> {
+        self.tool_path.as_ref()
+    }
+    /// Networks of the proxies whose `X-Forwarded-For` / `Forwarded` entries are
+    /// believed, as (network address, prefix length).
+    pub fn trusted_proxies(&self) -> impl Iterator<Item = (IpAddr, u8)> + '_ {
+        self.trusted_proxies
+            .iter()
+            .map(|net| (net.network(), net.prefix_len()))
+    }
+    pub(crate) fn trusted_nets(&self) -> &[ipnet::IpNet] {
+        &self.trusted_proxies
+    }
+    /// The prefix length IPv6 clients are grouped by with `anonymous = "by_ip"` (default
+    /// 64).
+    pub fn ipv6_prefix(&self) -> u8 {
+        self.ipv6_prefix
     }
 }
 
@@ -293,6 +350,10 @@ pub struct RateLimitConfig {
     by_tenant: Option<Rate>,
     by_tool: BTreeMap<String, Rate>,
     by_prompt: BTreeMap<String, Rate>,
+    by_user_tool: BTreeMap<String, Rate>,
+    tiers: BTreeMap<String, TierConfig>,
+    /// Trimmed tenant id → tier name.
+    tenants: BTreeMap<String, String>,
     algorithm: Algorithm,
     mode: Mode,
     fail_mode: FailMode,
@@ -350,6 +411,31 @@ impl RateLimitConfig {
     pub fn mcp(&self) -> Option<&McpConfig> {
         self.mcp.as_ref()
     }
+    /// Per-user, per-tool rates (`by_user_tool`), by normalised tool name: each user has
+    /// their own counter for each of these tools.
+    pub fn by_user_tool(&self) -> impl Iterator<Item = (&str, Rate)> + '_ {
+        self.by_user_tool
+            .iter()
+            .map(|(name, rate)| (name.as_str(), *rate))
+    }
+    /// The configured tiers (`[tiers.<name>]`), by name.
+    pub fn tiers(&self) -> impl Iterator<Item = (&str, &TierConfig)> + '_ {
+        self.tiers.iter().map(|(name, tier)| (name.as_str(), tier))
+    }
+    /// One tier's rules.
+    pub fn tier(&self, name: &str) -> Option<&TierConfig> {
+        self.tiers.get(name)
+    }
+    /// `[tenants]`: each listed tenant (trimmed) with its tier's name.
+    pub fn tenants(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.tenants
+            .iter()
+            .map(|(t, tier)| (t.as_str(), tier.as_str()))
+    }
+    /// How requests without a user are counted.
+    pub fn anonymous(&self) -> Anonymous {
+        self.identity.anonymous
+    }
     /// The counting algorithm.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
@@ -384,7 +470,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.problems.push((field.into(), message.into()));
     }
 
@@ -473,6 +559,14 @@ impl RateLimitConfigBuilder {
             .push((name.into(), rate.into().0));
         self
     }
+    /// Give each user their own counter of `rate` for the tool `name` (`by_user_tool`).
+    pub fn user_tool(mut self, name: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw
+            .by_user_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
     /// Turn on `[mcp]` (its defaults unless set below).
     pub fn mcp(mut self) -> Self {
         self.raw.mcp.get_or_insert_with(RawMcp::default);
@@ -492,6 +586,91 @@ impl RateLimitConfigBuilder {
     pub fn mcp_max_body(mut self, bytes: usize) -> Self {
         self.raw.mcp.get_or_insert_with(RawMcp::default).max_body =
             Some(Scalar::Int(bytes as i128));
+        self
+    }
+    /// `tier`'s per-user rate (`[tiers.<tier>] by_user`).
+    pub fn tier_by_user(mut self, tier: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw_tier(tier.into()).by_user = Some(rate.into().0);
+        self
+    }
+    /// `tier`'s per-tenant rate (`[tiers.<tier>] by_tenant`).
+    pub fn tier_by_tenant(mut self, tier: impl Into<String>, rate: impl Into<RateSpec>) -> Self {
+        self.raw_tier(tier.into()).by_tenant = Some(rate.into().0);
+        self
+    }
+    /// `tier`'s rate for the tool `name` (`[tiers.<tier>.by_tool]`).
+    pub fn tier_tool(
+        mut self,
+        tier: impl Into<String>,
+        name: impl Into<String>,
+        rate: impl Into<RateSpec>,
+    ) -> Self {
+        self.raw_tier(tier.into())
+            .by_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// `tier`'s per-user rate for the tool `name` (`[tiers.<tier>.by_user_tool]`).
+    pub fn tier_user_tool(
+        mut self,
+        tier: impl Into<String>,
+        name: impl Into<String>,
+        rate: impl Into<RateSpec>,
+    ) -> Self {
+        self.raw_tier(tier.into())
+            .by_user_tool
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), rate.into().0));
+        self
+    }
+    /// Put `tenant` in `tier` (`[tenants]`).
+    pub fn tenant_tier(mut self, tenant: impl Into<String>, tier: impl Into<String>) -> Self {
+        self.raw
+            .tenants
+            .get_or_insert_with(BTreeMap::new)
+            .insert(tenant.into(), Scalar::Text(tier.into()));
+        self
+    }
+    fn raw_tier(&mut self, tier: String) -> &mut RawTier {
+        self.raw
+            .tiers
+            .get_or_insert_with(BTreeMap::new)
+            .entry(tier)
+            .or_default()
+    }
+    /// How requests without a user are counted.
+    pub fn anonymous(mut self, anonymous: Anonymous) -> Self {
+        let name = match anonymous {
+            Anonymous::Shared => "shared",
+            Anonymous::ByIp => "by_ip",
+        };
+        self.raw.anonymous = Some(Scalar::Text(name.into()));
+        self
+    }
+    /// Take the tool from the request path, e.g. `"/tools/{name}"` (checked at `build`).
+    pub fn tool_path(mut self, pattern: impl Into<String>) -> Self {
+        self.raw.identity.tool_path = Some(Scalar::Text(pattern.into()));
+        self
+    }
+    /// Believe `X-Forwarded-For` / `Forwarded` from peers in these networks (`"10.0.0.0/8"`,
+    /// `"::1"`; checked at `build`).
+    pub fn trusted_proxies<I, N>(mut self, networks: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.raw.identity.trusted_proxies = Some(Loose::Ok(
+            networks
+                .into_iter()
+                .map(|n| Scalar::Text(n.into()))
+                .collect(),
+        ));
+        self
+    }
+    /// Group IPv6 clients by this prefix length (32 to 128; default 64).
+    pub fn ipv6_prefix(mut self, prefix_len: u8) -> Self {
+        self.raw.identity.ipv6_prefix = Some(Scalar::Int(i128::from(prefix_len)));
         self
     }
     /// The counting algorithm.
@@ -668,7 +847,7 @@ fn parse_size(text: &str) -> Option<i128> {
 /// A scalar as written, kept loose so a wrong type is one reported problem among others
 /// rather than an abort.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Scalar {
+pub(crate) enum Scalar {
     Text(String),
     Int(i128),
     Other(&'static str),
@@ -713,7 +892,7 @@ impl<'de> Deserialize<'de> for Scalar {
 /// A value of the expected shape, or what was found instead (so a wrong type is one
 /// reported problem naming its field, not a parse error).
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Loose<T> {
+pub(crate) enum Loose<T> {
     Ok(T),
     Found(&'static str),
 }
@@ -750,6 +929,11 @@ struct Raw {
     by_tool: Option<Vec<(String, Scalar)>>,
     #[serde(deserialize_with = "deserialize_tools")]
     by_prompt: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    by_user_tool: Option<Vec<(String, Scalar)>>,
+    tiers: Option<BTreeMap<String, RawTier>>,
+    tenants: Option<BTreeMap<String, Scalar>>,
+    anonymous: Option<Scalar>,
     algorithm: Option<Scalar>,
     mode: Option<Scalar>,
     fail_mode: Option<Scalar>,
@@ -772,10 +956,26 @@ struct RawMcp {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default)]
+pub(crate) struct RawTier {
+    pub(crate) by_user: Option<Scalar>,
+    pub(crate) by_tenant: Option<Scalar>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) by_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) by_user_tool: Option<Vec<(String, Scalar)>>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 struct RawIdentity {
     user_header: Option<Scalar>,
     tenant_header: Option<Scalar>,
     tool_header: Option<Scalar>,
+    tool_path: Option<Scalar>,
+    trusted_proxies: Option<Loose<Vec<Scalar>>>,
+    ipv6_prefix: Option<Scalar>,
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -800,12 +1000,12 @@ struct RawBackend {
 }
 
 /// Collects problems while turning raw values into typed ones.
-struct Check {
-    err: ConfigError,
+pub(crate) struct Check {
+    pub(crate) err: ConfigError,
 }
 
 impl Check {
-    fn text<'a>(&mut self, field: &str, value: &'a Option<Scalar>) -> Option<&'a str> {
+    pub(crate) fn text<'a>(&mut self, field: &str, value: &'a Option<Scalar>) -> Option<&'a str> {
         match value {
             None => None,
             Some(Scalar::Text(t)) => Some(t),
@@ -821,7 +1021,7 @@ impl Check {
         }
     }
 
-    fn rate(&mut self, field: &str, value: &Option<Scalar>) -> Option<Rate> {
+    pub(crate) fn rate(&mut self, field: &str, value: &Option<Scalar>) -> Option<Rate> {
         if let Some(Scalar::Int(n)) = value {
             self.err.push(
                 field,
@@ -1043,7 +1243,7 @@ impl Check {
     }
 
     /// A `[by_tool]`-like table: names trimmed and lower-cased, none empty, no two alike.
-    fn names(
+    pub(crate) fn names(
         &mut self,
         table: &str,
         what: &str,
@@ -1142,6 +1342,9 @@ impl TryFrom<Raw> for RateLimitConfig {
 
         let by_tool = c.names("by_tool", "tool", &raw.by_tool);
         let by_prompt = c.names("by_prompt", "prompt", &raw.by_prompt);
+        let by_user_tool = c.names("by_user_tool", "tool", &raw.by_user_tool);
+        let tiers = crate::tier::check_tiers(&mut c, raw.tiers.as_ref());
+        let tenants = crate::tier::check_tenants(&mut c, raw.tenants.as_ref(), &tiers);
 
         let algorithm = c.choice(
             "algorithm",
@@ -1185,7 +1388,7 @@ impl TryFrom<Raw> for RateLimitConfig {
             HeaderStyle::Legacy,
         );
 
-        let rules = by_user
+        let mut rules: Vec<(String, Rate)> = by_user
             .map(|r| ("by_user".to_owned(), r))
             .into_iter()
             .chain(by_tenant.map(|r| ("by_tenant".to_owned(), r)))
@@ -1198,7 +1401,16 @@ impl TryFrom<Raw> for RateLimitConfig {
                 by_prompt
                     .iter()
                     .map(|(name, r)| (format!("by_prompt[{name:?}]"), *r)),
-            );
+            )
+            .chain(
+                by_user_tool
+                    .iter()
+                    .map(|(name, r)| (format!("by_user_tool[{name:?}]"), *r)),
+            )
+            .collect();
+        for (name, tier) in &tiers {
+            rules.extend(tier.rules_with_fields(name));
+        }
         for (field, rate) in rules {
             if !algorithm.supports(rate) {
                 c.err.push(
@@ -1208,10 +1420,58 @@ impl TryFrom<Raw> for RateLimitConfig {
             }
         }
 
+        let anonymous = c.choice(
+            "anonymous",
+            "anonymous bucket",
+            &raw.anonymous,
+            &[("shared", Anonymous::Shared), ("by_ip", Anonymous::ByIp)],
+            Anonymous::Shared,
+        );
+        let ri = &raw.identity;
+        let tool_header = c.header("identity.tool_header", &ri.tool_header);
+        let tool_path = c.text("identity.tool_path", &ri.tool_path).and_then(|p| {
+            match crate::tool_path::ToolPath::parse(p) {
+                Ok(path) => Some(path),
+                Err(problem) => {
+                    c.err.push("identity.tool_path", problem);
+                    None
+                }
+            }
+        });
+        if tool_path.is_some() && tool_header.is_some() {
+            c.err.push(
+                "identity.tool_path",
+                "set identity.tool_header or identity.tool_path, not both (a client could name another tool in the header than the one its path calls)",
+            );
+        }
+        let trusted_proxies = crate::client_ip::check_networks(
+            &mut c,
+            "identity.trusted_proxies",
+            &ri.trusted_proxies,
+        );
+        let ipv6_prefix = c.int("identity.ipv6_prefix", &ri.ipv6_prefix, (32, 128), 64) as u8;
+        if anonymous != Anonymous::ByIp {
+            if ri.trusted_proxies.is_some() {
+                c.err.push(
+                    "identity.trusted_proxies",
+                    "only used with anonymous = \"by_ip\"",
+                );
+            }
+            if ri.ipv6_prefix.is_some() {
+                c.err.push(
+                    "identity.ipv6_prefix",
+                    "only used with anonymous = \"by_ip\"",
+                );
+            }
+        }
         let identity = IdentityConfig {
-            user_header: c.header("identity.user_header", &raw.identity.user_header),
-            tenant_header: c.header("identity.tenant_header", &raw.identity.tenant_header),
-            tool_header: c.header("identity.tool_header", &raw.identity.tool_header),
+            user_header: c.header("identity.user_header", &ri.user_header),
+            tenant_header: c.header("identity.tenant_header", &ri.tenant_header),
+            tool_header,
+            tool_path,
+            trusted_proxies,
+            ipv6_prefix,
+            anonymous,
         };
 
         let mcp = raw.mcp.as_ref().map(|m| {
@@ -1314,6 +1574,10 @@ impl TryFrom<Raw> for RateLimitConfig {
         let max_batch = c.int("backend.max_batch", &b.max_batch, (1, 1024), 128) as usize;
 
         c.unknown("", &raw.unknown);
+        for (name, tier) in raw.tiers.iter().flatten() {
+            let section = format!("{}.", crate::tier::tier_field(name));
+            c.unknown(&section, &tier.unknown);
+        }
         c.unknown("identity.", &raw.identity.unknown);
         c.unknown("backend.", &raw.backend.unknown);
 
@@ -1325,6 +1589,9 @@ impl TryFrom<Raw> for RateLimitConfig {
             by_tenant,
             by_tool,
             by_prompt,
+            by_user_tool,
+            tiers,
+            tenants,
             algorithm,
             mode,
             fail_mode,

@@ -1,7 +1,9 @@
 //! Per-rule outcomes → one [`Decision`] (ARCHITECTURE.md, behaviour contract item 7).
 
+use std::cmp::Reverse;
 use std::time::Duration;
 
+use crate::key::MAX_KEYS;
 use crate::store::Outcome;
 use crate::{Rate, RuleKind};
 
@@ -16,11 +18,14 @@ pub(crate) struct Verdict {
 /// What tollgate decided for one request. Every response the layer touched carries it in
 /// its extensions, so outer layers can log or reshape it. It holds no identity.
 ///
-/// When rules reject, the rejecting rule with the soonest reset speaks for the decision
-/// (ties: user, tenant, tool); when all allow, the rule with the fewest remaining does.
+/// When rules reject, the rejecting rule with the longest wait speaks for the decision:
+/// `Retry-After`, `X-RateLimit-Limit`/`Reset`, `RateLimit` and the 429 body all describe
+/// it, so a client that obeys any of them is not refused again by another rule. When all
+/// allow, the rule with the fewest remaining speaks. Ties go to the first in rule order:
+/// user, tenant, tool, user×tool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
-    verdicts: [Option<Verdict>; 3],
+    verdicts: [Option<Verdict>; MAX_KEYS],
     speaker: Option<u8>,
     allowed: bool,
     retry_after: u64,
@@ -28,17 +33,20 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// `verdicts` in rule order (user, tenant, tool); `now` in µs since the epoch.
-    pub(crate) fn new(verdicts: [Option<Verdict>; 3], now: u64) -> Decision {
+    /// `verdicts` in rule order (user, tenant, tool, user×tool); `now` in µs since the
+    /// epoch.
+    pub(crate) fn new(verdicts: [Option<Verdict>; MAX_KEYS], now: u64) -> Decision {
         let allowed = verdicts.iter().flatten().all(|v| v.outcome.allowed);
+        // Allowed: the fewest remaining. Refused: the longest wait among the refusing
+        // rules (ARCHITECTURE.md, behaviour contract item 7). min_by_key keeps the first
+        // of equals: rule order breaks ties.
         let by_rank = |v: &Verdict| {
             if allowed {
-                v.outcome.remaining
+                (v.outcome.remaining, Reverse(0))
             } else {
-                v.outcome.reset_after
+                (0, Reverse(v.outcome.retry_after))
             }
         };
-        // min_by_key keeps the first of equals: rule order breaks ties.
         let speaker = verdicts
             .iter()
             .enumerate()
@@ -65,7 +73,7 @@ impl Decision {
 
     /// A decision with no applicable rule: allowed, no rate headers.
     pub(crate) fn unlimited(now: u64) -> Decision {
-        Decision::new([None; 3], now)
+        Decision::new([None; MAX_KEYS], now)
     }
 
     fn speaking(&self) -> Option<&Verdict> {
@@ -164,20 +172,38 @@ mod tests {
     }
     use RuleKind::*;
 
+    /// Regression (issue "headers that agree on a 429"): the rejecting rule with the
+    /// soonest reset spoke for X-RateLimit-Limit/Reset while Retry-After was the longest
+    /// wait, so a client following Reset came back too early.
     #[test]
-    fn rejecting_rule_with_soonest_reset_speaks() {
+    fn rejecting_rule_with_the_longest_wait_speaks() {
         let d = Decision::new(
             [
                 v(User, true, 5, 1),
-                v(Tenant, false, 0, 30),
-                v(Tool, false, 0, 20),
+                v(Tenant, false, 0, 30_000_000),
+                v(Tool, false, 0, 20_000_000),
+                v(UserTool, false, 0, 25_000_000),
             ],
             0,
         );
         assert!(!d.is_allowed());
-        assert_eq!(d.rule(), Some(Tool));
-        assert_eq!(d.violated().collect::<Vec<_>>(), [Tenant, Tool]);
-        assert_eq!(d.retry_after(), Some(Duration::from_micros(30)));
+        assert_eq!(d.rule(), Some(Tenant));
+        assert_eq!(d.violated().collect::<Vec<_>>(), [Tenant, Tool, UserTool]);
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(30)));
+        assert_eq!(d.reset_after(), Duration::from_secs(30));
+        assert_eq!(d.reset_epoch_secs(), Some(30));
+        assert_eq!(d.retry_after_secs(), 30);
+        // The wait decides, not the reset: a token bucket refusing for 2 s whose bucket
+        // is full again in 50 s speaks over a window refusing for 10 s.
+        let mut bucket = v(User, false, 0, 50_000_000).unwrap();
+        bucket.outcome.retry_after = 2_000_000;
+        let d = Decision::new(
+            [Some(bucket), None, None, v(UserTool, false, 0, 10_000_000)],
+            0,
+        );
+        assert_eq!(d.rule(), Some(UserTool));
+        assert_eq!(d.retry_after_secs(), 10);
+        assert_eq!(d.reset_epoch_secs(), Some(10));
     }
 
     #[test]
@@ -187,6 +213,7 @@ mod tests {
                 v(User, false, 0, 9),
                 v(Tenant, false, 0, 9),
                 v(Tool, false, 0, 9),
+                v(UserTool, false, 0, 9),
             ],
             0,
         );
@@ -196,6 +223,7 @@ mod tests {
                 v(User, true, 0, 9),
                 v(Tenant, false, 0, 9),
                 v(Tool, false, 0, 9),
+                None,
             ],
             0,
         );
@@ -205,12 +233,18 @@ mod tests {
                 v(User, true, 3, 9),
                 v(Tenant, true, 3, 1),
                 v(Tool, true, 3, 1),
+                v(UserTool, true, 3, 1),
             ],
             0,
         );
         assert_eq!(d.rule(), Some(User));
-        let d = Decision::new([None, v(Tenant, true, 2, 9), v(Tool, true, 2, 1)], 0);
+        let d = Decision::new([None, v(Tenant, true, 2, 9), v(Tool, true, 2, 1), None], 0);
         assert_eq!(d.rule(), Some(Tenant));
+        let d = Decision::new(
+            [None, None, v(Tool, false, 0, 4), v(UserTool, false, 0, 4)],
+            0,
+        );
+        assert_eq!(d.rule(), Some(Tool));
     }
 
     #[test]
@@ -220,6 +254,7 @@ mod tests {
                 v(User, true, 7, 1),
                 v(Tenant, true, 2, 50),
                 v(Tool, true, 4, 3),
+                v(UserTool, true, 3, 3),
             ],
             0,
         );

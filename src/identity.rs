@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, Request};
 use crate::config::IdentityConfig;
 use crate::mcp::headers::{decode_name, server_validates, target_of, McpHeaders};
 use crate::mcp::jsonrpc::McpCall;
-use crate::{RuleKind, Subject};
+use crate::Subject;
 
 /// Longest user or tenant id accepted, in bytes. Longer ids are refused (400), never
 /// truncated: truncation would merge distinct identities.
@@ -96,15 +96,6 @@ pub(crate) enum Target {
     Prompt,
 }
 
-impl Target {
-    pub(crate) fn rule(self) -> RuleKind {
-        match self {
-            Target::Tool => RuleKind::Tool,
-            Target::Prompt => RuleKind::Prompt,
-        }
-    }
-}
-
 /// The tool or prompt a request calls: trimmed, not yet lower-cased. Borrowed from the
 /// request except for a base64-encoded `Mcp-Name`, which is decoded.
 pub(crate) struct Named<'r> {
@@ -117,6 +108,8 @@ pub(crate) struct Who<'r> {
     pub(crate) user: Subject<'r>,
     pub(crate) tenant: Option<&'r [u8]>,
     pub(crate) tool: Option<Named<'r>>,
+    /// The tool came from the path (`[identity] tool_path`): still percent-encoded.
+    pub(crate) tool_from_path: bool,
 }
 
 /// An identity tollgate refuses to count rather than guess at.
@@ -173,6 +166,7 @@ pub(crate) fn extract<'r, B>(
         user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant?,
         tool: fields.tool?,
+        tool_from_path: fields.tool_from_path,
     })
 }
 
@@ -195,6 +189,7 @@ pub(crate) fn extract_lenient<'r, B>(
             .map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant.ok().flatten(),
         tool: fields.tool.unwrap_or_else(|_| call.and_then(named_in_body)),
+        tool_from_path: fields.tool_from_path,
     }
 }
 
@@ -203,6 +198,7 @@ struct Fields<'r> {
     user: Result<Option<&'r [u8]>, BadIdentity>,
     tenant: Result<Option<&'r [u8]>, BadIdentity>,
     tool: Result<Option<Named<'r>>, BadIdentity>,
+    tool_from_path: bool,
 }
 
 /// The tool or prompt of an MCP call: from the body when [`McpLayer`](crate::McpLayer)
@@ -271,9 +267,15 @@ impl<'r> Fields<'r> {
                 header(headers, cfg.tenant_header(), "tenant"),
             ),
         };
-        let tool = match ext.get::<ToolName>() {
-            Some(t) => Ok(Some(t.0.trim().as_bytes())),
-            None => header(headers, cfg.tool_header(), "tool"),
+        let mut tool_from_path = false;
+        let tool = match (ext.get::<ToolName>(), cfg.tool_path_matcher()) {
+            (Some(t), _) => Ok(Some(t.0.trim().as_bytes())),
+            (None, Some(pattern)) => {
+                let tool = pattern.tool(req.uri().path());
+                tool_from_path = tool.is_some();
+                Ok(tool.map(str::as_bytes))
+            }
+            (None, None) => header(headers, cfg.tool_header(), "tool"),
         };
         let tool = tool.map(|t| {
             t.filter(|t| !t.is_empty()).map(|name| Named {
@@ -286,13 +288,18 @@ impl<'r> Fields<'r> {
             (Some(_), tool) => tool,
             (None, tool) => match mcp_named(req, mcp, call) {
                 Ok(None) => tool,
-                found => found,
+                found => {
+                    // The MCP call names it (not the path).
+                    tool_from_path = false;
+                    found
+                }
             },
         };
         Fields {
             user: bounded(user, "user"),
             tenant: bounded(tenant, "tenant"),
             tool,
+            tool_from_path,
         }
     }
 }

@@ -8,8 +8,8 @@ use hashbrown::HashMap;
 use tower_layer::Layer;
 
 use crate::config::IdentityConfig;
-use crate::identity::Target;
 use crate::log_gate::LogGate;
+use crate::tier::RuleSet;
 use crate::{
     Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Refusal,
     Store, SystemClock,
@@ -74,80 +74,164 @@ impl Shared {
     }
 }
 
-/// The configured rates, ready for lookup.
+/// The configured rates, ready for lookup: the base rules, each tier's overrides, the
+/// tenants' tiers, every tool any of them names (by number), and the MCP prompts.
 pub(crate) struct Rules {
-    pub(crate) user: Option<Rate>,
-    pub(crate) tenant: Option<Rate>,
-    tools: Table,
-    prompts: Table,
+    pub(crate) base: RuleSet,
+    tiers: Vec<(Box<str>, RuleSet)>,
+    tier_index: HashMap<Box<str>, u32>,
+    tenants: HashMap<Box<[u8]>, u32>,
+    tools: Names,
+    /// `[by_prompt]` (prompts have no tiers and no per-user rule): names and rates.
+    prompts: Names,
+    prompt_rates: Vec<Rate>,
 }
 
-/// One `[by_tool]`-like table: normalised names → (index, rate).
-struct Table {
-    rates: HashMap<Box<str>, (u32, Rate)>,
+/// Normalised names (tools, or prompts), numbered in the order first named.
+#[derive(Default)]
+struct Names {
+    numbers: HashMap<Box<str>, u32>,
     names: Vec<Box<str>>,
 }
 
-/// Longest tool name normalised without allocating.
-const TOOL_STACK: usize = 64;
+/// Longest name normalised without allocating.
+const NAME_STACK: usize = 64;
 
-impl Table {
-    fn new<'a>(entries: impl Iterator<Item = (&'a str, Rate)>) -> Table {
-        let entries: Vec<(&str, Rate)> = entries.collect();
-        Table {
-            names: entries.iter().map(|(n, _)| (*n).into()).collect(),
-            rates: entries
-                .iter()
-                .enumerate()
-                .map(|(i, (name, rate))| ((*name).into(), (i as u32, *rate)))
-                .collect(),
+impl Names {
+    fn add(&mut self, name: &str) {
+        if !self.numbers.contains_key(name) {
+            self.numbers.insert(name.into(), self.names.len() as u32);
+            self.names.push(name.into());
         }
     }
 
-    /// The entry matching `raw` (already trimmed) after lower-casing, with its index and
-    /// rate. ASCII names up to 64 bytes are folded on the stack.
-    fn get(&self, raw: &[u8]) -> Option<(u32, Rate)> {
-        if self.rates.is_empty() {
+    /// The number of the name matching `raw` (already trimmed) after lower-casing (and
+    /// percent-decoding, for a name taken from the path). ASCII names up to 64 bytes are
+    /// folded on the stack.
+    fn find(&self, raw: &[u8], encoded: bool) -> Option<u32> {
+        if self.numbers.is_empty() {
             return None;
         }
-        if raw.is_ascii() && raw.len() <= TOOL_STACK {
-            let mut buf = [0u8; TOOL_STACK];
+        if encoded && raw.contains(&b'%') {
+            let mut decoded = Vec::new();
+            crate::tool_path::percent_decode_into(raw, &mut decoded);
+            return self.find(decoded.trim_ascii(), false);
+        }
+        if raw.is_ascii() && raw.len() <= NAME_STACK {
+            let mut buf = [0u8; NAME_STACK];
             let folded = &mut buf[..raw.len()];
             folded.copy_from_slice(raw);
             folded.make_ascii_lowercase();
             let name = std::str::from_utf8(folded).ok()?;
-            return self.rates.get(name).copied();
+            return self.numbers.get(name).copied();
         }
         let name = std::str::from_utf8(raw).ok()?.trim().to_lowercase();
-        self.rates.get(name.as_str()).copied()
+        self.numbers.get(name.as_str()).copied()
     }
 }
 
 impl Rules {
     fn new(cfg: &RateLimitConfig) -> Rules {
-        Rules {
+        let mut tools = Names::default();
+        cfg.by_tool().for_each(|(n, _)| tools.add(n));
+        cfg.by_user_tool().for_each(|(n, _)| tools.add(n));
+        for (_, tier) in cfg.tiers() {
+            tier.by_tool().for_each(|(n, _)| tools.add(n));
+            tier.by_user_tool().for_each(|(n, _)| tools.add(n));
+        }
+        let table = |rates: &mut dyn Iterator<Item = (&str, Rate)>| {
+            let mut out = vec![None; tools.names.len()];
+            for (name, rate) in rates {
+                out[tools.numbers[name] as usize] = Some(rate);
+            }
+            out
+        };
+        let base = RuleSet {
             user: cfg.by_user(),
             tenant: cfg.by_tenant(),
-            tools: Table::new(cfg.by_tool()),
-            prompts: Table::new(cfg.by_prompt()),
+            tools: table(&mut cfg.by_tool()),
+            user_tools: table(&mut cfg.by_user_tool()),
+        };
+        let tiers: Vec<(Box<str>, RuleSet)> = cfg
+            .tiers()
+            .map(|(name, tier)| {
+                let set = RuleSet {
+                    user: tier.by_user(),
+                    tenant: tier.by_tenant(),
+                    tools: table(&mut tier.by_tool()),
+                    user_tools: table(&mut tier.by_user_tool()),
+                };
+                (name.into(), set)
+            })
+            .collect();
+        let tier_index: HashMap<Box<str>, u32> = tiers
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| (name.clone(), i as u32))
+            .collect();
+        let tenants = cfg
+            .tenants()
+            .map(|(tenant, tier)| (tenant.as_bytes().into(), tier_index[tier]))
+            .collect();
+        let mut prompts = Names::default();
+        let mut prompt_rates = Vec::new();
+        for (name, rate) in cfg.by_prompt() {
+            prompts.add(name);
+            prompt_rates.push(rate);
+        }
+        Rules {
+            base,
+            tiers,
+            tier_index,
+            tenants,
+            tools,
+            prompts,
+            prompt_rates,
         }
     }
 
-    fn table(&self, target: Target) -> &Table {
-        match target {
-            Target::Tool => &self.tools,
-            Target::Prompt => &self.prompts,
+    /// The number of the configured tool matching `raw` (trimmed; `encoded` when taken
+    /// from the path).
+    pub(crate) fn tool(&self, raw: &[u8], encoded: bool) -> Option<u32> {
+        self.tools.find(raw, encoded)
+    }
+
+    /// The normalised name of tool number `index`.
+    pub(crate) fn tool_name(&self, index: u32) -> &str {
+        &self.tools.names[index as usize]
+    }
+
+    /// The configured prompt matching `raw` (trimmed): its number and rate.
+    pub(crate) fn prompt(&self, raw: &[u8]) -> Option<(u32, Rate)> {
+        let i = self.prompts.find(raw, false)?;
+        Some((i, self.prompt_rates[i as usize]))
+    }
+
+    /// The normalised name of prompt number `index`.
+    pub(crate) fn prompt_name(&self, index: u32) -> &str {
+        &self.prompts.names[index as usize]
+    }
+
+    /// The tier named `name`, if configured.
+    pub(crate) fn tier_named(&self, name: &str) -> Option<u32> {
+        if self.tier_index.is_empty() {
+            return None;
         }
+        self.tier_index.get(name).copied()
     }
 
-    /// The configured tool or prompt matching `raw` (trimmed), with its index and rate.
-    pub(crate) fn named(&self, target: Target, raw: &[u8]) -> Option<(u32, Rate)> {
-        self.table(target).get(raw)
+    /// The tier `[tenants]` puts `tenant` in.
+    pub(crate) fn tenant_tier(&self, tenant: &[u8]) -> Option<u32> {
+        if self.tenants.is_empty() {
+            return None;
+        }
+        self.tenants.get(tenant).copied()
     }
 
-    /// The normalised name of entry `index` of `target`'s table.
-    pub(crate) fn name(&self, target: Target, index: u32) -> &str {
-        &self.table(target).names[index as usize]
+    /// A tier's name and rules.
+    pub(crate) fn tier(&self, index: u32) -> (&str, &RuleSet) {
+        let (name, set) = &self.tiers[index as usize];
+        (name, set)
     }
 }
 
@@ -163,6 +247,12 @@ pub(crate) struct Health {
     pub(crate) identity_log: LogGate,
     /// Refusals (429s): a client decides how often they happen.
     pub(crate) refusal_log: LogGate,
+    /// Would-be refusals in permissive mode.
+    pub(crate) permissive_log: LogGate,
+    /// `anonymous = "by_ip"` requests without a peer address.
+    pub(crate) peer_log: LogGate,
+    /// `Tier` extensions naming no configured tier.
+    pub(crate) tier_log: LogGate,
 }
 
 /// Failure counts since the layer was built.
@@ -251,10 +341,14 @@ impl fmt::Debug for RateLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.shared;
         f.debug_struct("RateLimitLayer")
-            .field("by_user", &s.rules.user)
-            .field("by_tenant", &s.rules.tenant)
-            .field("by_tool", &s.rules.tools.names)
-            .field("by_prompt", &s.rules.prompts.names)
+            .field("by_user", &s.rules.base.user)
+            .field("by_tenant", &s.rules.base.tenant)
+            .field("tools", &s.rules.tools.names)
+            .field("prompts", &s.rules.prompts.names)
+            .field(
+                "tiers",
+                &s.rules.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("algorithm", &s.algorithm)
             .field("mode", &s.mode)
             .field("fail_mode", &s.fail_mode)

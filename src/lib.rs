@@ -10,8 +10,10 @@
 //! what is left. If tollgate itself fails, the service keeps serving (fail-open).
 //!
 //! ```
-//! use axum::{routing::post, Router};
+//! use axum::{body::Body, routing::post, Router};
+//! use http::{Request, StatusCode};
 //! use tollgate::{RateLimitConfig, RateLimitLayer};
+//! use tower::ServiceExt;
 //!
 //! let cfg = RateLimitConfig::from_toml_str(r#"
 //!     by_user = "30/m"
@@ -20,15 +22,33 @@
 //!     search = "10/m"
 //!     [identity]
 //!     user_header = "x-user-id"
+//!     tool_path = "/tools/{name}"
 //! "#).expect("every mistake is reported here, at start-up");
 //! let app: Router = Router::new()
 //!     .route("/tools/{name}", post(|| async { "ok" }))
 //!     .layer(RateLimitLayer::new(cfg));
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let call = |user: &str| {
+//!     Request::post("/tools/Search").header("x-user-id", user).body(Body::empty()).unwrap()
+//! };
+//! for i in 0..10 {
+//!     // Ten callers share the tool's ten calls a minute (the tool is the path's {name}).
+//!     let resp = app.clone().oneshot(call(&format!("user-{i}"))).await.unwrap();
+//!     assert_eq!(resp.status(), StatusCode::OK);
+//! }
+//! let refused = app.clone().oneshot(call("user-10")).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(refused.headers()["x-ratelimit-limit"], "10");
+//! # });
 //! ```
 //!
-//! Identities come from the [`Identity`] and [`ToolName`] request extensions (set them in
-//! your auth and routing layers), or from headers named in `[identity]` — only trust those
-//! behind a proxy that sets them.
+//! Identities come from the [`Identity`], [`ToolName`] and [`Tier`] request extensions (set
+//! them in your auth, routing and plan layers), or from headers named in `[identity]` —
+//! only trust those behind a proxy that sets them — and the tool from the path
+//! (`tool_path`). Requests without a user share one bucket, or with
+//! `anonymous = "by_ip"` are counted per client address ([`Anonymous`]). Every setting is
+//! described in the README, whose code blocks are compiled and run as doc tests.
 //!
 //! In front of an MCP server (Streamable HTTP), `[mcp]` makes tollgate read the tool or
 //! prompt of each call from the `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from
@@ -44,6 +64,7 @@
 )]
 
 mod algorithm;
+mod client_ip;
 mod clock;
 mod config;
 mod decision;
@@ -53,16 +74,19 @@ mod key;
 mod layer;
 mod log_gate;
 mod mcp;
+mod plan;
 mod rate;
 mod response;
 mod service;
 mod store;
+mod tier;
+mod tool_path;
 
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle, IdentityConfig,
-    McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
+    Anonymous, BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle,
+    IdentityConfig, McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
 };
 pub use decision::Decision;
 pub use future::ResponseFuture;
@@ -81,3 +105,10 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+pub use tier::{Tier, TierConfig};
+
+/// The README's Rust code blocks, compiled and run as doc tests, so the documented
+/// examples stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -96,7 +96,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 /// chunk, so formatting a header costs no heap allocation (one 16 KiB chunk serves a few
 /// thousand values, then the next is allocated; a chunk is freed when its last value is).
 const CHUNK: usize = 16 * 1024;
-/// Longest value written at once (an IETF policy with three rules is under 120 bytes).
+/// Longest value written at once (an IETF policy with four rules is under 160 bytes).
 const LONGEST: usize = 256;
 
 thread_local! {
@@ -238,26 +238,32 @@ pub(crate) fn too_many_requests(
     resp
 }
 
-/// Writes, JSON-escaped, `Rate limit exceeded for tool 'search'` when the named tool's
-/// (or prompt's) rule refused, else `Rate limit exceeded: user limit of 30/m`. `named` is
-/// a configured (normalised) name, never a user or tenant id.
+/// Writes, JSON-escaped, the detail of a refusal. It describes the speaking rule, as every
+/// header does (ARCHITECTURE.md, behaviour contract items 7 and 9): `Rate limit exceeded
+/// for tool 'search'` when the tool's (or the prompt's) rule speaks, `... for tool
+/// 'search': per-user limit of 5/m` for the per-user tool rule, else `Rate limit exceeded:
+/// user limit of 30/m`. `named` is a configured (normalised) name, never a user or tenant.
 pub(crate) fn detail_into(
     buf: &mut BytesMut,
     decision: &Decision,
     named: Option<(RuleKind, &str)>,
 ) {
     buf.extend_from_slice(b"Rate limit exceeded");
-    let named = named.filter(|(kind, _)| decision.violated().any(|v| v == *kind));
-    match (named, decision.speaking_verdict()) {
-        (Some((kind, name)), _) => {
+    match (decision.speaking_verdict(), named) {
+        (Some(v), Some((kind, name)))
+            if v.kind == kind || (v.kind == RuleKind::UserTool && kind == RuleKind::Tool) =>
+        {
             let _ = write!(buf, " for {kind} '");
             json_escape_into(buf, name);
             buf.extend_from_slice(b"'");
+            if v.kind == RuleKind::UserTool {
+                let _ = write!(buf, ": per-user limit of {}", v.rate);
+            }
         }
-        (None, Some(v)) => {
+        (Some(v), _) => {
             let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
         }
-        (None, None) => {}
+        (None, _) => {}
     }
 }
 
@@ -347,7 +353,7 @@ mod tests {
             rate: Rate::per_minute(10),
             outcome: rejected,
         };
-        let decision = Decision::new([None, None, Some(verdict)], 1_000_000);
+        let decision = Decision::new([None, None, Some(verdict), None], 1_000_000);
         let resp = too_many_requests(
             HeaderStyle::Legacy,
             &decision,

@@ -13,6 +13,7 @@ use tower_service::Service;
 use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
 use crate::identity::{self, Target};
+use crate::key::MAX_KEYS;
 use crate::layer::Shared;
 use crate::mcp::jsonrpc::{no_call, FindCall, McpCall};
 use crate::mcp::refusal;
@@ -62,10 +63,12 @@ impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
     }
 }
 
-/// Which rules a request is counted under: at most one each of user, tenant, tool.
+/// Which rules a request is counted under: at most one each of user, tenant, tool and
+/// user×tool.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
-    rules: [Option<(RuleKind, Rate)>; 3],
+    rules: [Option<(RuleKind, Rate)>; MAX_KEYS],
+    /// The tool or prompt whose rule applies (for the refusal's detail).
     tool: Option<(Target, u32)>,
     pub(crate) now: u64,
 }
@@ -143,37 +146,14 @@ impl<S> RateLimit<S> {
             Rate::per_second(1),
             shared.algorithm,
         );
-        let mut keys = [placeholder; 3];
+        let mut keys = [placeholder; MAX_KEYS];
         let mut plan = Plan {
-            rules: [None; 3],
+            rules: [None; MAX_KEYS],
             tool: None,
             now,
         };
-        let mut n = 0;
-        let mut add = |kind, subject, rate: Rate| {
-            keys[n] = Key::new(kind, subject, rate, shared.algorithm);
-            plan.rules[n] = Some((kind, rate));
-            n += 1;
-        };
-        let rules = &*shared.rules;
-        if let Some(rate) = rules.user {
-            add(RuleKind::User, who.user, rate);
-        }
-        if let (Some(rate), Some(tenant)) = (rules.tenant, who.tenant) {
-            add(RuleKind::Tenant, Subject::Named(tenant), rate);
-        }
-        let called = who.tool.as_ref();
-        if let Some((target, (index, rate))) =
-            called.and_then(|t| Some((t.target, rules.named(t.target, &t.name)?)))
-        {
-            add(
-                target.rule(),
-                Subject::Named(rules.name(target, index).as_bytes()),
-                rate,
-            );
-            plan.tool = Some((target, index));
-        }
-        drop(who);
+        let (n, tool) = crate::plan::keys(shared, &req, &who, now, &mut keys, &mut plan.rules);
+        plan.tool = tool;
         if n == 0 {
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
@@ -231,7 +211,7 @@ pub(crate) fn act<B>(
         Ok(outcomes) => outcomes,
         Err(error) => return store_failed(shared, plan, &error),
     };
-    let mut verdicts = [None; 3];
+    let mut verdicts = [None; MAX_KEYS];
     for ((slot, rule), outcome) in verdicts
         .iter_mut()
         .zip(plan.rules.iter().flatten())
@@ -247,18 +227,24 @@ pub(crate) fn act<B>(
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }
-    let named = plan
-        .tool
-        .map(|(target, i)| (target.rule(), shared.rules.name(target, i)));
+    let named = plan.tool.map(|(target, i)| match target {
+        Target::Tool => (RuleKind::Tool, shared.rules.tool_name(i)),
+        Target::Prompt => (RuleKind::Prompt, shared.rules.prompt_name(i)),
+    });
     let tool = named.map(|(_, name)| name);
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match shared.mode {
         Mode::Permissive => {
-            tracing::warn!(
-                rule,
-                tool = tool.unwrap_or(""),
-                "tollgate: rate limit exceeded; request forwarded (permissive mode)"
-            );
+            // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
+            // behaviour contract item 13).
+            if let Some(suppressed) = shared.health.permissive_log.may_log(plan.now) {
+                tracing::warn!(
+                    rule,
+                    tool = tool.unwrap_or(""),
+                    suppressed,
+                    "tollgate: rate limit exceeded; request forwarded (permissive mode)"
+                );
+            }
             Action::Forward(Some(decision))
         }
         _ => {

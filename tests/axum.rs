@@ -141,3 +141,53 @@ async fn a_real_server_over_loopback() {
     );
     server.abort();
 }
+
+/// `anonymous = "by_ip"` under `axum::serve(.., into_make_service_with_connect_info)`:
+/// tollgate reads `ConnectInfo<SocketAddr>` itself (feature `axum`), so two clients on
+/// different loopback addresses have separate buckets, with `Router::layer` and no
+/// middleware of the app's.
+#[tokio::test]
+async fn by_ip_counts_each_connecting_address_with_connect_info() {
+    let cfg = RateLimitConfig::from_toml_str("by_user = \"2/m\"\nanonymous = \"by_ip\"").unwrap();
+    let app = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .layer(RateLimitLayer::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    let client_from = |ip: [u8; 4]| {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_local_address(Some(std::net::IpAddr::from(ip)));
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, http_body_util::Empty<bytes::Bytes>>(connector)
+    };
+    let mut statuses = Vec::new();
+    for ip in [
+        [127, 0, 0, 2],
+        [127, 0, 0, 2],
+        [127, 0, 0, 2],
+        [127, 0, 0, 3],
+    ] {
+        let req = Request::get(format!("http://{addr}/"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        statuses.push(client_from(ip).request(req).await.unwrap().status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK
+        ]
+    );
+    server.abort();
+}

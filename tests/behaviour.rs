@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use common::{counting_service, Backend, Body};
 use http::{HeaderMap, Request, Response, StatusCode};
+use std::net::SocketAddr;
+
 use tollgate::{
-    Decision, Identity, ManualClock, RateLimitConfig, ResponseBody, RuleKind, ToolName,
+    Decision, Identity, ManualClock, RateLimitConfig, ResponseBody, RuleKind, Tier, ToolName,
 };
 use tower::{Service, ServiceExt};
 
@@ -362,8 +364,9 @@ async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
     let d = *resp.extensions().get::<Decision>().unwrap();
     assert_eq!(d.violated().collect::<Vec<_>>(), [RuleKind::User]);
     assert_eq!(d.rule(), Some(RuleKind::User));
-    // bob uses the tenant's last call; then alice is rejected by user (reset ≈ 50 s) and
-    // tenant (reset ≈ 1 h): the soonest reset speaks, Retry-After covers both.
+    // bob uses the tenant's last call; then alice is rejected by user (wait ≈ 50 s) and
+    // tenant (wait ≈ 1 h): the longest wait speaks, so Retry-After, X-RateLimit-Limit and
+    // X-RateLimit-Reset all describe the tenant.
     let bob = send(&svc, req(Some("bob"), Some("acme"), None)).await;
     assert_eq!(bob.status(), StatusCode::OK);
     let resp = send(&svc, call()).await;
@@ -372,13 +375,19 @@ async fn the_most_restrictive_rule_speaks(b: &dyn Backend) {
         d.violated().collect::<Vec<_>>(),
         [RuleKind::User, RuleKind::Tenant]
     );
-    assert_eq!(d.rule(), Some(RuleKind::User));
+    assert_eq!(d.rule(), Some(RuleKind::Tenant));
     assert!(
         d.retry_after().unwrap() > Duration::from_secs(3000),
         "{:?}",
         d.retry_after()
     );
-    assert!(num(resp.headers(), "retry-after") > 3000);
+    let retry = num(resp.headers(), "retry-after");
+    assert!(retry > 3000);
+    assert_eq!(num(resp.headers(), "x-ratelimit-limit"), 6);
+    assert_eq!(
+        num(resp.headers(), "x-ratelimit-reset"),
+        epoch_secs(&clock) + retry
+    );
 }
 
 async fn the_429_body_is_problem_json_without_identities(b: &dyn Backend) {
@@ -715,6 +724,410 @@ async fn clones_of_the_layer_and_service_share_counters(b: &dyn Backend) {
     );
 }
 
+async fn body_json(resp: Resp) -> serde_json::Value {
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn decision(resp: &Resp) -> Decision {
+    *resp.extensions().get::<Decision>().unwrap()
+}
+
+/// Issue "headers that agree on a 429": with four rules, two refusing with different
+/// waits, every header and the body describe the one with the longest wait, and a client
+/// that comes back at `X-RateLimit-Reset` is let in.
+async fn headers_agree_on_a_multi_rule_429(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let layer = b.layer(
+        cfg(r#"
+            by_user = "10/m"
+            by_tenant = "100/h"
+            headers = "both"
+            [by_tool]
+            search = "1/10s"
+            [by_user_tool]
+            search = "1/30s"
+        "#),
+        &clock,
+    );
+    let (svc, _) = counting_service(layer);
+    let call = || req(Some("alice"), Some("acme"), Some("search"));
+    let first = send(&svc, call()).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(decision(&first).rules().count(), 4);
+    assert_eq!(
+        header(first.headers(), "ratelimit-policy"),
+        Some("\"user\";q=10;w=60, \"tenant\";q=100;w=3600, \"tool\";q=1;w=10, \"user_tool\";q=1;w=30")
+    );
+    let refused = send(&svc, call()).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let d = decision(&refused);
+    assert_eq!(
+        d.violated().collect::<Vec<_>>(),
+        [RuleKind::Tool, RuleKind::UserTool]
+    );
+    assert_eq!(d.rule(), Some(RuleKind::UserTool));
+    let h = refused.headers();
+    assert_eq!(num(h, "retry-after"), 30);
+    assert_eq!(num(h, "x-ratelimit-limit"), 1);
+    assert_eq!(num(h, "x-ratelimit-remaining"), 0);
+    assert_eq!(num(h, "x-ratelimit-reset"), epoch_secs(&clock) + 30);
+    assert_eq!(header(h, "ratelimit"), Some("\"user_tool\";r=0;t=30"));
+    let json = body_json(refused).await;
+    assert_eq!(json["retry_after"], 30);
+    assert_eq!(json["violated"], serde_json::json!(["tool", "user_tool"]));
+    assert_eq!(
+        json["detail"],
+        "Rate limit exceeded for tool 'search': per-user limit of 1/30s"
+    );
+    // Obeying the tool's own 10 s would be refused again; obeying the headers is not.
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        send(&svc, call()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    clock.advance(Duration::from_secs(20));
+    assert_eq!(send(&svc, call()).await.status(), StatusCode::OK);
+}
+
+/// `by_user_tool`: each user's own counter for a tool, beside `by_tool`'s shared one.
+async fn by_user_tool_gives_each_user_their_own_counter(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let layer = b.layer(
+        cfg("[by_tool]\nsearch = \"5/m\"\n[by_user_tool]\nsearch = \"2/m\"\n\" Fetch \" = \"1/m\""),
+        &clock,
+    );
+    let (svc, _) = counting_service(layer);
+    for _ in 0..2 {
+        let ok = send(&svc, req(Some("alice"), None, Some("Search"))).await;
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
+    let refused = send(&svc, req(Some("alice"), None, Some("search"))).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        decision(&refused).violated().collect::<Vec<_>>(),
+        [RuleKind::UserTool]
+    );
+    // bob has his own counter (1 left after this call); the shared tool counter 5 − 3 = 2.
+    let bob = send(&svc, req(Some("bob"), None, Some("search"))).await;
+    assert_eq!(bob.status(), StatusCode::OK);
+    let d = decision(&bob);
+    assert_eq!(
+        (d.rule(), d.remaining()),
+        (Some(RuleKind::UserTool), Some(1))
+    );
+    // A tool only by_user_tool names, and anonymous callers (one shared user).
+    assert_eq!(
+        send(&svc, req(Some("alice"), None, Some("fetch")))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&svc, req(Some("alice"), None, Some("fetch")))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&svc, req(None, None, Some("fetch"))).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&svc, req(Some(""), None, Some("fetch")))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A user called like a tool, or a tool called like a user, shares nothing.
+    assert_eq!(
+        send(&svc, req(Some("search"), None, Some("fetch")))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+}
+
+/// ARCHITECTURE.md, behaviour contract item 4, with four keys: a request the user rule
+/// refuses counts under none of tenant, tool and user×tool.
+async fn a_refused_request_counts_under_none_of_four_keys(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let rules =
+        "by_tenant = \"10/m\"\n[by_tool]\nsearch = \"10/m\"\n[by_user_tool]\nsearch = \"10/m\"";
+    let layer = b.layer(cfg(&format!("by_user = \"2/m\"\n{rules}")), &clock);
+    let (svc, _) = counting_service(layer);
+    let call = || req(Some("mallory"), Some("acme"), Some("search"));
+    for _ in 0..2 {
+        assert_eq!(send(&svc, call()).await.status(), StatusCode::OK);
+    }
+    for _ in 0..10 {
+        let resp = send(&svc, call()).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            decision(&resp).violated().collect::<Vec<_>>(),
+            [RuleKind::User]
+        );
+    }
+    // The same rules without by_user, over the same store: each counted only the two.
+    let (view, _) = counting_service(b.layer(cfg(rules), &clock));
+    let d = decision(&send(&view, call()).await);
+    assert!(d.is_allowed());
+    let verdicts: Vec<_> = d.rules().map(|(kind, _)| kind).collect();
+    assert_eq!(
+        verdicts,
+        [RuleKind::Tenant, RuleKind::Tool, RuleKind::UserTool]
+    );
+    assert_eq!(d.remaining(), Some(10 - 2 - 1));
+    // Every one of the three has 7 left: exhaust them together, exactly at the 8th.
+    for i in 0..7 {
+        assert_eq!(send(&view, call()).await.status(), StatusCode::OK, "{i}");
+    }
+    assert_eq!(
+        send(&view, call()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+const TIERS: &str = r#"
+by_user = "2/m"
+by_tenant = "100/m"
+[by_tool]
+search = "1/m"
+[tiers.pro]
+by_user = "4/m"
+[tiers.pro.by_tool]
+search = "3/m"
+[tiers.empty]
+[tenants]
+acme = "pro"
+" initech " = "pro"
+"#;
+
+/// Tiers override the rules they name, inherit the rest, and count in counters of their
+/// own: one tenant's tier never touches another's counters.
+async fn tiers_override_what_they_name_and_inherit_the_rest(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let (svc, _) = counting_service(b.layer(cfg(TIERS), &clock));
+    // A pro tenant's user: 4 a minute; the tenant rule is inherited (100).
+    for i in 0..4 {
+        let resp = send(&svc, req(Some("alice"), Some("acme"), None)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{i}");
+        let rules: Vec<_> = decision(&resp).rules().collect();
+        assert_eq!(rules[0].1.count(), 4);
+        assert_eq!(rules[1].1.count(), 100);
+    }
+    let refused = send(&svc, req(Some("alice"), Some("acme"), None)).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(num(refused.headers(), "x-ratelimit-limit"), 4);
+    // The same user under a free tenant is a different counter with the base rate.
+    for _ in 0..2 {
+        let resp = send(&svc, req(Some("alice"), Some("globex"), None)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let refused = send(&svc, req(Some("alice"), Some("globex"), None)).await;
+    assert_eq!(num(refused.headers(), "x-ratelimit-limit"), 2);
+    // The tool: pro callers share the pro counter (3), free callers the base one (1).
+    for i in 0..3 {
+        let resp = send(
+            &svc,
+            req(Some(&format!("p{i}")), Some("initech"), Some("search")),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK, "{i}");
+    }
+    let refused = send(&svc, req(Some("p9"), Some("acme"), Some("search"))).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&svc, req(Some("f1"), Some("globex"), Some("search")))
+            .await
+            .status(),
+        StatusCode::OK,
+        "pro calls never touched the free tool counter"
+    );
+    assert_eq!(
+        send(&svc, req(Some("f2"), None, Some("search")))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The app's Tier extension wins over [tenants]; a tier naming nothing is the base.
+    let mut own = req(Some("erin"), Some("globex"), None);
+    own.extensions_mut().insert(Tier::new("pro"));
+    assert_eq!(num(send(&svc, own).await.headers(), "x-ratelimit-limit"), 4);
+    let mut empty = req(Some("erin"), Some("acme"), None);
+    empty.extensions_mut().insert(Tier::new("empty"));
+    assert_eq!(
+        num(send(&svc, empty).await.headers(), "x-ratelimit-limit"),
+        2
+    );
+    let mut unknown = req(Some("erin"), Some("acme"), None);
+    unknown.extensions_mut().insert(Tier::new("platinum"));
+    assert_eq!(
+        num(send(&svc, unknown).await.headers(), "x-ratelimit-limit"),
+        2
+    );
+}
+
+/// A tenant moved from free to pro starts its pro counters: a free user at its limit is
+/// let in at once under the pro rules (and the free counters stay as they were).
+async fn a_tenant_moved_to_another_tier_starts_its_counters(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let free = TIERS.replace("acme = \"pro\"", "");
+    let (before, _) = counting_service(b.layer(cfg(&free), &clock));
+    for _ in 0..2 {
+        assert_eq!(
+            send(&before, req(Some("zoe"), Some("acme"), None))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        send(&before, req(Some("zoe"), Some("acme"), None))
+            .await
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let (after, _) = counting_service(b.layer(cfg(TIERS), &clock));
+    let resp = send(&after, req(Some("zoe"), Some("acme"), None)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(num(resp.headers(), "x-ratelimit-remaining"), 3);
+}
+
+/// `[identity] tool_path`: the tool from the path when no `ToolName` is present.
+async fn the_tool_is_taken_from_the_path(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let layer = b.layer(
+        cfg("[by_tool]\nsearch = \"1/m\"\n[identity]\ntool_path = \"/tools/{name}\""),
+        &clock,
+    );
+    let (svc, _) = counting_service(layer);
+    let at = |path: &str| {
+        let mut r = Request::post(path).body(Body::new()).unwrap();
+        r.extensions_mut().insert(Identity::user("pat"));
+        r
+    };
+    assert_eq!(
+        send(&svc, at("/tools/Search")).await.status(),
+        StatusCode::OK
+    );
+    for path in ["/tools/search", "/tools/search/", "/tools/s%65arch?x=1"] {
+        let resp = send(&svc, at(path)).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert_eq!(
+            body_json(resp).await["detail"],
+            "Rate limit exceeded for tool 'search'"
+        );
+    }
+    for path in [
+        "/tools/fetch",
+        "/tools",
+        "/other/search",
+        "/tools/search/more",
+    ] {
+        let resp = send(&svc, at(path)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert!(resp.headers().get("x-ratelimit-limit").is_none(), "{path}");
+    }
+    // The extension wins over the path.
+    let mut named = at("/tools/search");
+    named.extensions_mut().insert(ToolName::new("fetch"));
+    assert_eq!(send(&svc, named).await.status(), StatusCode::OK);
+}
+
+fn from(peer: &str, headers: &[(&str, &str)]) -> Request<Body> {
+    let mut r = Request::new(Body::new());
+    let addr: std::net::IpAddr = peer.parse().unwrap();
+    r.extensions_mut().insert(SocketAddr::new(addr, 40_000));
+    for (k, v) in headers {
+        r.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    r
+}
+
+/// `anonymous = "by_ip"`: each client network its own bucket, forwarding headers believed
+/// only from trusted proxies and walked from the right.
+async fn anonymous_callers_are_counted_by_client_address(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let layer = b.layer(
+        cfg(r#"
+            by_user = "1/m"
+            anonymous = "by_ip"
+            [identity]
+            trusted_proxies = ["10.0.0.0/8", "::1/128"]
+        "#),
+        &clock,
+    );
+    let (svc, _) = counting_service(layer);
+    let status = |r: Request<Body>| {
+        let svc = svc.clone();
+        async move { send(&svc, r).await.status() }
+    };
+    const OK: StatusCode = StatusCode::OK;
+    const NO: StatusCode = StatusCode::TOO_MANY_REQUESTS;
+    assert_eq!(status(from("192.0.2.1", &[])).await, OK);
+    assert_eq!(status(from("192.0.2.1", &[])).await, NO);
+    assert_eq!(status(from("192.0.2.2", &[])).await, OK, "another client");
+    // IPv4-mapped IPv6 is the IPv4 client.
+    assert_eq!(status(from("::ffff:192.0.2.2", &[])).await, NO);
+    // One IPv6 /64 is one client.
+    assert_eq!(status(from("2001:db8:1:1::1", &[])).await, OK);
+    assert_eq!(status(from("2001:db8:1:1:ffff::9", &[])).await, NO);
+    assert_eq!(
+        status(from("2001:db8:1:2::1", &[])).await,
+        OK,
+        "another /64"
+    );
+    // Named users never share an address's bucket, whatever they are called.
+    for name in ["192.0.2.1", "@192.0.2.1/32", "anonymous"] {
+        let mut r = from("192.0.2.1", &[]);
+        r.extensions_mut().insert(Identity::user(name));
+        assert_eq!(status(r).await, OK, "{name}");
+    }
+    // Behind a trusted proxy: the rightmost address that is not a proxy is the client;
+    // a client prepending entries does not change it.
+    let xff = |v: &str| from("10.0.0.1", &[("x-forwarded-for", v)]);
+    assert_eq!(status(xff("198.51.100.7, 10.0.0.2")).await, OK);
+    assert_eq!(
+        status(xff("203.0.113.99, 198.51.100.7")).await,
+        NO,
+        "spoofed left-most entry"
+    );
+    assert_eq!(status(xff("198.51.100.8")).await, OK);
+    // An untrusted peer's header is ignored: it is counted as itself.
+    let spoof = from("192.0.2.50", &[("x-forwarded-for", "198.51.100.9")]);
+    assert_eq!(status(spoof).await, OK);
+    assert_eq!(
+        status(from("10.0.0.1", &[("x-forwarded-for", "198.51.100.9")])).await,
+        OK
+    );
+    // Forwarded (RFC 7239), from the trusted IPv6 loopback.
+    let fwd = |v: &str| from("::1", &[("forwarded", v)]);
+    assert_eq!(
+        status(fwd("for=\"[2001:db8:5::1]:4711\";proto=https")).await,
+        OK
+    );
+    assert_eq!(
+        status(fwd("for=203.0.113.1, for=\"[2001:db8:5::2]\"")).await,
+        NO
+    );
+    // The proxy's own requests, and garbage behind it, count as the proxy.
+    assert_eq!(status(from("10.0.0.3", &[])).await, OK);
+    assert_eq!(
+        status(from("10.0.0.3", &[("x-forwarded-for", "not-an-ip")])).await,
+        NO
+    );
+    // Without a peer address: the shared anonymous bucket.
+    assert_eq!(status(Request::new(Body::new())).await, OK);
+    assert_eq!(status(Request::new(Body::new())).await, NO);
+}
+
 /// Defines each case as a test for each backend.
 macro_rules! suite {
     ($($case:ident),* $(,)?) => {
@@ -788,6 +1201,13 @@ suite!(
     identity_headers_are_read_when_named,
     concurrent_requests_allow_exactly_the_limit,
     clones_of_the_layer_and_service_share_counters,
+    headers_agree_on_a_multi_rule_429,
+    by_user_tool_gives_each_user_their_own_counter,
+    a_refused_request_counts_under_none_of_four_keys,
+    tiers_override_what_they_name_and_inherit_the_rest,
+    a_tenant_moved_to_another_tier_starts_its_counters,
+    the_tool_is_taken_from_the_path,
+    anonymous_callers_are_counted_by_client_address,
 );
 
 #[tokio::test]

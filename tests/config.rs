@@ -309,6 +309,161 @@ fn rediss_without_the_tls_feature_is_a_config_error() {
         "backend.url: rediss:// needs tollgate built with its `redis-tls` feature"
     );
 }
+
+/// Issue "policy for real APIs": every problem in the new sections is reported at once,
+/// each naming its field.
+#[test]
+fn policy_sections_name_every_problem() {
+    let lines = problems(
+        r#"
+        anonymous = "per_ip"
+        [by_user_tool]
+        search = "abc/m"
+        Fetch = "1/m"
+        " fetch" = "2/m"
+        [tiers.pro]
+        by_user = "0/m"
+        by_usr = "5/m"
+        [tiers.pro.by_tool]
+        search = "many"
+        [tiers."bad name"]
+        by_tenant = "5/m"
+        [tenants]
+        acme = "pro"
+        globex = "platinum"
+        "" = "pro"
+        [identity]
+        tool_path = "/tools/{tool}"
+        ipv6_prefix = 16
+        trusted_proxies = ["10.0.0.0/33", "not-an-ip"]
+        "#,
+    );
+    let expected = [
+        "by_user_tool[\"search\"]: invalid rate \"abc/m\": count must be a positive integer no larger than 1000000000",
+        "by_user_tool[\"Fetch\"]: same tool as by_user_tool[\" fetch\"] after trimming and lower-casing",
+        "tiers[\"bad name\"]: a tier name is 1 to 32 letters, digits, '_' or '-'",
+        "tiers.pro.by_user: invalid rate \"0/m\": count must be a positive integer no larger than 1000000000",
+        "tiers.pro.by_tool[\"search\"]: invalid rate \"many\": ",
+        "tenants[\"\"]: tenant id is empty",
+        "tenants[\"globex\"]: unknown tier \"platinum\": expected one of pro",
+        "anonymous: unknown anonymous bucket \"per_ip\": expected shared or by_ip",
+        "identity.tool_path: \"/tools/{tool}\" has no {name} segment",
+        "identity.trusted_proxies[0]: \"10.0.0.0/33\" is not an IP address or a CIDR network",
+        "identity.trusted_proxies[1]: \"not-an-ip\" is not an IP address or a CIDR network",
+        "identity.ipv6_prefix: 16 is out of range: must be 32 to 128",
+        "identity.trusted_proxies: only used with anonymous = \"by_ip\"",
+        "identity.ipv6_prefix: only used with anonymous = \"by_ip\"",
+        "tiers.pro.by_usr: unknown field",
+    ];
+    for want in expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "missing {want:?} in:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{}", lines.join("\n"));
+}
+
+#[test]
+fn tool_path_and_tool_header_cannot_both_name_the_tool() {
+    let lines = problems("[identity]\ntool_path = \"/tools/{name}\"\ntool_header = \"x-tool\"");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(
+            "identity.tool_path: set identity.tool_header or identity.tool_path, not both"
+        ),
+        "{lines:?}"
+    );
+    for bad in [
+        "tools/{name}",
+        "/tools/{name}/{name}",
+        "/tools/{*rest}",
+        "/to{name}ols",
+    ] {
+        let lines = problems(&format!("[identity]\ntool_path = {bad:?}"));
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("identity.tool_path: "),
+            "{bad}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn policy_sections_read_as_documented() {
+    let cfg = RateLimitConfig::from_toml_str(
+        r#"
+        by_user = "60/m"
+        anonymous = "by_ip"
+        [by_user_tool]
+        " Search " = "5/m"
+        [tiers.pro]
+        by_user = "600/m"
+        [tiers.pro.by_tool]
+        search = "100/m"
+        [tenants]
+        " acme " = "pro"
+        [identity]
+        tool_path = "/v1/{tenant}/tools/{name}"
+        trusted_proxies = ["10.0.0.0/8", "::1", "::ffff:192.168.0.0/112"]
+        ipv6_prefix = 56
+        [backend]
+        deny_cache = 5
+        "#,
+    )
+    .unwrap();
+    assert_eq!(cfg.anonymous(), tollgate::Anonymous::ByIp);
+    assert_eq!(
+        cfg.by_user_tool().collect::<Vec<_>>(),
+        [("search", Rate::per_minute(5))]
+    );
+    let pro = cfg.tier("pro").unwrap();
+    assert_eq!(pro.by_user(), Some(Rate::per_minute(600)));
+    assert_eq!(pro.by_tenant(), None, "inherited");
+    assert_eq!(
+        pro.by_tool().collect::<Vec<_>>(),
+        [("search", Rate::per_minute(100))]
+    );
+    assert_eq!(cfg.tenants().collect::<Vec<_>>(), [("acme", "pro")]);
+    let id = cfg.identity();
+    assert_eq!(id.tool_path(), Some("/v1/{tenant}/tools/{name}"));
+    assert_eq!(id.ipv6_prefix(), 56);
+    let nets: Vec<String> = id
+        .trusted_proxies()
+        .map(|(addr, len)| format!("{addr}/{len}"))
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.0.0/16"]);
+    assert_eq!(cfg.backend().deny_cache(), 5, "1 to 15 are honoured too");
+
+    let built = RateLimitConfig::builder()
+        .by_user("60/m")
+        .anonymous(tollgate::Anonymous::ByIp)
+        .user_tool(" Search ", "5/m")
+        .tier_by_user("pro", "600/m")
+        .tier_tool("pro", "search", "100/m")
+        .tenant_tier(" acme ", "pro")
+        .tool_path("/v1/{tenant}/tools/{name}")
+        .trusted_proxies(["10.0.0.0/8", "::1", "::ffff:192.168.0.0/112"])
+        .ipv6_prefix(56)
+        .deny_cache(5)
+        .build()
+        .unwrap();
+    assert_eq!(built, cfg);
+    let err = RateLimitConfig::builder()
+        .tier_by_user("pro", "fast")
+        .tenant_tier("acme", "gold")
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tiers.pro.by_user: invalid rate \"fast\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("tenants[\"acme\"]: unknown tier \"gold\": expected one of pro"),
+        "{err}"
+    );
+}
 #[test]
 fn mcp_section_and_prompts_are_validated_together() {
     let lines = problems(

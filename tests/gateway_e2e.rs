@@ -511,6 +511,7 @@ fn shipped_example_configs_start() {
     drop(gw);
 
     for shipped in [
+        "examples/gateway-policy.toml",
         "examples/gateway-redis.toml",
         "examples/gateway-redis-tls.toml",
         "examples/gateway-redis-cluster.toml",
@@ -879,4 +880,49 @@ fn three_gateways_share_one_limit_through_redis_but_not_in_memory() {
             gw.addr
         );
     }
+}
+
+/// `examples/gateway-policy.toml`: the gateway serves with `ConnectInfo`, so anonymous
+/// callers are counted per client address (here as a trusted local proxy reports it in
+/// `X-Forwarded-For`); each caller has its own search counter; a pro tenant gets the pro
+/// tier's limits.
+#[test]
+fn the_policy_config_limits_anonymous_clients_by_address_and_tenants_by_tier() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("examples/gateway-policy.toml");
+    let gw = Gateway::start(&["--config", config.to_str().unwrap()]);
+    let anonymous = |client: &str| gw.post("/tools/search", &[("x-forwarded-for", client)], "{}");
+    for i in 0..5 {
+        let reply = anonymous("198.51.100.1");
+        assert_eq!(reply.status, 200, "call {i}: {reply:?}");
+    }
+    let refused = anonymous("198.51.100.1");
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(
+        refused.number("x-ratelimit-limit"),
+        5,
+        "the per-user search limit speaks"
+    );
+    // Another client address has its own bucket; a spoofed left-most entry changes nothing.
+    assert_eq!(anonymous("198.51.100.2").status, 200);
+    assert_eq!(anonymous("203.0.113.9, 198.51.100.1").status, 429);
+    // A pro tenant's user: the pro tier's per-user search limit (50) has the fewest left.
+    let pro = gw.post(
+        "/tools/search",
+        &[("x-user-id", "bob"), ("x-tenant-id", "acme")],
+        "{}",
+    );
+    assert_eq!(pro.status, 200, "{pro:?}");
+    assert_eq!(pro.number("x-ratelimit-limit"), 50);
+    // A free user: 4 of their own 5 left, but the free tool counter (10, shared by every
+    // free caller, untouched by pro calls) has only 3: the anonymous 6 and this one.
+    let free = gw.post("/tools/search", &[("x-user-id", "carol")], "{}");
+    assert_eq!(free.status, 200, "{free:?}");
+    assert_eq!(
+        (
+            free.number("x-ratelimit-limit"),
+            free.number("x-ratelimit-remaining")
+        ),
+        (10, 3)
+    );
 }

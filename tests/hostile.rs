@@ -593,9 +593,10 @@ proptest! {
         }
     }
 
-    /// Key encoding is injective over arbitrary bytes, rules, algorithms and periods
-    /// (the rate's count is deliberately not part of a key), and the subject part never
-    /// carries a separator (so it is exactly the key's cluster hash tag).
+    /// Key encoding is injective over arbitrary bytes, rules, algorithms, periods and
+    /// counts (the count is part of a key, so two layers giving one rule different counts
+    /// never share a counter), and the subject part never carries a separator (so it is
+    /// exactly the key's cluster hash tag).
     #[test]
     fn key_encoding_is_injective(
         a in prop::collection::vec(any::<u8>(), 0..32),
@@ -616,11 +617,12 @@ proptest! {
         let same = (anon.0 || anon.1 || a == b) && anon.0 == anon.1
             && kind(kinds.0) == kind(kinds.1)
             && algorithm(algs.0) == algorithm(algs.1)
-            && periods.0 == periods.1;
+            && periods.0 == periods.1
+            && counts.0 == counts.1;
         prop_assert_eq!(ea == eb, same, "{} vs {}", ea, eb);
         for e in [&ea, &eb] {
             // The subject is the Redis Cluster hash tag: one `{…}` holding no separator.
-            let tag = e.splitn(5, ':').nth(4).unwrap();
+            let tag = e.splitn(6, ':').nth(5).unwrap();
             let subject = tag.strip_prefix('{').and_then(|t| t.strip_suffix('}'));
             prop_assert!(subject.is_some(), "{}", e);
             let subject = subject.unwrap();
@@ -671,4 +673,73 @@ fn hostile_config_keys_are_named_one_problem_per_line() {
             "{toml:?}: one line per problem: {err:?}"
         );
     }
+}
+
+/// `anonymous = "by_ip"` under hostile forwarding headers: huge, non-UTF-8, thousands of
+/// entries, separators and look-alikes of another client's address. None crashes the
+/// layer; an untrusted peer is always counted as itself; behind a trusted proxy, no
+/// header reaches the victim's bucket unless it names the victim as the client.
+#[test]
+fn hostile_forwarding_headers_never_borrow_another_clients_bucket() {
+    let cfg = RateLimitConfig::from_toml_str(
+        "by_user = \"1/h\"\nanonymous = \"by_ip\"\n[identity]\ntrusted_proxies = [\"10.0.0.0/8\"]",
+    )
+    .unwrap();
+    let (svc, _) =
+        service(RateLimitLayer::with_store(cfg, MemoryStore::new()).with_clock(ManualClock::new()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let status = |peer: [u8; 4], pairs: &[Pair<'_>]| {
+        let mut req = with_headers(pairs);
+        req.extensions_mut()
+            .insert(std::net::SocketAddr::from((peer, 5000)));
+        rt.block_on(svc.clone().oneshot(req)).unwrap().status()
+    };
+    // The victim's bucket: one call an hour, not used yet.
+    let victim = [198, 51, 100, 1];
+    let many: Vec<u8> = "198.51.100.1, ".repeat(20_000).into_bytes();
+    let huge: Vec<u8> = [b"198.51.100.1".as_slice(), &[b' '; 60_000]].concat();
+    let hostile: Vec<Vec<u8>> = vec![
+        b"198.51.100.1".to_vec(),
+        many.clone(),
+        huge.clone(),
+        b"198.51.100.1:{x}".to_vec(),
+        b"198.51.100.1;for=198.51.100.1".to_vec(),
+        b"\xff198.51.100.1".to_vec(),
+        b"198.51.100.1%00".to_vec(),
+        b",,,,".to_vec(),
+        b"[198.51.100.1]".to_vec(),
+    ];
+    let attacker = [203, 0, 113, 5];
+    for (i, value) in hostile.iter().enumerate() {
+        for name in ["x-forwarded-for", "forwarded"] {
+            let got = status(attacker, &[(name, value)]);
+            let want = if i == 0 && name == "x-forwarded-for" {
+                StatusCode::OK
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            assert_eq!(got, want, "untrusted peer, {name} #{i}");
+        }
+    }
+    // Behind the trusted proxy, garbage counts as the proxy, never as the victim.
+    let proxy = [10, 0, 0, 1];
+    for value in &hostile[3..] {
+        status(proxy, &[("x-forwarded-for", value)]);
+        // (`…;for=198.51.100.1` is a Forwarded element naming the victim: skipped.)
+        if !value.windows(4).any(|w| w == b"for=") {
+            status(proxy, &[("forwarded", value)]);
+        }
+    }
+    // More entries than are walked, all proxies but the last: the nearest proxy is the
+    // client (bounded work, strict), not the far end.
+    let proxies = [b"198.51.100.1".as_slice(), &b", 10.0.0.9".repeat(100)].concat();
+    status(proxy, &[("x-forwarded-for", &proxies)]);
+    assert_eq!(
+        status(victim, &[]),
+        StatusCode::OK,
+        "the victim's call is its own"
+    );
+    assert_eq!(status(victim, &[]), StatusCode::TOO_MANY_REQUESTS);
 }

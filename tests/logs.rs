@@ -79,6 +79,55 @@ fn no_identity_reaches_a_log_line() {
     }
 }
 
+/// Issue "policy for real APIs", smaller fixes: an abusive client turned its request rate
+/// into permissive-mode warn lines. Now one line a second, with the count held back; and
+/// the `by_ip` hint for a server that gives no peer address likewise. No client address
+/// reaches a log line.
+#[test]
+fn client_triggered_warnings_are_rate_limited_and_carry_no_address() {
+    let captured = common::CapturedLogs::start(tracing::Level::WARN);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let clock = ManualClock::new();
+    rt.block_on(async {
+        let cfg = RateLimitConfig::from_toml_str(
+            "by_user = \"1/h\"\nmode = \"permissive\"\nanonymous = \"by_ip\"\n[identity]\ntrusted_proxies = [\"10.0.0.0/8\"]",
+        )
+        .unwrap();
+        let layer = RateLimitLayer::with_store(cfg, MemoryStore::new()).with_clock(clock.clone());
+        let (svc, calls) = counting_service(layer);
+        for second in 0..3 {
+            for _ in 0..200 {
+                let mut req = Request::new(Body::new());
+                req.extensions_mut()
+                    .insert(std::net::SocketAddr::from(([10, 0, 0, 1], 1234)));
+                req.headers_mut()
+                    .insert("x-forwarded-for", "198.51.100.77".parse().unwrap());
+                svc.clone().oneshot(req).await.unwrap();
+                // No peer address at all: the shared bucket, and a hint.
+                svc.clone().oneshot(Request::new(Body::new())).await.unwrap();
+            }
+            let _ = second;
+            clock.advance(std::time::Duration::from_secs(1));
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1200);
+    });
+    let text = captured.text();
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("permissive mode"), 3, "one a second:\n{text}");
+    assert_eq!(count("no peer address"), 3, "one a second:\n{text}");
+    assert!(text.contains("suppressed=397"), "{text}");
+    assert!(
+        text.contains("into_make_service_with_connect_info"),
+        "{text}"
+    );
+    for secret in ["198.51.100.77", "10.0.0.1"] {
+        assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+    }
+}
+
 /// Every log line a client can trigger is rate-limited: a hundred refusals and a hundred
 /// refused identities in the same second log about one line each, not a hundred.
 #[test]

@@ -37,3 +37,234 @@ fn every_toml_snippet_in_the_readme_is_a_valid_config() {
         }
     }
 }
+
+/// The README's headline example, as written: its TOML is taken from the first ```rust
+/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression
+/// (issue "policy for real APIs"): the headline configured `[by_tool] search` with no
+/// source for the tool, so the tool limit silently never applied.
+#[tokio::test]
+async fn the_headline_example_limits_the_tool_as_written() {
+    use axum::{body::Body, routing::post, Router};
+    use http::{Request, StatusCode};
+    use tollgate::RateLimitLayer;
+    use tower::ServiceExt;
+
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```rust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a rust block");
+    let toml = block
+        .split("r#\"")
+        .nth(1)
+        .and_then(|rest| rest.split("\"#").next())
+        .expect("the headline's TOML");
+    assert!(
+        block.contains(".layer(RateLimitLayer::new(cfg))"),
+        "{block}"
+    );
+    let cfg = RateLimitConfig::from_toml_str(toml).unwrap();
+    let app = Router::new()
+        .route("/tools/{name}", post(|| async { "called" }))
+        .layer(RateLimitLayer::new(cfg));
+    let call = |tool: &str| {
+        Request::post(format!("/tools/{tool}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    for i in 0..10 {
+        let resp = app.clone().oneshot(call("search")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "call {i}");
+    }
+    let refused = app.clone().oneshot(call("search")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["x-ratelimit-limit"], "10");
+    let other = app.clone().oneshot(call("fetch")).await.unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::OK,
+        "other tools have no tool rule"
+    );
+}
+
+fn blocks(markdown: &str, lang: &str) -> Vec<String> {
+    let fence = format!("```{lang}");
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            None if line.trim_start() == fence => current = Some(String::new()),
+            Some(_) if line.trim_start() == "```" => out.extend(current.take()),
+            Some(text) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// The README's JSON (the 429 body, the MCP refusals) is JSON with the fields each form
+/// carries, and its error example is exactly what tollgate says for those three mistakes.
+#[test]
+fn the_readme_json_and_error_examples_are_what_tollgate_writes() {
+    let readme = include_str!("../README.md");
+    let json = blocks(readme, "json");
+    assert!(!json.is_empty());
+    for block in json {
+        let value: serde_json::Value = serde_json::from_str(&block).expect(&block);
+        if value.get("jsonrpc").is_some() {
+            // An MCP refusal: a JSON-RPC response with an id, a tool error or an error.
+            assert!(value.get("id").is_some(), "{block}");
+            let tool_error = value["result"]["isError"] == serde_json::json!(true);
+            let error = value["error"]["code"].is_i64();
+            assert!(tool_error || error, "{block}");
+            continue;
+        }
+        for field in [
+            "type",
+            "title",
+            "status",
+            "code",
+            "detail",
+            "retry_after",
+            "violated",
+        ] {
+            assert!(value.get(field).is_some(), "{field} missing in {block}");
+        }
+    }
+    let errors = blocks(readme, "text")
+        .into_iter()
+        .find(|b| b.contains("backend.url"))
+        .expect("the error example");
+    let got = RateLimitConfig::from_toml_str(
+        "algorithm = \"leaky\"\n[by_tool]\nsearch = \"abc/m\"\n[backend]\nkind = \"redis\"",
+    )
+    .unwrap_err()
+    .to_string();
+    let mut want: Vec<&str> = errors.lines().collect();
+    let mut got: Vec<&str> = got.lines().collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, want);
+}
+
+/// The README's snippet containing `marker`.
+fn snippet(marker: &str) -> RateLimitConfig {
+    let readme = include_str!("../README.md");
+    let blocks: Vec<String> = toml_blocks(readme)
+        .into_iter()
+        .map(|(_, text)| text)
+        .filter(|text| text.contains(marker))
+        .collect();
+    assert_eq!(blocks.len(), 1, "one README snippet holds {marker:?}");
+    RateLimitConfig::from_toml_str(&blocks[0]).unwrap()
+}
+
+type Svc = tower::util::BoxCloneService<
+    http::Request<String>,
+    http::Response<tollgate::ResponseBody<String>>,
+    std::convert::Infallible,
+>;
+
+fn service(cfg: RateLimitConfig) -> Svc {
+    let layer = tollgate::RateLimitLayer::with_store(cfg, tollgate::MemoryStore::new())
+        .with_clock(tollgate::ManualClock::new());
+    tower::util::BoxCloneService::new(tower::ServiceBuilder::new().layer(layer).service(
+        tower::service_fn(|_req: http::Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+        }),
+    ))
+}
+
+async fn limit_of(svc: &Svc, req: http::Request<String>) -> (u16, Option<String>) {
+    use tower::ServiceExt;
+    let resp = svc.clone().oneshot(req).await.unwrap();
+    let limit = resp
+        .headers()
+        .get("x-ratelimit-limit")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (resp.status().as_u16(), limit)
+}
+
+fn who(user: &str, tenant: Option<&str>, path: &str) -> http::Request<String> {
+    let mut req = http::Request::post(path).body(String::new()).unwrap();
+    let mut id = tollgate::Identity::user(user);
+    if let Some(t) = tenant {
+        id = id.with_tenant(t);
+    }
+    req.extensions_mut().insert(id);
+    req
+}
+
+/// Each feature's README snippet does what the text beside it says.
+#[tokio::test]
+async fn each_policy_snippet_does_what_the_readme_says() {
+    // The tool from the path.
+    let svc = service(snippet(
+        "[by_tool]\nsearch = \"10/m\"\n[identity]\ntool_path",
+    ));
+    let (status, limit) = limit_of(&svc, who("a", None, "/tools/Search")).await;
+    assert_eq!((status, limit.as_deref()), (200, Some("10")));
+
+    // Per-user tool limits: 5 each, 100 together.
+    let svc = service(snippet("each user's share of it"));
+    for _ in 0..5 {
+        let mut req = who("a", None, "/");
+        req.extensions_mut()
+            .insert(tollgate::ToolName::new("search"));
+        assert_eq!(limit_of(&svc, req).await.0, 200);
+    }
+    let mut req = who("a", None, "/");
+    req.extensions_mut()
+        .insert(tollgate::ToolName::new("search"));
+    assert_eq!(limit_of(&svc, req).await, (429, Some("5".into())));
+    let mut req = who("b", None, "/");
+    req.extensions_mut()
+        .insert(tollgate::ToolName::new("search"));
+    assert_eq!(limit_of(&svc, req).await.0, 200);
+
+    // Anonymous callers by client address, behind a trusted proxy.
+    let svc = service(snippet(
+        "anonymous = \"by_ip\"\n[identity]\ntrusted_proxies",
+    ));
+    let from = |peer: [u8; 4], xff: &str| {
+        let mut req = http::Request::new(String::new());
+        req.extensions_mut()
+            .insert(std::net::SocketAddr::from((peer, 1000)));
+        if !xff.is_empty() {
+            req.headers_mut()
+                .insert("x-forwarded-for", xff.parse().unwrap());
+        }
+        req
+    };
+    for _ in 0..30 {
+        assert_eq!(
+            limit_of(&svc, from([10, 1, 1, 1], "198.51.100.1")).await.0,
+            200
+        );
+    }
+    assert_eq!(
+        limit_of(&svc, from([10, 1, 1, 1], "198.51.100.1")).await.0,
+        429
+    );
+    assert_eq!(
+        limit_of(&svc, from([10, 1, 1, 1], "198.51.100.2")).await.0,
+        200
+    );
+    assert_eq!(limit_of(&svc, from([198, 51, 100, 1], "")).await.0, 429);
+
+    // Tiers: acme is pro (600/m per user), others get the base 60/m; by_tenant inherited.
+    let svc = service(snippet("by_tenant = \"6000/m\""));
+    let pro = limit_of(&svc, who("a", Some("acme"), "/")).await;
+    let free = limit_of(&svc, who("a", Some("globex"), "/")).await;
+    assert_eq!(
+        (pro.1.as_deref(), free.1.as_deref()),
+        (Some("600"), Some("60"))
+    );
+    let mut req = who("b", Some("globex"), "/");
+    req.extensions_mut().insert(tollgate::Tier::new("pro"));
+    assert_eq!(limit_of(&svc, req).await.1.as_deref(), Some("600"));
+}

@@ -38,7 +38,8 @@ fn redis_cfg(limits: &str, url: &str, prefix: &str, extra_backend: &str) -> Rate
     ))
 }
 
-const LIMITS: &str = "by_user = \"2/m\"\nby_tenant = \"100/m\"\n[by_tool]\nsearch = \"100/m\"";
+/// Four rules: user, tenant, tool and user×tool (the most one request carries).
+const LIMITS: &str = "by_user = \"2/m\"\nby_tenant = \"100/m\"\n[by_tool]\nsearch = \"100/m\"\n[by_user_tool]\nsearch = \"50/m\"";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_script_call_per_request_whatever_the_number_of_rules() {
@@ -70,7 +71,10 @@ async fn one_script_call_per_request_whatever_the_number_of_rules() {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let rules = resp.extensions().get::<Decision>().unwrap().rules().count();
-        assert_eq!(rules, 3, "user, tenant and tool rules all applied");
+        assert_eq!(
+            rules, 4,
+            "user, tenant, tool and user×tool rules all applied"
+        );
     }
     let evalsha = command_calls(&mut conn, "evalsha").await;
     let eval = command_calls(&mut conn, "eval").await;
@@ -85,16 +89,16 @@ async fn one_script_call_per_request_whatever_the_number_of_rules() {
     assert_eq!((evalsha, eval, load), (10, 0, 0));
     assert_eq!(
         mget, 10,
-        "the three keys read at once inside each script call"
+        "the four keys read at once inside each script call"
     );
-    // A missing key reads as nil, and so would a key of another type: each new user's key
-    // is asked again alone, to tell the two apart.
-    assert_eq!(get, 10, "one new key per request");
-    assert_eq!(set, 30, "and each written once, with its expiry");
+    // A missing key reads as nil, and so would a key of another type: each new key (the
+    // user's and the user×tool one) is asked again alone, to tell the two apart.
+    assert_eq!(get, 20, "two new keys per request");
+    assert_eq!(set, 40, "and each written once, with its expiry");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_over_limit_user_leaves_tenant_and_tool_counters_untouched() {
+async fn an_over_limit_user_leaves_tenant_tool_and_user_tool_counters_untouched() {
     let Some(backend) = RedisBackend::start("an_over_limit_user_leaves_counters_untouched") else {
         return;
     };
@@ -124,7 +128,7 @@ async fn an_over_limit_user_leaves_tenant_and_tool_counters_untouched() {
         out
     };
     let keys = keys_under(&mut conn, backend.prefix()).await;
-    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert_eq!(keys.len(), 4, "{keys:?}");
     let before = snapshot(keys.clone()).await;
     for _ in 0..20 {
         let no = svc

@@ -207,8 +207,10 @@ where
     }
 }
 
-/// What a key must be identified by: (rule, algorithm, period, subject; `None` = anonymous).
-type KeyIdentity<'a> = (u8, u8, u32, Option<&'a [u8]>);
+/// What a key must be identified by: (rule, algorithm, period, count, subject; `None` =
+/// anonymous). The count is part of a key: two layers giving one rule different counts
+/// never share a counter.
+type KeyIdentity<'a> = (u8, u8, u32, u64, Option<&'a [u8]>);
 
 fn key(k: &KeyInput) -> (Key<'_>, KeyIdentity<'_>) {
     let kinds = [RuleKind::User, RuleKind::Tenant, RuleKind::Tool];
@@ -229,6 +231,7 @@ fn key(k: &KeyInput) -> (Key<'_>, KeyIdentity<'_>) {
         kind,
         algorithm,
         period,
+        u64::from(k.count) + 1,
         (!k.anonymous).then_some(&k.subject[..]),
     );
     (
@@ -282,7 +285,7 @@ fuzz_target!(|input: Input| {
     let (ea, eb) = (ka.encode("rl"), kb.encode("rl"));
     assert_eq!(ea == eb, ia == ib, "{ea} vs {eb}");
     for e in [&ea, &eb] {
-        let subject = e.splitn(5, ':').nth(4).expect("five parts");
+        let subject = e.splitn(6, ':').nth(5).expect("six parts");
         assert!(
             subject
                 .bytes()

@@ -25,6 +25,8 @@ const SHARDS: usize = 16;
 pub(crate) struct DenyCache {
     shards: Box<[Shard]>,
     per_shard: usize,
+    /// The bound on entries across all shards.
+    capacity: usize,
     /// Entries held, so an empty cache costs one load per request.
     held: AtomicUsize,
     hasher: DefaultHashBuilder,
@@ -54,11 +56,14 @@ thread_local! {
 }
 
 impl DenyCache {
-    /// A cache of at most `capacity` keys (below 16: never caches).
+    /// A cache of at most `capacity` keys (0: never caches).
     pub(crate) fn new(capacity: usize) -> Self {
         DenyCache {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            per_shard: capacity / SHARDS,
+            // Rounded up, so a capacity below the number of shards still caches; the
+            // global count keeps the total within `capacity`.
+            per_shard: capacity.div_ceil(SHARDS),
+            capacity,
             held: AtomicUsize::new(0),
             hasher: DefaultHashBuilder::default(),
         }
@@ -123,18 +128,26 @@ impl DenyCache {
                 *held = deny;
                 continue;
             }
-            if shard.len() >= self.per_shard {
+            if shard.len() >= self.per_shard || !self.take_place() {
                 let before = shard.len();
                 shard.retain(|_, d| d.until > now);
                 self.held.fetch_sub(before - shard.len(), Ordering::Relaxed);
-                if shard.len() >= self.per_shard {
+                if shard.len() >= self.per_shard || !self.take_place() {
                     // Full of live denials: this one goes to Redis each time instead.
                     continue;
                 }
             }
             shard.insert((*key).into(), deny);
-            self.held.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Reserves one entry under the global bound.
+    fn take_place(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < self.capacity).then_some(held + 1)
+            })
+            .is_ok()
     }
 
     fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Box<str>, Deny>> {
@@ -209,5 +222,60 @@ mod tests {
         cache.record(&[&key(b"late").encode("rl")], &refused(10), 2_000_000);
         assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
         assert_eq!(DenyCache::new(0).per_shard, 0);
+    }
+
+    /// A request's four keys (user, tenant, tool, user×tool): the answer holds four
+    /// outcomes, the refused ones as Redis said.
+    #[test]
+    fn answers_for_all_four_keys_of_a_request() {
+        let cache = DenyCache::new(100);
+        let rate = Rate::per_minute(1);
+        let alg = Algorithm::FixedWindow;
+        let keys = [
+            Key::new(RuleKind::User, Subject::Named(b"u"), rate, alg),
+            Key::new(RuleKind::Tenant, Subject::Named(b"t"), rate, alg).with_tier("pro"),
+            Key::new(RuleKind::Tool, Subject::Named(b"search"), rate, alg),
+            Key::user_tool(Subject::Named(b"u"), "search", rate, alg),
+        ];
+        let names: Vec<String> = keys.iter().map(|k| k.encode("rl")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut outcomes = Outcomes::new();
+        for (i, retry) in [0, 0, 2_000, 7_000].into_iter().enumerate() {
+            assert!(
+                outcomes.push(Outcome {
+                    allowed: retry == 0,
+                    remaining: 0,
+                    reset_after: retry,
+                    retry_after: retry,
+                    reset_at: 0,
+                }),
+                "key {i}"
+            );
+        }
+        cache.record(&names, &outcomes, 0);
+        let hit = cache.check("rl", &keys, 1_000).unwrap();
+        let allowed: Vec<bool> = hit.iter().map(|o| o.allowed).collect();
+        assert_eq!(allowed, [true, true, false, false]);
+        let waits: Vec<u64> = hit.iter().map(|o| o.retry_after).collect();
+        assert_eq!(waits, [0, 0, 1_000, 6_000]);
+    }
+
+    /// Regression (issue "policy for real APIs"): `deny_cache` 1 to 15 was documented as
+    /// a size but cached nothing (16 shards of zero). Now it holds exactly that many.
+    #[test]
+    fn a_capacity_below_the_shard_count_is_honoured() {
+        for capacity in [1, 5, 15] {
+            let cache = DenyCache::new(capacity);
+            for i in 0..100u32 {
+                let id = i.to_be_bytes();
+                cache.record(&[&key(&id).encode("rl")], &refused(1_000_000), 0);
+                assert!(cache.len() <= capacity, "{capacity}: {}", cache.len());
+            }
+            assert_eq!(cache.len(), capacity, "a full cache of {capacity}");
+            let cached = (0..100u32)
+                .filter(|i| cache.check("rl", &[key(&i.to_be_bytes())], 1).is_some())
+                .count();
+            assert_eq!(cached, capacity);
+        }
     }
 }

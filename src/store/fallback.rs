@@ -283,9 +283,17 @@ struct OwnedRequest {
 
 struct OwnedKey {
     kind: RuleKind,
-    subject: Option<Box<[u8]>>,
+    subject: OwnedSubject,
     rate: Rate,
     algorithm: Algorithm,
+    tier: Option<Box<str>>,
+    tool: Option<Box<str>>,
+}
+
+enum OwnedSubject {
+    Anonymous,
+    Named(Box<[u8]>),
+    Client(std::net::IpAddr, u8),
 }
 
 impl OwnedRequest {
@@ -297,11 +305,14 @@ impl OwnedRequest {
                 .map(|k| OwnedKey {
                     kind: k.kind(),
                     subject: match k.subject() {
-                        Subject::Anonymous => None,
-                        Subject::Named(bytes) => Some(bytes.into()),
+                        Subject::Anonymous => OwnedSubject::Anonymous,
+                        Subject::Named(bytes) => OwnedSubject::Named(bytes.into()),
+                        Subject::Client(addr, len) => OwnedSubject::Client(addr, len),
                     },
                     rate: k.rate(),
                     algorithm: k.algorithm(),
+                    tier: k.tier().map(Into::into),
+                    tool: k.tool().map(Into::into),
                 })
                 .collect(),
             now: request.now_micros(),
@@ -315,14 +326,18 @@ impl OwnedRequest {
             Rate::per_second(1),
             Algorithm::FixedWindow,
         );
-        let mut keys = [placeholder; 3];
-        let n = self.keys.len().min(3);
+        let mut keys = [placeholder; crate::key::MAX_KEYS];
+        let n = self.keys.len().min(crate::key::MAX_KEYS);
         for (slot, k) in keys.iter_mut().zip(&self.keys) {
             let subject = match &k.subject {
-                None => Subject::Anonymous,
-                Some(bytes) => Subject::Named(bytes),
+                OwnedSubject::Anonymous => Subject::Anonymous,
+                OwnedSubject::Named(bytes) => Subject::Named(bytes),
+                OwnedSubject::Client(addr, len) => Subject::Client(*addr, *len),
             };
-            *slot = Key::new(k.kind, subject, k.rate, k.algorithm);
+            let mut key = Key::new(k.kind, subject, k.rate, k.algorithm);
+            key.tool = k.tool.as_deref();
+            key.tier = k.tier.as_deref();
+            *slot = key;
         }
         f(StoreRequest::new(&keys[..n], self.now))
     }
@@ -553,6 +568,19 @@ mod tests {
             Key::new(
                 RuleKind::Tenant,
                 Subject::Named(b"t:{x}"),
+                rate,
+                Algorithm::SlidingWindow,
+            )
+            .with_tier("pro"),
+            Key::new(
+                RuleKind::Tool,
+                Subject::Named(b"search"),
+                rate,
+                Algorithm::SlidingWindow,
+            ),
+            Key::user_tool(
+                Subject::Client("2001:db8::".parse().unwrap(), 64),
+                "search",
                 rate,
                 Algorithm::SlidingWindow,
             ),

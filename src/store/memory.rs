@@ -10,7 +10,7 @@ use hashbrown::DefaultHashBuilder;
 
 use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest};
 use crate::algorithm::{State, Step};
-use crate::key::{Key, RuleKind, Subject};
+use crate::key::{with_memory_ids, Key, MAX_KEYS};
 use crate::Algorithm;
 
 /// How often (µs) a shard drops expired entries on its own, while it is being written.
@@ -72,7 +72,7 @@ struct Entry {
 
 impl Entry {
     fn expires_at(&self) -> u64 {
-        let alg = match self.tag >> 3 {
+        let alg = match (self.tag >> 2) & 3 {
             0 => Algorithm::FixedWindow,
             1 => Algorithm::SlidingWindow,
             _ => Algorithm::TokenBucket,
@@ -138,12 +138,18 @@ impl MemoryStore {
 
     /// Checks and counts `keys` at `now` (µs since the epoch), all-or-nothing.
     pub(crate) fn check_now(&self, keys: &[Key<'_>], now: u64) -> Outcomes {
+        with_memory_ids(keys, |ids| self.check_ids(keys, ids, now))
+    }
+
+    /// [`MemoryStore::check_now`], each key identified by its tag, rate and `ids[i]`.
+    fn check_ids(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
         let inner = &*self.inner;
         let mut out = Outcomes::new();
+        let keys = &keys[..ids.len()];
         match keys {
             [] => {}
             [key] => {
-                let probe = Probe::new(inner, key);
+                let probe = Probe::new(inner, key, ids[0]);
                 let mut table = lock(&inner.shards[probe.shard]);
                 let step = table.step(&probe, key, now);
                 if step.allowed {
@@ -152,19 +158,19 @@ impl MemoryStore {
                 out.push(outcome(&step, now));
             }
             _ => {
-                let mut probes = [None, None, None];
-                for (slot, key) in probes.iter_mut().zip(keys) {
-                    *slot = Some(Probe::new(inner, key));
+                let mut probes = [None; MAX_KEYS];
+                for ((slot, key), id) in probes.iter_mut().zip(keys).zip(ids) {
+                    *slot = Some(Probe::new(inner, key, id));
                 }
-                let probes = &probes[..keys.len().min(3)];
+                let probes = &probes[..keys.len()];
                 // Lock each distinct shard once, in ascending order: no deadlock, and the
                 // whole check-then-write is one atomic step for these keys.
-                let mut order: [usize; 3] = [usize::MAX; 3];
+                let mut order: [usize; MAX_KEYS] = [usize::MAX; MAX_KEYS];
                 for (o, p) in order.iter_mut().zip(probes.iter().flatten()) {
                     *o = p.shard;
                 }
                 order.sort_unstable();
-                let mut guards: Guards<'_> = [None, None, None];
+                let mut guards: Guards<'_> = [None, None, None, None];
                 let mut held = 0;
                 for shard in order.into_iter().filter(|s| *s != usize::MAX) {
                     if held == 0 || guards[held - 1].as_ref().map(|g| g.0) != Some(shard) {
@@ -172,7 +178,7 @@ impl MemoryStore {
                         held += 1;
                     }
                 }
-                let mut steps: [Option<Step>; 3] = [None; 3];
+                let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
                 for ((step, probe), key) in steps.iter_mut().zip(probes.iter().flatten()).zip(keys)
                 {
                     *step = Some(table_of(&mut guards, probe.shard).step(probe, key, now));
@@ -218,7 +224,7 @@ fn lock(shard: &Shard) -> MutexGuard<'_, Table> {
     shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type Guards<'a> = [Option<(usize, MutexGuard<'a, Table>)>; 3];
+type Guards<'a> = [Option<(usize, MutexGuard<'a, Table>)>; MAX_KEYS];
 
 fn table_of<'g>(guards: &'g mut Guards<'_>, shard: usize) -> &'g mut Table {
     let found = guards.iter_mut().flatten().find(|g| g.0 == shard);
@@ -235,43 +241,30 @@ fn outcome(step: &Step, now: u64) -> Outcome {
     }
 }
 
-/// A key's hash, shard and compact tag, computed once per request.
+/// A key's hash, shard, compact tag and identity bytes, computed once per request.
 #[derive(Clone, Copy)]
-struct Probe {
+struct Probe<'k> {
     hash: u64,
     shard: usize,
     tag: u8,
+    id: &'k [u8],
 }
 
-impl Probe {
-    fn new(inner: &Inner, key: &Key<'_>) -> Probe {
-        let kind = match (key.kind, key.subject) {
-            (_, Subject::Anonymous) => 3,
-            (RuleKind::User, _) => 0,
-            (RuleKind::Tenant, _) => 1,
-            (RuleKind::Tool, _) => 2,
-            (RuleKind::Prompt, _) => 4,
-        };
-        let alg = match key.algorithm {
-            Algorithm::FixedWindow => 0,
-            Algorithm::SlidingWindow => 1,
-            Algorithm::TokenBucket => 2,
-        };
-        let tag = kind | alg << 3;
-        let hash = hash_of(inner, tag, key.rate.period_secs(), subject_bytes(key));
+impl<'k> Probe<'k> {
+    fn new(inner: &Inner, key: &Key<'_>, id: &'k [u8]) -> Probe<'k> {
+        let tag = key.memory_tag();
+        let hash = hash_of(inner, tag, key.rate.period_secs(), id);
         let shard = if inner.shards.len() == 1 {
             0
         } else {
             (hash >> inner.shard_shift) as usize
         };
-        Probe { hash, shard, tag }
-    }
-}
-
-fn subject_bytes<'a>(key: &Key<'a>) -> &'a [u8] {
-    match key.subject {
-        Subject::Anonymous => &[],
-        Subject::Named(bytes) => bytes,
+        Probe {
+            hash,
+            shard,
+            tag,
+            id,
+        }
     }
 }
 
@@ -280,8 +273,8 @@ fn hash_of(inner: &Inner, tag: u8, period_secs: u32, subject: &[u8]) -> u64 {
 }
 
 impl Table {
-    fn step(&self, probe: &Probe, key: &Key<'_>, now: u64) -> Step {
-        let subject = subject_bytes(key);
+    fn step(&self, probe: &Probe<'_>, key: &Key<'_>, now: u64) -> Step {
+        let subject = probe.id;
         let period = key.rate.period_secs();
         let state = self
             .map
@@ -292,12 +285,12 @@ impl Table {
         key.algorithm.check(state, now, key.rate)
     }
 
-    fn write(&mut self, inner: &Inner, probe: &Probe, key: &Key<'_>, step: &Step, now: u64) {
+    fn write(&mut self, inner: &Inner, probe: &Probe<'_>, key: &Key<'_>, step: &Step, now: u64) {
         if now >= self.next_purge || self.next_purge - now > PURGE_EVERY {
             self.drop_expired(inner, now);
             self.next_purge = now.saturating_add(PURGE_EVERY);
         }
-        let subject = subject_bytes(key);
+        let subject = probe.id;
         let period = key.rate.period_secs();
         let matches =
             |e: &Entry| e.tag == probe.tag && e.period_secs == period && *e.subject == *subject;
@@ -394,7 +387,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Rate;
+    use crate::{Rate, RuleKind, Subject};
 
     fn user(id: &[u8], rate: Rate) -> Key<'_> {
         Key::new(

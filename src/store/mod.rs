@@ -34,7 +34,7 @@ impl<'a> StoreRequest<'a> {
         }
     }
 
-    /// The keys, in rule order (user, tenant, tool); at most three.
+    /// The keys, in rule order (user, tenant, tool, user×tool); at most four.
     pub fn keys(&self) -> &'a [Key<'a>] {
         self.keys
     }
@@ -97,7 +97,7 @@ impl Outcome {
 /// The answers for one request, one per key, in the order of the request's keys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcomes {
-    items: [Option<Outcome>; 3],
+    items: [Option<Outcome>; crate::key::MAX_KEYS],
 }
 
 impl Outcomes {
@@ -106,7 +106,7 @@ impl Outcomes {
         Self::default()
     }
 
-    /// Appends the next key's answer. Returns `false` (and keeps nothing) past three.
+    /// Appends the next key's answer. Returns `false` (and keeps nothing) past four.
     pub fn push(&mut self, outcome: Outcome) -> bool {
         match self.items.iter_mut().find(|o| o.is_none()) {
             Some(slot) => {

@@ -163,7 +163,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How many refused keys to remember locally (default 10 000; below 16 turns the cache
+    /// How many refused keys to remember locally (default 10 000; 0 turns the cache
     /// off). While Redis has said a key refuses until T, requests carrying it are refused
     /// here until T without a round trip: an abusive caller costs memory-store time, not a
     /// Redis call. Such a locally refused request reports only the remembered keys as
@@ -523,10 +523,10 @@ impl Inner {
         let algorithm = keys
             .first()
             .map_or(crate::Algorithm::FixedWindow, |k| k.algorithm());
-        if keys.len() > 3 || keys.iter().any(|k| k.algorithm() != algorithm) {
+        if keys.len() > crate::key::MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
             return Err(StoreError::new(
                 StoreErrorKind::Internal,
-                "a request must carry at most three keys of one algorithm",
+                "a request must carry at most four keys of one algorithm",
             ));
         }
         Ok(Job {
@@ -621,7 +621,7 @@ impl Inner {
             })
             .collect();
         let answers = futures_join(parts.iter().map(|part| self.decide(part, deadline))).await;
-        let mut per_key: [Option<Outcome>; 3] = [None; 3];
+        let mut per_key: [Option<Outcome>; crate::key::MAX_KEYS] = [None; crate::key::MAX_KEYS];
         let mut error = None;
         let mut all = true;
         for (group, answer) in groups.iter().zip(&answers) {

@@ -1,0 +1,131 @@
+//! Which counters a request is checked against: the tier picks each rule's rate, an
+//! anonymous caller may become its client network, and up to four keys are built in rule
+//! order user, tenant, tool, user×tool (ARCHITECTURE.md, behaviour contract items 1, 16
+//! and 17). Keys borrow from the request and the compiled rules: nothing is allocated.
+
+use http::Request;
+
+use crate::identity::{Target, Who};
+use crate::key::MAX_KEYS;
+use crate::layer::Shared;
+use crate::{Anonymous, Key, Rate, RuleKind, Subject, Tier};
+
+/// Fills `keys` and `rules_out` (the first `n` slots) for `req`; returns `n` and the tool
+/// or MCP prompt whose rule applies (for the refusal's detail), if any. A prompt
+/// (`[by_prompt]`) takes the tool's place: one shared counter per prompt, no tiers.
+pub(crate) fn keys<'r, B>(
+    shared: &'r Shared,
+    req: &'r Request<B>,
+    who: &Who<'r>,
+    now: u64,
+    keys: &mut [Key<'r>; MAX_KEYS],
+    rules_out: &mut [Option<(RuleKind, Rate)>; MAX_KEYS],
+) -> (usize, Option<(Target, u32)>) {
+    let rules = &*shared.rules;
+    // The tier: the app's `Tier` extension, else `[tenants]`; a tier's own rules count
+    // in counters of their own (the tier is in the key), the rules it does not name are
+    // the base rules and their counters.
+    let tier = match req.extensions().get::<Tier>() {
+        Some(t) => rules.tier_named(t.as_str()).or_else(|| {
+            if let Some(suppressed) = shared.health.tier_log.may_log(now) {
+                tracing::warn!(
+                    suppressed,
+                    "tollgate: a Tier extension names no configured tier; the base rules apply"
+                );
+            }
+            None
+        }),
+        None => who.tenant.and_then(|t| rules.tenant_tier(t)),
+    }
+    .map(|i| rules.tier(i));
+    let pick = |base: Option<Rate>, over: Option<Rate>| match (over, tier) {
+        (Some(rate), Some((name, _))) => Some((rate, Some(name))),
+        _ => base.map(|rate| (rate, None)),
+    };
+    let called = |target| who.tool.as_ref().filter(|t| t.target == target);
+    let tool = called(Target::Tool)
+        .and_then(|t| rules.tool(&t.name, who.tool_from_path))
+        .map(|i| (i, rules.tool_name(i)));
+    let prompt = called(Target::Prompt)
+        .and_then(|p| rules.prompt(&p.name))
+        .map(|(i, rate)| (i, rate, rules.prompt_name(i)));
+    let set = tier.map(|(_, set)| set);
+    let user_rule = pick(rules.base.user, set.and_then(|s| s.user));
+    let tenant_rule = pick(rules.base.tenant, set.and_then(|s| s.tenant));
+    let tool_rule = tool.and_then(|(i, _)| {
+        let i = i as usize;
+        pick(rules.base.tools[i], set.and_then(|s| s.tools[i]))
+    });
+    let user_tool_rule = tool.and_then(|(i, _)| {
+        let i = i as usize;
+        pick(rules.base.user_tools[i], set.and_then(|s| s.user_tools[i]))
+    });
+    // Anonymous callers by client address, looked up only when a per-user rule applies.
+    let user = match who.user {
+        Subject::Anonymous
+            if shared.identity.anonymous == Anonymous::ByIp
+                && (user_rule.is_some() || user_tool_rule.is_some()) =>
+        {
+            crate::client_ip::subject(req, &shared.identity).unwrap_or_else(|| {
+                if let Some(suppressed) = shared.health.peer_log.may_log(now) {
+                    tracing::warn!(
+                        suppressed,
+                        "tollgate: anonymous = \"by_ip\" but the request carries no peer address, so it counts in the shared anonymous bucket: serve axum with `into_make_service_with_connect_info::<SocketAddr>()` (tollgate's `axum` feature, on by default), or insert the peer's `SocketAddr` into the request extensions (plain hyper)"
+                    );
+                }
+                Subject::Anonymous
+            })
+        }
+        user => user,
+    };
+    let alg = shared.algorithm;
+    let planned = [
+        user_rule.map(|(rate, tier)| tiered(Key::new(RuleKind::User, user, rate, alg), tier)),
+        who.tenant.and_then(|tenant| {
+            let (rate, tier) = tenant_rule?;
+            Some(tiered(
+                Key::new(RuleKind::Tenant, Subject::Named(tenant), rate, alg),
+                tier,
+            ))
+        }),
+        tool.and_then(|(_, name)| {
+            let (rate, tier) = tool_rule?;
+            Some(tiered(
+                Key::new(RuleKind::Tool, Subject::Named(name.as_bytes()), rate, alg),
+                tier,
+            ))
+        })
+        .or_else(|| {
+            let (_, rate, name) = prompt?;
+            Some(Key::new(
+                RuleKind::Prompt,
+                Subject::Named(name.as_bytes()),
+                rate,
+                alg,
+            ))
+        }),
+        tool.and_then(|(_, name)| {
+            let (rate, tier) = user_tool_rule?;
+            Some(tiered(Key::user_tool(user, name, rate, alg), tier))
+        }),
+    ];
+    let mut n = 0;
+    for key in planned.into_iter().flatten() {
+        rules_out[n] = Some((key.kind, key.rate));
+        keys[n] = key;
+        n += 1;
+    }
+    let named = tool
+        .filter(|_| tool_rule.is_some() || user_tool_rule.is_some())
+        .map(|(i, _)| (Target::Tool, i))
+        .or(prompt.map(|(i, _, _)| (Target::Prompt, i)));
+    (n, named)
+}
+
+/// `key` under `tier`'s rule, when the rule came from a tier.
+fn tiered<'k>(key: Key<'k>, tier: Option<&'k str>) -> Key<'k> {
+    match tier {
+        Some(name) => key.with_tier(name),
+        None => key,
+    }
+}

@@ -297,3 +297,45 @@ async fn a_killed_master_costs_no_request_and_its_replica_takes_over() {
     assert_eq!(stats.fail_closed, 0, "{stats:?}");
     eprintln!("{stats:?}, {} requests", sent.load(Ordering::Relaxed));
 }
+
+/// The same across masters for the sliding window and the token bucket (whose refunds
+/// differ): 300 users of one tenant at once at `by_tenant = "100/h"` → exactly 100, and
+/// a second wave right after is refused entirely (no refund gave the tenant back more
+/// than it took).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_algorithm_is_exact_across_masters() {
+    let Some(cluster) = RedisCluster::start("every_algorithm_is_exact_across_masters") else {
+        return;
+    };
+    for algorithm in ["sliding_window", "token_bucket"] {
+        let cfg = RateLimitConfig::from_toml_str(&format!(
+            "algorithm = \"{algorithm}\"\nby_user = \"1000/m\"\nby_tenant = \"100/h\""
+        ))
+        .unwrap();
+        let layer = RateLimitLayer::with_store(cfg, store(&cluster, &fresh_prefix()));
+        let (svc, calls) = counting_service(layer.clone());
+        for wave in 0..2 {
+            let tasks: Vec<_> = (0..300)
+                .map(|i| {
+                    let svc = svc.clone();
+                    tokio::spawn(async move {
+                        svc.oneshot(req(&format!("user-{wave}-{i}"), Some("acme")))
+                            .await
+                            .unwrap()
+                            .status()
+                    })
+                })
+                .collect();
+            for task in tasks {
+                let status = task.await.unwrap();
+                assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS);
+            }
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                100,
+                "{algorithm} wave {wave}: exactly the tenant's limit in all"
+            );
+        }
+        assert_eq!(layer.stats().store_errors, 0, "{algorithm}");
+    }
+}

@@ -223,6 +223,7 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
         )]
     };
     let (alice, victim, bob) = (key(b"alice"), key(b"victim"), key(b"bob"));
+    let listed = key(b"listed");
     let mut conn = server.conn().await;
     let _: () = redis::cmd("SET")
         .arg(victim[0].encode(&prefix))
@@ -230,16 +231,33 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
         .query_async(&mut conn)
         .await
         .unwrap();
+    // A key of another type reads as missing; the write (SET ... GET) refuses it.
+    let _: () = redis::cmd("RPUSH")
+        .arg(listed[0].encode(&prefix))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let answers = redis
         .check_batch(&[
             StoreRequest::new(&alice, T0),
             StoreRequest::new(&victim, T0),
+            StoreRequest::new(&listed, T0),
             StoreRequest::new(&bob, T0),
+            StoreRequest::new(&listed, T0),
         ])
         .await;
     assert!(answers[0].as_ref().unwrap().iter().all(|o| o.is_allowed()));
     assert!(answers[1].is_err(), "{answers:?}");
-    assert!(answers[2].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    assert!(answers[2].is_err(), "{answers:?}");
+    assert!(answers[3].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    assert!(answers[4].is_err(), "{answers:?}");
+    let kind: String = redis::cmd("TYPE")
+        .arg(listed[0].encode(&prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "list");
     let junk: String = redis::cmd("GET")
         .arg(victim[0].encode(&prefix))
         .query_async(&mut conn)

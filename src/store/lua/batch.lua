@@ -10,8 +10,9 @@
 -- counted under every one (all-or-nothing) — and each changed key is written once, as
 -- `SET key "t:c:p" PX ttl`.
 -- Returns, per request: 1, or 0 when one of its keys cannot be used (a key of another
--- type or value, or a write refused when Redis is out of memory: that request alone
--- fails, as it would in a call of its own); then per key: allowed (1/0), remaining, reset_after µs,
+-- type or value, or a write refused when Redis is out of memory: that request fails
+-- alone, and the requests after it were decided as if it had counted, which errs
+-- strict); needs Redis 6.2 or later (SET ... GET); then per key: allowed (1/0), remaining, reset_after µs,
 -- retry_after µs. Last, the time decided at.
 
 local now = tonumber(ARGV[1])
@@ -24,23 +25,14 @@ end
 -- cannot be used; for keys to write, when they expire (µs) and which requests counted
 -- there.
 local st, sc, sp, broken, expires, counted = {}, {}, {}, {}, {}, {}
--- One MGET reads every key; it answers nil both for a missing key and for a key of
--- another type, so only those are asked again one by one (a missing key reads as false,
--- a key of another type fails its requests alone; any other error, a server that cannot
--- serve, fails the call so the client drops the connection).
+-- One MGET reads every key. It answers nil both for a missing key and for a key of
+-- another type; the second shows when the key is written (`SET ... GET` refuses a key
+-- of another type), and fails the requests counted there.
 local values = {}
 if #KEYS > 0 then values = redis.call('MGET', unpack(KEYS)) end
 for i = 1, #KEYS do
   st[i] = false
   local v = values[i]
-  if not v then
-    v = redis.pcall('GET', KEYS[i])
-    if type(v) == 'table' then
-      if string.sub(v.err, 1, 9) ~= 'WRONGTYPE' then return redis.error_reply(v.err) end
-      broken[i] = true
-      v = false
-    end
-  end
   if v then
     local t, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
     if t then
@@ -109,12 +101,14 @@ for r = 1, tonumber(ARGV[2]) do
 end
 
 for i, expires_at in pairs(expires) do
-  local written = redis.pcall('SET', KEYS[i], string.format('%.0f:%.0f:%.0f', st[i], sc[i], sp[i]),
-    'PX', math.max(1, math.ceil((expires_at - now) / 1000)))
+  local written = redis.pcall('SET', KEYS[i], string.format('%d:%d:%d', st[i], sc[i], sp[i]),
+    'PX', math.max(1, math.ceil((expires_at - now) / 1000)), 'GET')
   if type(written) == 'table' and written.err then
-    -- Out of memory fails the requests counted here alone; any other error (READONLY on a
-    -- demoted primary) fails the call, so the client drops the connection.
-    if string.sub(written.err, 1, 3) ~= 'OOM' then return redis.error_reply(written.err) end
+    -- A key of another type, or out of memory: the requests counted here fail alone. Any
+    -- other error (READONLY on a demoted primary) fails the call, so the client drops
+    -- the connection.
+    local code = string.match(written.err, '^(%u+)')
+    if code ~= 'WRONGTYPE' and code ~= 'OOM' then return redis.error_reply(written.err) end
     for _, r in ipairs(counted[i]) do
       out[status_at[r]] = 0
     end

@@ -7,15 +7,21 @@
 -- KEYS[i]: the keys the reservation counted under (on one hash slot).
 -- ARGV[1]: the algorithm: 1 fixed window, 2 sliding window, 3 token bucket.
 -- ARGV[2]: when the reservation was decided, µs (the time its script returned).
--- ARGV[2i+1], ARGV[2i+2]: key i's count and period in µs.
+-- ARGV[3]: now in µs, or -1 to read Redis TIME.
+-- ARGV[2i+2], ARGV[2i+3]: key i's count and period in µs.
 -- Returns the number of keys given back.
 
 local algorithm = tonumber(ARGV[1])
 local at = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if now < 0 then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
 local given = 0
 for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i + 1])
-  local period = tonumber(ARGV[2 * i + 2])
+  local limit = tonumber(ARGV[2 * i + 2])
+  local period = tonumber(ARGV[2 * i + 3])
   local v = redis.call('GET', KEYS[i])
   local t, c, p
   if v then
@@ -43,15 +49,17 @@ for i = 1, #KEYS do
       end
     else
       -- GCRA: the reservation moved the arrival time on by one interval, to at least
-      -- `at` + interval; moving it back is the same as never having counted.
+      -- `at` + interval; moving it back is the same as never having counted — unless a
+      -- later request found the bucket idle and re-based the arrival time on its own
+      -- clock, which needs a time past `at` + interval: after that, nothing is given back.
       local interval = math.ceil(period / limit)
-      if t - interval >= at then
+      if now <= at + interval and t - interval >= at then
         t = t - interval
         changed = true
       end
     end
     if changed then
-      redis.call('SET', KEYS[i], string.format('%.0f:%.0f:%.0f', t, c, p), 'KEEPTTL')
+      redis.call('SET', KEYS[i], string.format('%d:%d:%d', t, c, p), 'KEEPTTL')
       given = given + 1
     end
   end

@@ -9,8 +9,9 @@
 //! goes at once) and a busy one sends fewer, larger calls.
 //!
 //! Each request keeps its own deadline: one whose deadline passed before its batch was
-//! sent is not sent; a batch is bounded by its earliest deadline and, if it fails or times
-//! out, fails only its own requests (the fallback answers them as for any failure).
+//! sent is not sent; each caller stops waiting at its own deadline; a batch is bounded by
+//! its latest one and, if it fails or times out, fails only its own requests (the
+//! fallback answers them as for any failure).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError, Weak};
@@ -42,16 +43,13 @@ pub(super) struct CallKey {
 /// A job's answer: its keys' outcomes and the time the script decided at.
 pub(super) type Answer = Result<(Outcomes, u64), StoreError>;
 
-fn algorithm_code(algorithm: Algorithm) -> i64 {
+/// The script's number for `algorithm`.
+pub(super) fn algorithm_code(algorithm: Algorithm) -> i64 {
     match algorithm {
         Algorithm::FixedWindow => 1,
         Algorithm::SlidingWindow => 2,
         Algorithm::TokenBucket => 3,
     }
-}
-
-pub(super) fn refund_code(algorithm: Algorithm) -> i64 {
-    algorithm_code(algorithm)
 }
 
 /// `lua/batch.lua`'s KEYS (each key once) and ARGV for `jobs`, which share one time.
@@ -243,7 +241,10 @@ async fn run_lane(
                 "the deadline passed before the redis batch was sent",
             )));
         }
-        let Some(deadline) = batch.iter().map(|q| q.deadline).min() else {
+        // Bounded by the latest deadline: each caller stops waiting at its own, and a batch
+        // cut short by its most impatient member would fail (and be counted by Redis
+        // anyway, when it arrives) for everyone.
+        let Some(deadline) = batch.iter().map(|q| q.deadline).max() else {
             continue;
         };
         let Some(store) = store.upgrade() else {

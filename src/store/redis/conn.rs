@@ -165,11 +165,11 @@ impl Connector {
                     redis::cmd("PING").query_async::<()>(&mut conn).await?;
                     Ok(conn)
                 };
-                run(slot, open, invocation, deadline).await
+                run(slot, open, invocation, deadline, true).await
             }
             Connector::Cluster { client, slot } => {
                 let open = || client.get_async_connection();
-                run(slot, open, invocation, deadline).await
+                run(slot, open, invocation, deadline, false).await
             }
         }
     }
@@ -177,12 +177,15 @@ impl Connector {
 
 /// One call on `slot`'s connection, bounded by `deadline`; a connection that cannot serve
 /// is forgotten, so a silently dead socket or a demoted primary costs one failed call,
-/// not one per request until the kernel notices.
+/// not one per request until the kernel notices. A cluster connection is kept through a
+/// timeout (`drop_on_timeout` false): it is a socket per node, which redis-rs reconnects
+/// itself, and one slow node must not cost the healthy ones a reconnect.
 async fn run<C, F, Fut>(
     slot: &Slot<C>,
     open: F,
     invocation: &ScriptInvocation<'_>,
     deadline: Instant,
+    drop_on_timeout: bool,
 ) -> Result<Vec<i64>, StoreError>
 where
     C: ConnectionLike + Clone + Send,
@@ -202,7 +205,9 @@ where
             Err(redis_error(&e))
         }
         Err(_) => {
-            slot.release(generation);
+            if drop_on_timeout {
+                slot.release(generation);
+            }
             Err(timed_out("redis did not answer in time"))
         }
     }

@@ -1,9 +1,10 @@
 //! The Redis store: one shared limit across every instance of a service.
 //!
-//! Each request is one `EVALSHA` of the algorithm's Lua script (`src/store/lua/`), carrying
-//! all of the request's keys: the script reads every key, decides, and writes only when
-//! every key allows (all-or-nothing), setting a `PEXPIRE` on each key it writes. Time comes
-//! from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
+//! One script (`src/store/lua/algorithms.lua` + `batch.lua`) decides one request or a
+//! batch of them: it reads each key once, decides the requests in order (each
+//! all-or-nothing across its keys), and writes each changed key once as `SET key "t:c:p"
+//! PX ttl`. Concurrent requests on one socket are coalesced into one call (`batch.rs`).
+//! Time comes from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!
 //! Connections (`conn.rs`): to one server, up to four multiplexed sockets that requests
 //! share round-robin, so no request waits for a checkout; to a Redis Cluster, redis-rs's
@@ -636,12 +637,15 @@ impl Inner {
             }
         }
         if error.is_some() || !all {
+            // A deadline of their own: the request's may be nearly spent, and a refund
+            // that does not happen leaves a refused request counted.
+            let refund_deadline = tokio::time::Instant::now() + self.timeout;
             let refunds = parts.iter().zip(&answers).filter_map(|(part, answer)| {
                 let (outcomes, decided_at) = answer.as_ref().ok()?;
                 outcomes
                     .iter()
                     .all(|o| o.allowed)
-                    .then(|| self.refund(part, *decided_at, deadline))
+                    .then(|| self.refund(part, *decided_at, refund_deadline))
             });
             for given in futures_join(refunds).await {
                 if let Err(error) = given {
@@ -669,8 +673,9 @@ impl Inner {
         deadline: tokio::time::Instant,
     ) -> Result<(), StoreError> {
         let mut invocation = self.refund.prepare_invoke();
-        invocation.arg(batch::refund_code(part.algorithm));
+        invocation.arg(batch::algorithm_code(part.algorithm));
         invocation.arg(decided_at as i64);
+        invocation.arg(part.now.map_or(-1, |now| now as i64));
         for key in part.keys.iter() {
             invocation.key(key.name.as_str());
             invocation.arg(key.count).arg(key.period);

@@ -18,6 +18,8 @@ use crate::mcp::body::McpBody;
 use crate::mcp::jsonrpc::{self, McpCall};
 use crate::{RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
 
+/// Most bytes reserved before they arrive, whatever `Content-Length` says.
+const INITIAL_CAPACITY: usize = 64 * 1024;
 /// Finds the tool or prompt of an MCP call in its JSON-RPC body, for clients that do not
 /// send the `Mcp-Method` / `Mcp-Name` headers (protocol revisions before 2026-07-28).
 /// Put it **directly outside** [`RateLimitLayer`](crate::RateLimitLayer), which decides
@@ -262,7 +264,13 @@ impl Read {
             (Some(buf), _) => buf.put(data),
             (None, None) => self.first = Some(data.copy_to_bytes(n)),
             (None, Some(first)) => {
-                let capacity = self.expected.max(self.len).min(self.max.saturating_add(1));
+                // Sized from the declared length, but at most 64 KiB up front: a client that
+                // declares a large body and sends two bytes must not hold a large buffer.
+                let capacity = self
+                    .expected
+                    .max(self.len)
+                    .min(self.max.saturating_add(1))
+                    .min(INITIAL_CAPACITY);
                 let mut buf = BytesMut::with_capacity(capacity.max(self.len));
                 buf.put(first);
                 buf.put(data);

@@ -22,6 +22,9 @@
 //!
 //! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]).
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -68,98 +71,15 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 static USER_HEADER: HeaderName = HeaderName::from_static("x-user-id");
 static TENANT_HEADER: HeaderName = HeaderName::from_static("x-tenant-id");
 
-#[derive(Debug)]
-struct Args {
-    config: Option<String>,
-    listen: String,
-}
-
-/// `Ok(None)`: `--help` was asked for.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
-    let mut parsed = Args {
-        config: None,
-        listen: DEFAULT_LISTEN.to_owned(),
-    };
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--config" => parsed.config = Some(value("--config")?),
-            "--listen" => parsed.listen = value("--listen")?,
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(Some(parsed))
-}
+const CLI: cli::Cli = cli::Cli {
+    name: "gateway",
+    usage: USAGE,
+    default_config: (DEFAULT_CONFIG, "the embedded default config"),
+    default_listen: DEFAULT_LISTEN,
+};
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("gateway: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-
-    let (source, text) = match &args.config {
-        None => (
-            "the embedded default config".to_owned(),
-            DEFAULT_CONFIG.to_owned(),
-        ),
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(text) => (path.clone(), text),
-            Err(e) => {
-                eprintln!("gateway: cannot read config {path}: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    // Every problem, one per line, each naming its field.
-    let cfg = match RateLimitConfig::from_toml_str(&text) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("gateway: invalid config in {source}:\n{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .init();
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("gateway: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(cfg, &args.listen)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    CLI.main(|cfg, listen| async move { serve(cfg, &listen).await })
 }
 
 async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {

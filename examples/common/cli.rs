@@ -1,0 +1,117 @@
+//! What the example servers share: `--config FILE --listen ADDR`, reading and validating
+//! the config (every problem listed, each naming its field), logging, and the runtime.
+//! Included by `examples/gateway.rs` and `examples/mcp_server.rs` with `#[path]`.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use tollgate::RateLimitConfig;
+
+/// An example server: its name (for messages), usage text and defaults.
+pub struct Cli {
+    pub name: &'static str,
+    pub usage: &'static str,
+    /// The config used without `--config`, and how messages name it.
+    pub default_config: (&'static str, &'static str),
+    pub default_listen: &'static str,
+}
+
+/// The parsed command line.
+pub struct Args {
+    pub config: Option<String>,
+    pub listen: String,
+}
+
+impl Cli {
+    /// `Ok(None)`: `--help` was asked for.
+    pub fn parse(&self, mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+        let mut parsed = Args {
+            config: None,
+            listen: self.default_listen.to_owned(),
+        };
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => {
+                    (flag.to_owned(), Some(value.to_owned()))
+                }
+                _ => (arg, None),
+            };
+            let mut value = |name: &str| {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--config" => parsed.config = Some(value("--config")?),
+                "--listen" => parsed.listen = value("--listen")?,
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(Some(parsed))
+    }
+
+    /// Parses the command line and the config, starts logging and a runtime, and runs
+    /// `serve(cfg, listen)` on it; every failure is a message on stderr and an exit code.
+    pub fn main<F, Fut>(&self, serve: F) -> ExitCode
+    where
+        F: FnOnce(RateLimitConfig, String) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let name = self.name;
+        let args = match self.parse(std::env::args().skip(1)) {
+            Ok(Some(args)) => args,
+            Ok(None) => {
+                println!("{}", self.usage);
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("{name}: {e}\n\n{}", self.usage);
+                return ExitCode::from(2);
+            }
+        };
+        let (source, text) = match &args.config {
+            None => (
+                self.default_config.1.to_owned(),
+                self.default_config.0.to_owned(),
+            ),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => (path.clone(), text),
+                Err(e) => {
+                    eprintln!("{name}: cannot read config {path}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        // Every problem, one per line, each naming its field.
+        let cfg = match RateLimitConfig::from_toml_str(&text) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                eprintln!("{name}: invalid config in {source}:\n{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::INFO)
+            .init();
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("{name}: cannot start the tokio runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(serve(cfg, args.listen)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -9,8 +9,9 @@
 //! when it is installed (run the example itself on core 1, as above), and never touches
 //! 127.0.0.1:6379. For each concurrency (1, 64, 512 callers) and mode (coalescing off:
 //! `max_batch(1)`; on: the default), interleaved, three rounds of SECONDS (default 2): each
-//! caller checks one fixed-window key after another (1 000 users, never refused) through
-//! `RedisStore`, on Redis's clock. Reported: checks/s, p50 and p99 latency, and EVALSHA
+//! caller checks one request after another through `RedisStore`, on Redis's clock, never
+//! refused: with one rule, a user's fixed-window key (1 000 users); with three rules, also
+//! its tenant's (10 tenants) and a tool's (3 tools). Reported: checks/s, p50 and p99 latency, and EVALSHA
 //! calls per check (from `INFO commandstats`), medians of the rounds.
 //!
 //! Then memory per key at 1 000 000 keys, from `INFO memory` and `MEMORY USAGE`: a key as
@@ -34,6 +35,10 @@ mod run {
     };
 
     const USERS: usize = 1_000;
+    const TENANTS: [&[u8]; 10] = [
+        b"t0", b"t1", b"t2", b"t3", b"t4", b"t5", b"t6", b"t7", b"t8", b"t9",
+    ];
+    const TOOLS: [&[u8]; 3] = [b"search", b"fetch", b"echo"];
     const MAX_CHECKS_PER_CALLER: usize = 2_000_000;
     const MEMORY_KEYS: u64 = 1_000_000;
 
@@ -133,10 +138,14 @@ mod run {
         redis_us_per_check: f64,
     }
 
+    /// `callers` callers checking for `secs`; each check carries `rules` keys: a user's
+    /// (1 000 users), and with three rules also its tenant's (10 tenants) and a tool's (3
+    /// tools), as a gateway with by_user, by_tenant and by_tool does.
     async fn round(
         store: &RedisStore,
         conn: &mut MultiplexedConnection,
         callers: usize,
+        rules: usize,
         secs: f64,
     ) -> Round {
         let ids: Arc<Vec<String>> = Arc::new((0..USERS).map(|i| format!("user-{i:06}")).collect());
@@ -153,15 +162,23 @@ mod run {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let id = &ids[(c * 7919 + n) % USERS];
-                        let key = [Key::new(
-                            RuleKind::User,
-                            Subject::Named(id.as_bytes()),
-                            rate,
-                            Algorithm::FixedWindow,
-                        )];
+                        let u = (c * 7919 + n) % USERS;
+                        let key = |kind, id: &'static [u8]| {
+                            Key::new(kind, Subject::Named(id), rate, Algorithm::FixedWindow)
+                        };
+                        let keys = [
+                            Key::new(
+                                RuleKind::User,
+                                Subject::Named(ids[u].as_bytes()),
+                                rate,
+                                Algorithm::FixedWindow,
+                            ),
+                            key(RuleKind::Tenant, TENANTS[u % TENANTS.len()]),
+                            key(RuleKind::Tool, TOOLS[u % TOOLS.len()]),
+                        ];
                         let started = Instant::now();
-                        let outcomes = match store.check(&StoreRequest::new(&key, 0)) {
+                        let request = StoreRequest::new(&keys[..rules], 0);
+                        let outcomes = match store.check(&request) {
                             StoreFuture::Ready(r) => r,
                             StoreFuture::Pending(f) => f.await,
                         }
@@ -263,9 +280,9 @@ mod run {
                 "`taskset -c 1 cargo run --release --example redis_throughput{}` — redis-server on core 0, the store's runtime on core 1; medians of 3 interleaved rounds of {secs} s\n",
                 if secs == 2.0 { String::new() } else { format!(" -- {secs}") }
             );
-            println!("| callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | Redis µs per check | ratio on/off |");
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|");
-            for callers in [1, 64, 512] {
+            println!("| rules | callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | Redis µs per check | ratio on/off |");
+            println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+            for (rules, callers) in [(1, 1), (1, 64), (1, 512), (3, 1), (3, 64), (3, 512)] {
                 let mut rows: Vec<(&str, Vec<Round>)> = vec![("off (max_batch 1)", Vec::new()), ("on (max_batch 128)", Vec::new())];
                 for r in 0..3 {
                     for (i, max_batch) in [1, 128].into_iter().enumerate() {
@@ -275,14 +292,16 @@ mod run {
                             .max_batch(max_batch)
                             .build()
                             .expect("url");
-                        rows[i].1.push(round(&store, &mut conn, callers, secs).await);
+                        rows[i]
+                            .1
+                            .push(round(&store, &mut conn, callers, rules, secs).await);
                     }
                 }
                 let off = median(rows[0].1.iter().map(|r| r.per_sec).collect());
                 for (name, rounds) in &rows {
                     let per_sec = median(rounds.iter().map(|r| r.per_sec).collect());
                     println!(
-                        "| {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |",
+                        "| {rules} | {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |",
                         per_sec,
                         median(rounds.iter().map(|r| r.p50_us).collect()),
                         median(rounds.iter().map(|r| r.p99_us).collect()),

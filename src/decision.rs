@@ -172,7 +172,7 @@ mod tests {
     }
     use RuleKind::*;
 
-    /// Regression (issue "headers that agree on a 429"): the rejecting rule with the
+    /// Regression: the rejecting rule with the
     /// soonest reset spoke for X-RateLimit-Limit/Reset while Retry-After was the longest
     /// wait, so a client following Reset came back too early.
     #[test]

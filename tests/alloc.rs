@@ -337,9 +337,9 @@ fn memory_per_tracked_key_at_one_million_keys() {
     assert!(per_key <= 128.0, "{per_key:.1} bytes per tracked key");
 }
 
-/// Issue "policy for real APIs": four rules (user, tenant in a tier, tool from the path,
-/// user×tool), and anonymous callers counted by address, stay allocation-free on the
-/// memory path (their keys' memory identities are built in a per-thread buffer).
+/// Four rules (user, tenant in a tier, tool from the path, user×tool), and anonymous
+/// callers counted by address, stay allocation-free on the memory path (their keys' memory
+/// identities are built in a per-thread buffer).
 #[test]
 fn four_rules_tiers_and_client_addresses_allocate_nothing() {
     let extra = on_own_thread(|| {

@@ -736,7 +736,7 @@ fn decision(resp: &Resp) -> Decision {
     *resp.extensions().get::<Decision>().unwrap()
 }
 
-/// Issue "headers that agree on a 429": with four rules, two refusing with different
+/// With four rules, two refusing with different
 /// waits, every header and the body describe the one with the longest wait, and a client
 /// that comes back at `X-RateLimit-Reset` is let in.
 async fn headers_agree_on_a_multi_rule_429(b: &dyn Backend) {

@@ -310,7 +310,7 @@ fn rediss_without_the_tls_feature_is_a_config_error() {
     );
 }
 
-/// Issue "policy for real APIs": every problem in the new sections is reported at once,
+/// Every problem in the new sections is reported at once,
 /// each naming its field.
 #[test]
 fn policy_sections_name_every_problem() {

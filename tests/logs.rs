@@ -79,10 +79,9 @@ fn no_identity_reaches_a_log_line() {
     }
 }
 
-/// Issue "policy for real APIs", smaller fixes: an abusive client turned its request rate
-/// into permissive-mode warn lines. Now one line a second, with the count held back; and
-/// the `by_ip` hint for a server that gives no peer address likewise. No client address
-/// reaches a log line.
+/// Regression: an abusive client turned its request rate into permissive-mode warn lines.
+/// Now one line a second, with the count held back; and the `by_ip` hint for a server that
+/// gives no peer address likewise. No client address reaches a log line.
 #[test]
 fn client_triggered_warnings_are_rate_limited_and_carry_no_address() {
     let captured = common::CapturedLogs::start(tracing::Level::WARN);

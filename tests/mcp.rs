@@ -1,4 +1,4 @@
-//! MCP-native limits through the tower API (issue 9): the tool or prompt of an MCP call
+//! MCP-native limits through the tower API: the tool or prompt of an MCP call
 //! from the `Mcp-Method` / `Mcp-Name` headers and from the JSON-RPC body (`McpLayer`),
 //! header/body disagreement, and each `[mcp] refusal` form.
 

@@ -1,4 +1,4 @@
-//! Body integrity under `McpLayer` (issue 9): whatever the body — valid JSON-RPC,
+//! Body integrity under `McpLayer`: whatever the body — valid JSON-RPC,
 //! malformed, over the bound, split into arbitrary frames, with trailers, ending in an
 //! error, arriving slowly — the inner service receives the same bytes, the same trailers
 //! and the same error, and an over-bound body is handed on after at most the bound (plus

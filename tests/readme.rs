@@ -39,9 +39,9 @@ fn every_toml_snippet_in_the_readme_is_a_valid_config() {
 }
 
 /// The README's headline example, as written: its TOML is taken from the first ```rust
-/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression
-/// (issue "policy for real APIs"): the headline configured `[by_tool] search` with no
-/// source for the tool, so the tool limit silently never applied.
+/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression:
+/// the headline configured `[by_tool] search` with no source for the tool, so the tool
+/// limit silently never applied.
 #[tokio::test]
 async fn the_headline_example_limits_the_tool_as_written() {
     use axum::{body::Body, routing::post, Router};

@@ -260,7 +260,7 @@ mod tests {
         assert_eq!(waits, [0, 0, 1_000, 6_000]);
     }
 
-    /// Regression (issue "policy for real APIs"): `deny_cache` 1 to 15 was documented as
+    /// Regression: `deny_cache` 1 to 15 was documented as
     /// a size but cached nothing (16 shards of zero). Now it holds exactly that many.
     #[test]
     fn a_capacity_below_the_shard_count_is_honoured() {

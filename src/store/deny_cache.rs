@@ -110,11 +110,16 @@ impl DenyCache {
     }
 
     /// Remembers every key Redis refused in `outcomes` (answering a request sent at `now`).
-    pub(crate) fn record(&self, encoded: &[&str], outcomes: &Outcomes, now: u64) {
+    pub(crate) fn record<'k>(
+        &self,
+        encoded: impl IntoIterator<Item = &'k str>,
+        outcomes: &Outcomes,
+        now: u64,
+    ) {
         if self.per_shard == 0 {
             return;
         }
-        for (key, outcome) in encoded.iter().zip(outcomes.iter()) {
+        for (key, outcome) in encoded.into_iter().zip(outcomes.iter()) {
             if outcome.allowed {
                 continue;
             }
@@ -124,7 +129,7 @@ impl DenyCache {
                 reset_at: outcome.reset_at,
             };
             let mut shard = self.shard(key);
-            if let Some(held) = shard.get_mut(*key) {
+            if let Some(held) = shard.get_mut(key) {
                 *held = deny;
                 continue;
             }
@@ -137,7 +142,7 @@ impl DenyCache {
                     continue;
                 }
             }
-            shard.insert((*key).into(), deny);
+            shard.insert(key.into(), deny);
         }
     }
 
@@ -193,7 +198,7 @@ mod tests {
     fn refuses_exactly_until_redis_said() {
         let cache = DenyCache::new(100);
         assert!(cache.check("rl", &[key(b"a")], 0).is_none());
-        cache.record(&[&key(b"a").encode("rl")], &refused(5_000), 1_000);
+        cache.record([key(b"a").encode("rl").as_str()], &refused(5_000), 1_000);
         let hit = cache.check("rl", &[key(b"a"), key(b"b")], 2_000).unwrap();
         let outcomes: Vec<_> = hit.iter().copied().collect();
         assert!(!outcomes[0].allowed && outcomes[0].retry_after == 4_000);
@@ -215,11 +220,15 @@ mod tests {
         let cache = DenyCache::new(32);
         for i in 0..1_000u32 {
             let id = i.to_be_bytes();
-            cache.record(&[&key(&id).encode("rl")], &refused(1_000_000), 0);
+            cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);
             assert!(cache.len() <= 32, "{}", cache.len());
         }
         // Expired denials make room again.
-        cache.record(&[&key(b"late").encode("rl")], &refused(10), 2_000_000);
+        cache.record(
+            [key(b"late").encode("rl").as_str()],
+            &refused(10),
+            2_000_000,
+        );
         assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
         assert_eq!(DenyCache::new(0).per_shard, 0);
     }
@@ -252,7 +261,7 @@ mod tests {
                 "key {i}"
             );
         }
-        cache.record(&names, &outcomes, 0);
+        cache.record(names.iter().copied(), &outcomes, 0);
         let hit = cache.check("rl", &keys, 1_000).unwrap();
         let allowed: Vec<bool> = hit.iter().map(|o| o.allowed).collect();
         assert_eq!(allowed, [true, true, false, false]);
@@ -268,7 +277,7 @@ mod tests {
             let cache = DenyCache::new(capacity);
             for i in 0..100u32 {
                 let id = i.to_be_bytes();
-                cache.record(&[&key(&id).encode("rl")], &refused(1_000_000), 0);
+                cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);
                 assert!(cache.len() <= capacity, "{capacity}: {}", cache.len());
             }
             assert_eq!(cache.len(), capacity, "a full cache of {capacity}");

@@ -32,6 +32,13 @@ pub(super) struct Job {
     pub(super) keys: std::sync::Arc<[CallKey]>,
 }
 
+impl Job {
+    /// The job's key names, in order.
+    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.name.as_str())
+    }
+}
+
 /// A key's name and its rate.
 #[derive(Clone)]
 pub(super) struct CallKey {

@@ -433,8 +433,7 @@ impl RedisStore {
             }
             for ((job, answer), now) in jobs.iter().zip(&out).zip(times) {
                 if let (Ok(job), Ok(outcomes)) = (job, answer) {
-                    let names: Vec<&str> = job.keys.iter().map(|k| k.name.as_str()).collect();
-                    inner.deny.record(&names, outcomes, now);
+                    inner.deny.record(job.names(), outcomes, now);
                 }
             }
             out
@@ -506,8 +505,7 @@ impl Store for RedisStore {
             } else {
                 inner.decide(&job, deadline).await?.0
             };
-            let names: Vec<&str> = job.keys.iter().map(|k| k.name.as_str()).collect();
-            inner.deny.record(&names, &outcomes, now);
+            inner.deny.record(job.names(), &outcomes, now);
             Ok(outcomes)
         }))
     }

@@ -6,7 +6,7 @@
 //! `lua/batch.lua`, which reads each key once, decides the requests in queue order
 //! exactly as one script per request would, and writes each changed key once. While that
 //! batch is in flight the next one fills, so an idle store adds no wait (a lone request
-//! goes at once) and a busy one sends fewer, larger calls.
+//! goes at once, from its own task) and a busy one sends fewer, larger calls.
 //!
 //! Each request keeps its own deadline: one whose deadline passed before its batch was
 //! sent is not sent; each caller stops waiting at its own deadline; a batch is bounded by
@@ -14,7 +14,7 @@
 //! fallback answers them as for any failure).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -146,6 +146,18 @@ pub(super) struct Coalescer {
 struct Lane {
     /// The lane task's queue; replaced when that task is gone (its runtime shut down).
     queue: Mutex<Option<mpsc::UnboundedSender<Queued>>>,
+    /// Callers waiting on this lane (queued, in a batch in flight, or sent alone).
+    waiting: AtomicUsize,
+}
+
+/// One caller counted in [`Lane::waiting`] until it returns (answered, timed out or
+/// dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Coalescer {
@@ -154,6 +166,7 @@ impl Coalescer {
             lanes: (0..lanes.max(1))
                 .map(|_| Lane {
                     queue: Mutex::new(None),
+                    waiting: AtomicUsize::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -167,8 +180,21 @@ impl Coalescer {
     }
 
     /// `job`'s answer, decided in a batch on one of the lanes, by `deadline`.
-    pub(super) async fn submit(&self, store: Weak<Inner>, job: Job, deadline: Instant) -> Answer {
+    pub(super) async fn submit(&self, store: &Arc<Inner>, job: Job, deadline: Instant) -> Answer {
         let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let waiting = &self.lanes[lane].waiting;
+        // Nobody waits on this lane: the request is alone, and goes at once from this task
+        // (no hop through the lane's task), as with coalescing off.
+        if waiting
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let _waiting = Waiting(waiting);
+            return store.run_one(&job, lane, deadline).await;
+        }
+        waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(waiting);
+        let store = Arc::downgrade(store);
         let (reply, answer) = oneshot::channel();
         let queued = Queued {
             job,

@@ -552,27 +552,28 @@ impl Inner {
     /// script call of its own.
     async fn decide(self: &Arc<Self>, job: &Job, deadline: tokio::time::Instant) -> Answer {
         match &self.coalescer {
-            Some(coalescer) => {
-                let owned = Job {
-                    algorithm: job.algorithm,
-                    now: job.now,
-                    keys: job.keys.clone(),
-                };
-                coalescer
-                    .submit(Arc::downgrade(self), owned, deadline)
-                    .await
-            }
+            Some(coalescer) => coalescer.submit(self, job.clone(), deadline).await,
             None => {
                 let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
-                let mut answers = self.run(std::iter::once(job), lane, deadline).await?;
-                answers.pop().unwrap_or_else(|| {
-                    Err(StoreError::new(
-                        StoreErrorKind::Protocol,
-                        "the redis script answered nothing",
-                    ))
-                })
+                self.run_one(job, lane, deadline).await
             }
         }
+    }
+
+    /// One script call deciding `job` alone.
+    pub(super) async fn run_one(
+        &self,
+        job: &Job,
+        lane: usize,
+        deadline: tokio::time::Instant,
+    ) -> Answer {
+        let mut answers = self.run(std::iter::once(job), lane, deadline).await?;
+        answers.pop().unwrap_or_else(|| {
+            Err(StoreError::new(
+                StoreErrorKind::Protocol,
+                "the redis script answered nothing",
+            ))
+        })
     }
 
     /// One script call deciding `jobs` in order (they share one caller time), on socket

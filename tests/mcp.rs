@@ -22,6 +22,7 @@ const USER: &str = "by_user = \"100/m\"";
 const LIMITS: &str = r#"
 [by_tool]
 search = "2/m"
+fetch = "3/m"
 [by_prompt]
 search = "1/m"
 summary = "1/m"
@@ -580,6 +581,7 @@ mod hostile {
             Just(b"tools/call".to_vec()),
             Just(b"prompts/get".to_vec()),
             Just(b"search".to_vec()),
+            Just(b"fetch".to_vec()),
             Just(b"=?base64?c2VhcmNo?=".to_vec()),
             "=\\?base64\\?[A-Za-z0-9+/=*]{0,12}\\?=".prop_map(String::into_bytes),
             // Any bytes a header value may hold (visible ASCII, spaces, tabs, obs-text).
@@ -592,7 +594,8 @@ mod hostile {
 
         /// Whatever the `Mcp-*` headers and the body hold, the answer is the server's (200),
         /// a refusal of the identity (400) or a rate-limit answer, never a panic; and a
-        /// request whose body names `search` is never counted under another tool.
+        /// call whose body was read is counted only under the tool its body names: never
+        /// `search`'s rule (limit 2) for a body naming `fetch` (limit 3), nor the reverse.
         #[test]
         fn hostile_mcp_headers_and_bodies_never_crash_nor_move_counters(
             method in proptest::option::of(header_bytes()),
@@ -602,7 +605,7 @@ mod hostile {
                 Just(b"2025-11-25".to_vec()),
                 header_bytes(),
             ]),
-            body_name in "[ -~]{0,12}",
+            body_name in prop_oneof![Just("search".to_owned()), Just(" Fetch".to_owned()), "[ -~]{0,12}"],
             body in prop_oneof![
                 Just(None),
                 proptest::collection::vec(any::<u8>(), 0..200).prop_map(Some),
@@ -639,9 +642,13 @@ mod hostile {
                 // With the call's body read, the only tool rule it can be counted under is
                 // the body's own. (An unparsable body falls back to trusted headers, and
                 // the server refuses it.)
-                let search_rule = limit.as_ref().is_some_and(|l| l == "2");
-                if with_layer && body_is_the_call && status == StatusCode::OK && search_rule {
-                    prop_assert_eq!(body_name.trim().to_lowercase(), "search");
+                if with_layer && body_is_the_call && status == StatusCode::OK {
+                    let named = body_name.trim().to_lowercase();
+                    match limit.as_ref().and_then(|l| l.to_str().ok()) {
+                        Some("2") => prop_assert_eq!(named, "search"),
+                        Some("3") => prop_assert_eq!(named, "fetch"),
+                        _ => prop_assert!(named != "search" && named != "fetch", "{}", named),
+                    }
                 }
                 Ok(())
             })?;

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::redis::{count_of, fresh_prefix, keys_under};
 use common::redis_cluster::RedisCluster;
-use common::{counting_service, Body};
+use common::{counting_service, Body, SteadyLoad};
 use http::{Request, StatusCode};
 use redis::AsyncCommands;
 use tollgate::{
@@ -208,33 +207,7 @@ async fn a_killed_master_costs_no_request_and_its_replica_takes_over() {
     let layer = RateLimitLayer::new(cfg);
     let (svc, _) = counting_service(layer.clone());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let load: Vec<_> = (0..4)
-        .map(|t| {
-            let (svc, stop, sent) = (svc.clone(), stop.clone(), sent.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let mut n = 0u64;
-                // Bounded in time and count.
-                while !stop.load(Ordering::Relaxed)
-                    && started.elapsed() < Duration::from_secs(30)
-                    && n < 200_000
-                {
-                    let status = svc
-                        .clone()
-                        .oneshot(req(&format!("load-{t}-{}", n % 50), None))
-                        .await
-                        .unwrap()
-                        .status();
-                    assert_eq!(status, StatusCode::OK, "task {t} request {n}");
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    n += 1;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(svc.clone(), 50);
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let victim = cluster.masters()[0];
@@ -247,20 +220,13 @@ async fn a_killed_master_costs_no_request_and_its_replica_takes_over() {
         .unwrap();
     cluster.kill_node(victim);
     let killed = Instant::now();
-    let failed_over = tokio::task::spawn_blocking({
-        // wait_for_failover polls with blocking sockets.
-        let ports = victim;
-        let cluster = std::sync::Mutex::new(cluster);
-        move || {
-            let guard = cluster.lock().unwrap();
-            let ok = guard.wait_for_failover(ports, Duration::from_secs(20));
-            drop(guard);
-            (ok, cluster.into_inner().unwrap())
-        }
+    // wait_for_failover polls with blocking sockets.
+    let (ok, cluster) = tokio::task::spawn_blocking(move || {
+        let ok = cluster.wait_for_failover(victim, Duration::from_secs(20));
+        (ok, cluster)
     })
     .await
     .unwrap();
-    let (ok, cluster) = failed_over;
     assert!(ok, "no replica took over within 20 s");
     eprintln!("failover took {:?}", killed.elapsed());
 
@@ -287,15 +253,12 @@ async fn a_killed_master_costs_no_request_and_its_replica_takes_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("back on the cluster {:?} after the kill", killed.elapsed());
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
+    let sent = load.finish().await;
     let stats = layer.stats();
-    assert!(sent.load(Ordering::Relaxed) > 0);
+    assert!(sent > 0);
     assert_eq!(stats.fail_open, 0, "{stats:?}");
     assert_eq!(stats.fail_closed, 0, "{stats:?}");
-    eprintln!("{stats:?}, {} requests", sent.load(Ordering::Relaxed));
+    eprintln!("{stats:?}, {sent} requests");
 }
 
 /// The same across masters for the sliding window and the token bucket (whose refunds

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{command_calls, fresh_prefix, RedisServer};
-use common::{counting_service, Body};
+use common::{counting_service, Body, HasStatus, SteadyLoad};
 use http::{Request, StatusCode};
 use redis::AsyncCommands;
 use tollgate::{
@@ -84,16 +82,6 @@ where
     }
 }
 
-trait HasStatus {
-    fn status(&self) -> StatusCode;
-}
-
-impl<B> HasStatus for http::Response<B> {
-    fn status(&self) -> StatusCode {
-        http::Response::status(self)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demoted_primary_is_dropped_and_decisions_return_after_promotion() {
     let test = "a_demoted_primary_is_dropped_and_decisions_return_after_promotion";
@@ -110,32 +98,7 @@ async fn a_demoted_primary_is_dropped_and_decisions_return_after_promotion() {
     let layer = RateLimitLayer::new(cfg);
     let (svc, _) = counting_service(layer.clone());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let load: Vec<_> = (0..4)
-        .map(|t| {
-            let (svc, stop, sent) = (svc.clone(), stop.clone(), sent.clone());
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed)
-                    && started.elapsed() < Duration::from_secs(40)
-                    && n < 200_000
-                {
-                    let status = svc
-                        .clone()
-                        .oneshot(req(&format!("load-{t}-{}", n % 20)))
-                        .await
-                        .unwrap()
-                        .status();
-                    assert_eq!(status, StatusCode::OK, "task {t} request {n}");
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    n += 1;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(svc.clone(), 20);
 
     back_on_redis(&svc, &primary, &prefix, "probe-before").await;
     let before = layer.stats();
@@ -175,12 +138,9 @@ async fn a_demoted_primary_is_dropped_and_decisions_return_after_promotion() {
     eprintln!("replaced and promoted: back on Redis after {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
+    let sent = load.finish().await;
     let stats = layer.stats();
     assert_eq!(stats.fail_open, 0, "{stats:?}");
     assert_eq!(stats.fail_closed, 0, "{stats:?}");
-    eprintln!("{stats:?}, {} load requests", sent.load(Ordering::Relaxed));
+    eprintln!("{stats:?}, {sent} load requests");
 }

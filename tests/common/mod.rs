@@ -121,3 +121,72 @@ impl CapturedLogs {
         String::from_utf8_lossy(&self.lines.lock().unwrap()).into_owned()
     }
 }
+
+/// Four tasks sending requests without pause (2 ms apart, as `users` users each), every
+/// one of which must be answered 200: the steady load a fault test runs its fault under.
+/// Bounded: 40 s and 200 000 requests per task at most.
+pub struct SteadyLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    /// Starts the load on clones of `svc`.
+    pub fn start<S>(svc: S, users: u64) -> SteadyLoad
+    where
+        S: tower::Service<Request<Body>, Error = Infallible> + Clone + Send + 'static,
+        S::Response: HasStatus,
+        S::Future: Send,
+    {
+        use std::sync::atomic::Ordering;
+        use tower::ServiceExt;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tasks = (0..4)
+            .map(|t| {
+                let (svc, stop, sent) = (svc.clone(), stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed)
+                        && started.elapsed() < std::time::Duration::from_secs(40)
+                        && n < 200_000
+                    {
+                        let mut req = Request::new(Body::new());
+                        req.extensions_mut()
+                            .insert(tollgate::Identity::user(format!("load-{t}-{}", n % users)));
+                        let status = svc.clone().oneshot(req).await.unwrap().status();
+                        assert_eq!(status, http::StatusCode::OK, "task {t} request {n}");
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad { stop, sent, tasks }
+    }
+
+    /// Stops the load; how many requests were answered (a task's failed assertion panics
+    /// here).
+    pub async fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A response's status, whatever its body type.
+pub trait HasStatus {
+    /// The status.
+    fn status(&self) -> http::StatusCode;
+}
+
+impl<B> HasStatus for Response<B> {
+    fn status(&self) -> http::StatusCode {
+        Response::status(self)
+    }
+}

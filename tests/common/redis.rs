@@ -98,24 +98,30 @@ pub(crate) fn pings(port: u16) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
-fn spawn(port: u16) -> std::io::Result<Child> {
-    // A replica (the failover tests) writes the RDB it syncs to its working directory:
-    // the temp dir, never the checkout.
-    Command::new(server_bin())
-        .current_dir(std::env::temp_dir())
+/// `redis-server` on loopback, persisting nothing, quiet, its files (a replica's synced
+/// RDB) in `dir`, never the checkout: each helper adds its ports and mode.
+pub(crate) fn server_command(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(server_bin());
+    cmd.current_dir(dir)
         .args([
-            "--port",
-            &port.to_string(),
             "--bind",
             "127.0.0.1",
             "--save",
             "",
             "--appendonly",
             "no",
+            "--dir",
         ])
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn spawn(port: u16) -> std::io::Result<Child> {
+    server_command(&std::env::temp_dir())
+        .args(["--port", &port.to_string()])
         .spawn()
 }
 

@@ -8,13 +8,13 @@
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use redis::cluster_async::ClusterConnection;
 
 use super::redis::{
-    command_calls, free_port_with_bus, fresh_dir, run_bounded, server_bin, unavailable_unless,
+    command_calls, free_port_with_bus, fresh_dir, run_bounded, server_command, unavailable_unless,
     wait_ready,
 };
 
@@ -156,20 +156,14 @@ fn replication_settled(port: u16) -> bool {
 /// Starts one cluster node on `port`, its files in `dir`.
 fn spawn_node(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
     let conf = dir.join(format!("nodes-{port}.conf"));
-    Command::new(server_bin())
+    server_command(dir)
         .args(["--cluster-enabled", "yes", "--cluster-config-file"])
         .arg(&conf)
         .args(["--cluster-node-timeout", "1000", "--port"])
         .arg(port.to_string())
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         // A replica's first sync otherwise waits 5 s for more replicas to share the
         // diskless transfer; there is never another one.
         .args(["--repl-diskless-sync-delay", "0"])
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
 }
 

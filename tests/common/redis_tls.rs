@@ -8,10 +8,12 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::redis::{free_port, fresh_dir, run_bounded, server_bin, unavailable_unless, wait_until};
+use super::redis::{
+    free_port, fresh_dir, run_bounded, server_command, unavailable_unless, wait_until,
+};
 
 /// What would let a skipped TLS test run (TOLLGATE_REDIS_URL is not a TLS server).
 const FIX: &str = "install redis-server (built with TLS) and openssl";
@@ -150,7 +152,7 @@ fn accepts(port: u16) -> bool {
 
 /// Starts `redis-server` on TLS port `port` only (plain port 0: none), certificates in `dir`.
 fn spawn(port: u16, dir: &Path) -> std::io::Result<Child> {
-    Command::new(server_bin())
+    server_command(dir)
         .args(["--port", "0", "--tls-port"])
         .arg(port.to_string())
         .arg("--tls-cert-file")
@@ -159,13 +161,7 @@ fn spawn(port: u16, dir: &Path) -> std::io::Result<Child> {
         .arg(dir.join("server.key"))
         .arg("--tls-ca-cert-file")
         .arg(dir.join("ca.pem"))
-        .args(["--tls-auth-clients", "no", "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .args(["--tls-auth-clients", "no"])
         .spawn()
 }
 

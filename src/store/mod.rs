@@ -106,6 +106,13 @@ impl Outcomes {
         Self::default()
     }
 
+    /// The answer of a one-key request.
+    pub(crate) fn one(outcome: Outcome) -> Self {
+        let mut out = Self::new();
+        out.push(outcome);
+        out
+    }
+
     /// Appends the next key's answer. Returns `false` (and keeps nothing) past four.
     pub fn push(&mut self, outcome: Outcome) -> bool {
         match self.items.iter_mut().find(|o| o.is_none()) {

@@ -333,8 +333,10 @@ fn memory_per_tracked_key_at_one_million_keys() {
          bytes per key; resident set grew by {rss_delta:?} bytes = {rss_per_key:.1?} per key \
          (RSS includes the allocator's own overhead, and other tests running at the time)"
     );
-    assert!(held >= KEYS * 9 / 10, "only {held} keys held");
-    assert!(per_key <= 128.0, "{per_key:.1} bytes per tracked key");
+    // A key whose 16-slot window is full evicts there before the store is full: at the
+    // bound, a few hundred of a million.
+    assert!(held >= KEYS * 99 / 100, "only {held} keys held");
+    assert!(per_key <= 96.0, "{per_key:.1} bytes per tracked key");
 }
 
 /// Four rules (user, tenant in a tier, tool from the path, user×tool), and anonymous

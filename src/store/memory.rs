@@ -20,7 +20,6 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use hashbrown::DefaultHashBuilder;
 use portable_atomic::AtomicU128;
 
 use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest};
@@ -34,7 +33,8 @@ const WINDOW: usize = 16;
 /// fills before the store does.
 const SLOTS_PER_KEY: usize = 2;
 /// Slots allocated together, on the first insert into them (32 KiB): an empty store is
-/// small, a full one is one allocation per segment.
+/// small, a full one is one allocation per segment. A power of two (smaller stores use a
+/// smaller one), so finding a window's segment is a shift.
 const SEGMENT_SLOTS: usize = 1_024;
 /// Clocks beyond this (2^57 µs, about the year 6537) are decided as at this instant, so
 /// every stored time fits the cell's 58 bits (a period is at most 366 days); their
@@ -68,8 +68,8 @@ pub struct MemoryStore {
 
 struct Inner {
     segments: Box<[OnceLock<Box<[Slot]>>]>,
-    /// Slots per segment (a multiple of [`WINDOW`]).
-    segment_slots: usize,
+    /// Windows per segment, as a power of two.
+    segment_shift: u32,
     windows: usize,
     /// One insert lock per window.
     insert_locks: Box<[AtomicBool]>,
@@ -79,8 +79,8 @@ struct Inner {
     evictions: AtomicU64,
     /// The next window an insert sweeps besides its own.
     sweep: AtomicUsize,
-    /// Two independent keyed hashes: the window and the 94-bit identity digest.
-    hashers: [DefaultHashBuilder; 2],
+    /// Random keys of the identity digest.
+    seeds: [u64; 4],
 }
 
 /// One key's place. All zero is an empty slot.
@@ -101,20 +101,20 @@ impl MemoryStore {
     pub fn with_max_keys(max_keys: usize) -> Self {
         let max_keys = max_keys.max(1);
         let wanted = max_keys.saturating_mul(SLOTS_PER_KEY).div_ceil(WINDOW) * WINDOW;
-        let segment_slots = wanted.min(SEGMENT_SLOTS);
+        let segment_slots = wanted.next_power_of_two().min(SEGMENT_SLOTS);
         let segments = wanted.div_ceil(segment_slots);
         let windows = segments * segment_slots / WINDOW;
         MemoryStore {
             inner: std::sync::Arc::new(Inner {
                 segments: (0..segments).map(|_| OnceLock::new()).collect(),
-                segment_slots,
+                segment_shift: (segment_slots / WINDOW).trailing_zeros(),
                 windows,
                 insert_locks: (0..windows).map(|_| AtomicBool::new(false)).collect(),
                 max_keys,
                 held: AtomicUsize::new(0),
                 evictions: AtomicU64::new(0),
                 sweep: AtomicUsize::new(0),
-                hashers: Default::default(),
+                seeds: random_seeds(),
             }),
         }
     }
@@ -140,6 +140,7 @@ impl MemoryStore {
     }
 
     /// Checks and counts `keys` at `now` (µs since the epoch), all-or-nothing.
+    #[inline]
     pub(crate) fn check_now(&self, keys: &[Key<'_>], now: u64) -> Outcomes {
         with_memory_ids(keys, |ids| self.inner.check(&keys[..ids.len()], ids, now))
     }
@@ -253,6 +254,63 @@ struct Probe {
     ident: [u64; 2],
 }
 
+/// The slots of `window` in its segment.
+#[inline]
+fn window_in(segment: &[Slot], window: usize, segment_shift: u32) -> &[Slot] {
+    let at = (window & ((1 << segment_shift) - 1)) * WINDOW;
+    &segment[at..at + WINDOW]
+}
+
+/// Four random 64-bit keys (from the standard library's randomly keyed hasher).
+fn random_seeds() -> [u64; 4] {
+    let state = std::collections::hash_map::RandomState::new();
+    [0u8, 1, 2, 3].map(|i| state.hash_one(i) | 1)
+}
+
+/// Two 64-bit hashes of a key's identity (tag, period, bytes) in one pass: two lanes of
+/// folded multiplication, each keyed by its own random seeds. Nobody outside the process
+/// sees a digest, so identities cannot be chosen to collide.
+#[inline]
+fn digest(seeds: &[u64; 4], tag: u8, period: u32, bytes: &[u8]) -> [u64; 2] {
+    #[inline(always)]
+    fn fold(x: u64, y: u64) -> u64 {
+        let p = u128::from(x) * u128::from(y);
+        (p as u64) ^ (p >> 64) as u64
+    }
+    let head = u64::from(tag) << 56 | (bytes.len() as u64) << 32 | u64::from(period);
+    let (mut a, mut b) = (
+        fold(head ^ seeds[0], seeds[2]),
+        fold(head ^ seeds[1], seeds[3]),
+    );
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        a = fold(a ^ w, seeds[2]);
+        b = fold(b ^ w, seeds[3]);
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let w = tail_word(rest);
+        a = fold(a ^ w, seeds[2]);
+        b = fold(b ^ w, seeds[3]);
+    }
+    [fold(a, seeds[0]), fold(b, seeds[1])]
+}
+
+/// One to seven bytes as a word, read in at most two (possibly overlapping) pieces rather
+/// than copied; the length is already in the digest, so overlaps cannot alias.
+#[inline(always)]
+fn tail_word(rest: &[u8]) -> u64 {
+    let n = rest.len();
+    if n >= 4 {
+        let lo = u32::from_le_bytes(rest[..4].try_into().expect("four bytes"));
+        let hi = u32::from_le_bytes(rest[n - 4..].try_into().expect("four bytes"));
+        u64::from(hi) << 32 | u64::from(lo)
+    } else {
+        u64::from(rest[0]) << 16 | u64::from(rest[n / 2]) << 8 | u64::from(rest[n - 1])
+    }
+}
+
 /// What an identity word says of its key, for sweeping and eviction.
 fn ident_period_alg(ident1: u64) -> (u64, Algorithm) {
     let alg = match ident1 >> 30 & 3 {
@@ -264,11 +322,10 @@ fn ident_period_alg(ident1: u64) -> (u64, Algorithm) {
 }
 
 impl Inner {
+    #[inline]
     fn probe(&self, key: &Key<'_>, id: &[u8]) -> Probe {
-        let tag = key.memory_tag();
         let period = key.rate.period_secs();
-        let a = self.hashers[0].hash_one((tag, period, id));
-        let b = self.hashers[1].hash_one((tag, period, id));
+        let [a, b] = digest(&self.seeds, key.memory_tag(), period, id);
         let alg = match key.algorithm {
             Algorithm::FixedWindow => 0,
             Algorithm::SlidingWindow => 1,
@@ -283,22 +340,22 @@ impl Inner {
 
     /// The slots of `window`, if its segment has been allocated.
     fn window(&self, window: usize) -> Option<&[Slot]> {
-        let first = window * WINDOW;
-        let segment = self.segments[first / self.segment_slots].get()?;
-        let at = first % self.segment_slots;
-        Some(&segment[at..at + WINDOW])
+        let segment = self.segments[window >> self.segment_shift].get()?;
+        Some(window_in(segment, window, self.segment_shift))
     }
 
     /// [`Inner::window`], allocating its segment if needed.
     fn window_for_insert(&self, window: usize) -> &[Slot] {
-        let first = window * WINDOW;
-        let segment = self.segments[first / self.segment_slots]
-            .get_or_init(|| (0..self.segment_slots).map(|_| Slot::default()).collect());
-        let at = first % self.segment_slots;
-        &segment[at..at + WINDOW]
+        let segment = self.segments[window >> self.segment_shift].get_or_init(|| {
+            (0..WINDOW << self.segment_shift)
+                .map(|_| Slot::default())
+                .collect()
+        });
+        window_in(segment, window, self.segment_shift)
     }
 
     /// The slot holding the probed key and its cell, if stored. Reads only.
+    #[inline]
     fn find(&self, probe: &Probe) -> Option<(&Slot, Cell)> {
         let window = self.window(probe.window)?;
         (0..WINDOW)
@@ -358,11 +415,12 @@ impl Slot {
 struct Moved;
 
 impl Inner {
+    #[inline]
     fn check(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
-        let outcomes = self.check_at(keys, ids, now.min(NOW_MAX));
         if now <= NOW_MAX {
-            return outcomes;
+            return self.check_at(keys, ids, now);
         }
+        let outcomes = self.check_at(keys, ids, NOW_MAX);
         // A clock past NOW_MAX: decided at NOW_MAX, but resets stated from the real clock.
         let mut out = Outcomes::new();
         for o in outcomes.iter() {
@@ -371,29 +429,42 @@ impl Inner {
         out
     }
 
+    #[inline]
     fn check_at(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
+        if let ([key], [id]) = (keys, ids) {
+            let probe = self.probe(key, id);
+            for _ in 0..ATTEMPTS {
+                match self.check_one(key, &probe, now) {
+                    Ok(Some(outcome)) => return Outcomes::one(outcome),
+                    Ok(None) => {
+                        let probes = [Some(probe)];
+                        if let Ok(outcomes) = self.check_inserting(keys, &probes, now) {
+                            return outcomes;
+                        }
+                    }
+                    Err(Moved) => {}
+                }
+            }
+            return refused(keys, now);
+        }
         let mut probes = [None; MAX_KEYS];
         for ((slot, key), id) in probes.iter_mut().zip(keys).zip(ids) {
             *slot = Some(self.probe(key, id));
         }
         let probes = &probes[..keys.len()];
         for _ in 0..ATTEMPTS {
-            let attempt = match keys {
-                [] => return Outcomes::new(),
-                [key] => self.check_one(key, probes[0].as_ref().expect("one probe"), now),
-                _ => self.check_many(keys, probes, now),
-            };
-            if let Ok(outcomes) = attempt {
+            if let Ok(outcomes) = self.check_many(keys, probes, now) {
                 return outcomes;
             }
         }
         refused(keys, now)
     }
 
-    /// One key: a compare-and-swap of its cell, or an insert.
-    fn check_one(&self, key: &Key<'_>, probe: &Probe, now: u64) -> Result<Outcomes, Moved> {
+    /// One stored key: a compare-and-swap of its cell. `None` if it is not stored.
+    #[inline]
+    fn check_one(&self, key: &Key<'_>, probe: &Probe, now: u64) -> Result<Option<Outcome>, Moved> {
         let Some((slot, cell)) = self.find(probe) else {
-            return self.check_inserting(std::slice::from_ref(key), &[Some(*probe)], now);
+            return Ok(None);
         };
         let mut cell = cell;
         loop {
@@ -405,11 +476,11 @@ impl Inner {
             }
             let step = key.algorithm.check(Some(cell.state()), now, key.rate);
             if !step.allowed {
-                return Ok(Outcomes::one(outcome(&step, now)));
+                return Ok(Some(outcome(&step, now)));
             }
             let next = Cell::new(next_state(key, &step), cell.generation(), Status::Live);
             match slot.swap(cell, next) {
-                Ok(()) => return Ok(Outcomes::one(outcome(&step, now))),
+                Ok(()) => return Ok(Some(outcome(&step, now))),
                 Err(actual) => cell = actual,
             }
         }

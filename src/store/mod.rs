@@ -109,7 +109,7 @@ impl Outcomes {
     /// The answer of a one-key request.
     pub(crate) fn one(outcome: Outcome) -> Self {
         let mut out = Self::new();
-        out.push(outcome);
+        out.items[0] = Some(outcome);
         out
     }
 

@@ -597,20 +597,26 @@ impl Inner {
             if self.reserve() {
                 return Some(free);
             }
-            // The store is full: evict from this window or the next one swept, whichever
-            // loses least; the place freed is then this key's.
-            let other = self.sweep.fetch_add(1, Ordering::Relaxed) % self.windows;
-            let other_guard = (other != probe.window)
-                .then(|| InsertGuard::try_lock(&self.insert_locks[other]))
-                .flatten();
-            let other_window = other_guard.as_ref().and_then(|_| self.window(other));
+            // The store is full: sweep the next window in turn and evict from it or from
+            // this one, whichever key loses least; the place freed is then this key's.
+            // Up to `ATTEMPTS` windows are tried (one may be busy, empty or changing).
             for _ in 0..ATTEMPTS {
+                let other = self.sweep.fetch_add(1, Ordering::Relaxed) % self.windows;
+                let guard = (other != probe.window)
+                    .then(|| InsertGuard::try_lock(&self.insert_locks[other]))
+                    .flatten();
+                let other_window = guard.as_ref().and_then(|_| self.window(other));
+                if let Some(w) = other_window {
+                    self.drop_expired(w, now);
+                    if self.reserve() {
+                        return Some(free);
+                    }
+                }
                 let victim = least_loss(window, taken, now)
                     .into_iter()
                     .chain(other_window.and_then(|w| least_loss(w, taken, now)))
-                    .min_by_key(|v| v.0)?;
-                // The evicted key's place under the bound passes to this key.
-                if self.evict(victim) {
+                    .min_by_key(|v| v.0);
+                if victim.is_some_and(|v| self.evict(v)) {
                     return Some(free);
                 }
             }

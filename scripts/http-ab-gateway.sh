@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# HTTP A/B for the README's performance table: the example gateway with tollgate
-# disabled (baseline), accepting every call (counted, never limited) and rejecting every
-# call (429), measured with examples/loadgen. The gateway is pinned to core 0 and the load
-# generator to core 1; rounds interleave the three configs so drift hits them alike.
+# The example gateway's HTTP A/B (what scripts/http-ab.sh was before it measured
+# tower_governor too; the README's gateway figures came from it): the gateway with
+# tollgate disabled (baseline), accepting every call (counted, never limited) and
+# rejecting every call (429), measured with examples/loadgen. The gateway is pinned to
+# core 0 and the load generator to core 1; rounds interleave the three configs so drift
+# hits them alike.
 #
-#   scripts/http-ab.sh [ROUNDS] [SECONDS] [CONCURRENCY]      (defaults: 5 3 32)
+#   scripts/http-ab-gateway.sh [ROUNDS] [SECONDS] [CONCURRENCY]      (defaults: 5 3 32)
 #
 # Prints one line per run, then the median req/s per config and its ratio to disabled.
 set -euo pipefail
@@ -15,7 +17,7 @@ concurrency=${3:-32}
 configs=(disabled accept reject)
 
 cargo build --release --quiet --example gateway --example loadgen
-bin=target/release/examples
+bin=${CARGO_TARGET_DIR:-target}/release/examples
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# HTTP A/B with the peer in every run: one axum hello-world (examples/bench_server.rs)
+# with no layer, behind tower_governor (keyed by peer IP, with and without its headers)
+# and behind tollgate (one by_user rule: legacy headers and the Decision extension, or
+# neither), every call accepted, measured with examples/loadgen (GET /, 100 users sending
+# x-user-id, keep-alive connections). The server is pinned to core 0 and loadgen to core
+# 1; each round runs every mode once, starting one mode later than the round before, so
+# drift and position hit the modes alike. (The example gateway's A/B is
+# scripts/http-ab-gateway.sh.)
+#
+#   scripts/http-ab.sh [ROUNDS] [SECONDS] [CONCURRENCY]      (defaults: 5 3 64)
+#   MODES="bare tollgate" scripts/http-ab.sh 3 2             (a subset; bare is the base)
+#
+# Prints one line per run, then per mode the median req/s, the ratio of medians to bare
+# and the range of per-round ratios. Every process it starts has a deadline and is
+# stopped by its pid; a run whose answers are not all 2xx fails the script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-5}
+seconds=${2:-3}
+concurrency=${3:-64}
+read -r -a modes <<<"${MODES:-bare governor governor_headers tollgate tollgate_none}"
+for n in "$rounds" "$seconds" "$concurrency"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "http-ab: expected whole numbers, got '$n'" >&2; exit 2; }
+done
+((rounds <= 50 && seconds <= 60)) || { echo "http-ab: at most 50 rounds of 60 s" >&2; exit 2; }
+[[ " ${modes[*]} " == *" bare "* ]] || { echo "http-ab: MODES must include bare" >&2; exit 2; }
+
+cargo build --release --quiet --example bench_server --example loadgen
+bin=${CARGO_TARGET_DIR:-target}/release/examples
+work=$(mktemp -d)
+server=""
+stop_server() {
+  [[ -n $server ]] || return 0
+  kill -TERM "$server" 2>/dev/null || true
+  # Graceful shutdown takes milliseconds once loadgen has closed its connections.
+  for _ in $(seq 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  server=""
+}
+trap 'stop_server; rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM
+# One run's loadgen report -> "mode req/s p50 p99"; fails unless every answer was 2xx.
+cat >"$work/check.py" <<'EOF'
+import json, sys
+mode, r = sys.argv[1], json.loads(sys.argv[2])
+bad = r["responses"] - r["status_2xx"]
+if bad or r["transport_errors"] or r["unfinished"] or not r["responses"]:
+    sys.exit("http-ab: %s: %d answers not 2xx, %d transport errors, %d unfinished, of %d"
+             % (mode, bad, r["transport_errors"], r["unfinished"], r["responses"]))
+lat = r["latency_us"]
+print(mode, round(r["req_per_s"]), lat["p50"], lat["p99"])
+EOF
+
+for round in $(seq "$rounds"); do
+  for i in "${!modes[@]}"; do
+    mode=${modes[$(((i + round - 1) % ${#modes[@]}))]}
+    : >"$work/server.out"
+    # `timeout` bounds the server even if this script dies; it passes TERM on.
+    taskset -c 0 timeout "$((seconds + 60))" "$bin/bench_server" --mode "$mode" \
+      --listen 127.0.0.1:0 >"$work/server.out" 2>"$work/server.err" &
+    server=$!
+    for _ in $(seq 100); do grep -q listening "$work/server.out" && break; sleep 0.05; done
+    if ! grep -q listening "$work/server.out"; then
+      echo "http-ab: bench_server --mode $mode did not start:" >&2
+      cat "$work/server.err" >&2
+      exit 1
+    fi
+    addr=$(sed 's#.*http://##' "$work/server.out")
+    json=$(taskset -c 1 timeout "$((seconds + 30))" "$bin/loadgen" --target "http://$addr/" \
+      --users 100 --concurrency "$concurrency" --duration "$seconds" --json)
+    stop_server
+    line=$(python3 "$work/check.py" "$mode" "$json")
+    echo "$round $line" | tee -a "$work/runs"
+  done
+done
+
+python3 - "$work/runs" "${modes[@]}" <<'EOF'
+import statistics, sys
+runs, p50s = {}, {}
+for line in open(sys.argv[1]):
+    rnd, mode, rps, p50, _ = line.split()
+    runs.setdefault(mode, {})[rnd] = int(rps)
+    p50s.setdefault(mode, []).append(int(p50))
+base = runs["bare"]
+base_med = statistics.median(base.values())
+print(f"\n{'mode':17} {'median req/s':>12} {'ratio':>6}  per-round ratios   p50 latency")
+for mode in sys.argv[2:]:
+    med = statistics.median(runs[mode].values())
+    ratios = [rps / base[rnd] for rnd, rps in runs[mode].items()]
+    print(f"{mode:17} {med:12.0f} {med / base_med:6.3f}  "
+          f"{min(ratios):.2f}-{max(ratios):.2f} (med {statistics.median(ratios):.3f})"
+          f"  {statistics.median(p50s[mode]):.0f} us")
+EOF

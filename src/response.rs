@@ -178,35 +178,34 @@ pub(crate) fn write_headers(
     if rejected {
         headers.insert(RETRY_AFTER, number(decision.retry_after_secs()));
     }
-    let Some(speaker) = decision.speaking_verdict() else {
+    let Some(speaker) = decision.speaking() else {
         return;
     };
     if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
         headers.insert(X_LIMIT.clone(), number(speaker.rate.count()));
-        headers.insert(X_REMAINING.clone(), number(speaker.outcome.remaining));
+        headers.insert(X_REMAINING.clone(), number(speaker.remaining));
         if let Some(reset) = decision.reset_epoch_secs() {
             headers.insert(X_RESET.clone(), reset_value(reset));
         }
     }
     if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) {
         let policy = value(|buf| {
-            for (i, v) in decision.verdicts().enumerate() {
+            for (i, (kind, rate)) in decision.rules().enumerate() {
                 let sep = if i > 0 { ", " } else { "" };
                 let _ = write!(
                     buf,
-                    "{sep}\"{}\";q={};w={}",
-                    v.kind,
-                    v.rate.count(),
-                    v.rate.period_secs()
+                    "{sep}\"{kind}\";q={};w={}",
+                    rate.count(),
+                    rate.period_secs()
                 );
             }
         });
-        let reset = speaker.outcome.reset_after.div_ceil(1_000_000);
+        let reset = speaker.reset_after.div_ceil(1_000_000);
         let current = value(|buf| {
             let _ = write!(
                 buf,
                 "\"{}\";r={};t={}",
-                speaker.kind, speaker.outcome.remaining, reset
+                speaker.kind, speaker.remaining, reset
             );
         });
         headers.insert(POLICY.clone(), policy);
@@ -249,7 +248,7 @@ pub(crate) fn detail_into(
     named: Option<(RuleKind, &str)>,
 ) {
     buf.extend_from_slice(b"Rate limit exceeded");
-    match (decision.speaking_verdict(), named) {
+    match (decision.speaking(), named) {
         (Some(v), Some((kind, name)))
             if v.kind == kind || (v.kind == RuleKind::UserTool && kind == RuleKind::Tool) =>
         {
@@ -353,7 +352,7 @@ mod tests {
             rate: Rate::per_minute(10),
             outcome: rejected,
         };
-        let decision = Decision::new([None, None, Some(verdict), None], 1_000_000);
+        let decision = Decision::new(&[None, None, Some(verdict), None], 1_000_000);
         let resp = too_many_requests(
             HeaderStyle::Legacy,
             &decision,

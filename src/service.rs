@@ -223,7 +223,7 @@ pub(crate) fn act<B>(
             outcome: *outcome,
         });
     }
-    let decision = Decision::new(verdicts, plan.now);
+    let decision = Decision::new(&verdicts, plan.now);
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }

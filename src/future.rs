@@ -26,6 +26,13 @@ pub(crate) struct Decorate {
     pub(crate) insert_decision: bool,
 }
 
+impl Decorate {
+    /// Whether a forwarded response gets anything from its decision.
+    fn writes(self) -> bool {
+        self.insert_decision || self.style != HeaderStyle::None
+    }
+}
+
 type Check = Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
 
 pin_project! {
@@ -79,6 +86,8 @@ where
     S: Service<Request<ReqB>>,
 {
     pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, decorate: Decorate) -> Self {
+        // Nothing to write and nothing to insert: nothing to carry.
+        let decision = decision.filter(|_| decorate.writes());
         ResponseFuture {
             state: State::Calling {
                 fut,
@@ -149,7 +158,7 @@ where
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
                     let request = req.as_ref().expect("polled after completion");
-                    let next = match act(shared, plan, result, request, find(request)) {
+                    let next = match act(shared, plan, &result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
@@ -169,15 +178,15 @@ where
                     decorate,
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
-                    if let Some(decision) = decision.take() {
+                    if let Some(decision) = decision {
                         response::write_headers(
                             decorate.style,
-                            &decision,
+                            decision,
                             resp.headers_mut(),
                             false,
                         );
                         if decorate.insert_decision {
-                            resp.extensions_mut().insert(decision);
+                            resp.extensions_mut().insert(*decision);
                         }
                     }
                     return Poll::Ready(Ok(resp.map(ResponseBody::inner)));

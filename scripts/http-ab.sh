@@ -12,8 +12,11 @@
 #   MODES="bare tollgate" scripts/http-ab.sh 3 2             (a subset; bare is the base)
 #
 # Prints one line per run, then per mode the median req/s, the ratio of medians to bare
-# and the range of per-round ratios. Every process it starts has a deadline and is
-# stopped by its pid; a run whose answers are not all 2xx fails the script.
+# and the range of per-round ratios, and the server's CPU time per request (user + system,
+# from /proc, over the load only) with its ratio to bare: on a machine shared with other
+# work, throughput follows whoever else is running, while CPU per request stays close to
+# what the server itself spends. Every process it starts has a deadline and is stopped by
+# its pid; a run whose answers are not all 2xx fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
@@ -41,17 +44,28 @@ stop_server() {
 }
 trap 'stop_server; rm -rf "$work"' EXIT
 trap 'exit 130' INT TERM
-# One run's loadgen report -> "mode req/s p50 p99"; fails unless every answer was 2xx.
+# One run's loadgen report and the server's CPU ticks -> "mode req/s p50 p99 cpu_us/req";
+# fails unless every answer was 2xx.
 cat >"$work/check.py" <<'EOF'
-import json, sys
-mode, r = sys.argv[1], json.loads(sys.argv[2])
+import json, os, sys
+mode, r, ticks = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 bad = r["responses"] - r["status_2xx"]
 if bad or r["transport_errors"] or r["unfinished"] or not r["responses"]:
     sys.exit("http-ab: %s: %d answers not 2xx, %d transport errors, %d unfinished, of %d"
              % (mode, bad, r["transport_errors"], r["unfinished"], r["responses"]))
 lat = r["latency_us"]
-print(mode, round(r["req_per_s"]), lat["p50"], lat["p99"])
+cpu_us = ticks * 1e6 / os.sysconf("SC_CLK_TCK") / r["responses"]
+print(mode, round(r["req_per_s"]), lat["p50"], lat["p99"], "%.2f" % cpu_us)
 EOF
+# User + system CPU ticks of process $1 so far (fields 14 and 15 of /proc/PID/stat, counted
+# after the parenthesised command name).
+cpu_ticks() {
+  local stat
+  stat=$(<"/proc/$1/stat")
+  stat=${stat##*) }
+  read -r -a f <<<"$stat"
+  echo $((f[11] + f[12]))
+}
 
 for round in $(seq "$rounds"); do
   for i in "${!modes[@]}"; do
@@ -68,28 +82,37 @@ for round in $(seq "$rounds"); do
       exit 1
     fi
     addr=$(sed 's#.*http://##' "$work/server.out")
+    # The server is the child of `timeout`.
+    pid=$(<"/proc/$server/task/$server/children")
+    pid=${pid%% *}
+    before=$(cpu_ticks "$pid")
     json=$(taskset -c 1 timeout "$((seconds + 30))" "$bin/loadgen" --target "http://$addr/" \
       --users 100 --concurrency "$concurrency" --duration "$seconds" --json)
+    after=$(cpu_ticks "$pid")
     stop_server
-    line=$(python3 "$work/check.py" "$mode" "$json")
+    line=$(python3 "$work/check.py" "$mode" "$json" "$((after - before))")
     echo "$round $line" | tee -a "$work/runs"
   done
 done
 
 python3 - "$work/runs" "${modes[@]}" <<'EOF'
 import statistics, sys
-runs, p50s = {}, {}
+runs, p50s, cpus = {}, {}, {}
 for line in open(sys.argv[1]):
-    rnd, mode, rps, p50, _ = line.split()
+    rnd, mode, rps, p50, _, cpu = line.split()
     runs.setdefault(mode, {})[rnd] = int(rps)
     p50s.setdefault(mode, []).append(int(p50))
-base = runs["bare"]
-base_med = statistics.median(base.values())
-print(f"\n{'mode':17} {'median req/s':>12} {'ratio':>6}  per-round ratios   p50 latency")
+    cpus.setdefault(mode, {})[rnd] = float(cpu)
+med = statistics.median
+base, base_cpu = runs["bare"], cpus["bare"]
+print(f"\n{'mode':17} {'median req/s':>12} {'ratio':>6}  {'per-round ratios':24}"
+      f" {'p50':>7}  {'CPU/req':>9} {'ratio':>6}")
 for mode in sys.argv[2:]:
-    med = statistics.median(runs[mode].values())
     ratios = [rps / base[rnd] for rnd, rps in runs[mode].items()]
-    print(f"{mode:17} {med:12.0f} {med / base_med:6.3f}  "
-          f"{min(ratios):.2f}-{max(ratios):.2f} (med {statistics.median(ratios):.3f})"
-          f"  {statistics.median(p50s[mode]):.0f} us")
+    print(f"{mode:17} {med(runs[mode].values()):12.0f}"
+          f" {med(runs[mode].values()) / med(base.values()):6.3f}"
+          f"  {min(ratios):.2f}-{max(ratios):.2f} (med {med(ratios):.3f})"
+          f" {med(p50s[mode]):5.0f}us"
+          f"  {med(cpus[mode].values()):7.2f}us"
+          f" {med(cpus[mode].values()) / med(base_cpu.values()):6.3f}")
 EOF

@@ -24,6 +24,8 @@
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/shutdown.rs"]
+mod shutdown;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -105,7 +107,7 @@ async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(shutdown::signal("gateway"))
     .await
     .map_err(|e| format!("server error: {e}"))?;
     eprintln!("gateway: shut down cleanly");
@@ -259,34 +261,4 @@ fn invalid_identity(detail: &'static str) -> Response {
         HeaderValue::from_static("application/problem+json"),
     );
     resp
-}
-
-/// Resolves on Ctrl-C, or SIGTERM on Unix; in-flight requests then finish.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            eprintln!("gateway: cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(e) => {
-                eprintln!("gateway: cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    eprintln!("gateway: shutting down (finishing in-flight requests)");
 }

@@ -26,6 +26,13 @@ pub(crate) struct Decorate {
     pub(crate) insert_decision: bool,
 }
 
+impl Decorate {
+    /// Whether a forwarded response gets anything from its decision.
+    fn writes(self) -> bool {
+        self.insert_decision || self.style != HeaderStyle::None
+    }
+}
+
 type Check = Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
 
 pin_project! {
@@ -46,13 +53,11 @@ pin_project! {
     where
         S: Service<Request<ReqB>>,
     {
+        // Boxed: only a store that awaits (Redis, already a boxed future and a round
+        // trip) gets here, and unboxed its request and plan made every future of the
+        // memory path half as large again.
         Checking {
-            check: Check,
-            svc: Option<S>,
-            req: Option<Request<ReqB>>,
-            shared: Arc<Shared>,
-            plan: Plan,
-            find: FindCall<ReqB>,
+            checking: Box<Checking<S, ReqB>>,
         },
         Calling {
             #[pin]
@@ -66,11 +71,23 @@ pin_project! {
     }
 }
 
+/// What a store check that awaits holds until the store answers.
+struct Checking<S, ReqB> {
+    check: Check,
+    svc: Option<S>,
+    req: Option<Request<ReqB>>,
+    shared: Arc<Shared>,
+    plan: Plan,
+    find: FindCall<ReqB>,
+}
+
 impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
 {
     pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, decorate: Decorate) -> Self {
+        // Nothing to write and nothing to insert: nothing to carry.
+        let decision = decision.filter(|_| decorate.writes());
         ResponseFuture {
             state: State::Calling {
                 fut,
@@ -96,12 +113,14 @@ where
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
-                check,
-                svc: Some(svc),
-                req: Some(req),
-                shared,
-                plan,
-                find,
+                checking: Box::new(Checking {
+                    check,
+                    svc: Some(svc),
+                    req: Some(req),
+                    shared,
+                    plan,
+                    find,
+                }),
             },
         }
     }
@@ -126,19 +145,20 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Checking {
-                    check,
-                    svc,
-                    req,
-                    shared,
-                    plan,
-                    find,
-                } => {
+                StateProj::Checking { checking } => {
+                    let Checking {
+                        check,
+                        svc,
+                        req,
+                        shared,
+                        plan,
+                        find,
+                    } = &mut **checking;
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
                     let request = req.as_ref().expect("polled after completion");
-                    let next = match act(shared, plan, result, request, find(request)) {
+                    let next = match act(shared, plan, &result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
@@ -158,15 +178,15 @@ where
                     decorate,
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
-                    if let Some(decision) = decision.take() {
+                    if let Some(decision) = decision {
                         response::write_headers(
                             decorate.style,
-                            &decision,
+                            decision,
                             resp.headers_mut(),
                             false,
                         );
                         if decorate.insert_decision {
-                            resp.extensions_mut().insert(decision);
+                            resp.extensions_mut().insert(*decision);
                         }
                     }
                     return Poll::Ready(Ok(resp.map(ResponseBody::inner)));

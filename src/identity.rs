@@ -268,7 +268,8 @@ impl<'r> Fields<'r> {
             ),
         };
         let mut tool_from_path = false;
-        let tool = match (ext.get::<ToolName>(), cfg.tool_path_matcher()) {
+        let tool_name = ext.get::<ToolName>();
+        let tool = match (tool_name, cfg.tool_path_matcher()) {
             (Some(t), _) => Ok(Some(t.0.trim().as_bytes())),
             (None, Some(pattern)) => {
                 let tool = pattern.tool(req.uri().path());
@@ -284,7 +285,7 @@ impl<'r> Fields<'r> {
             })
         });
         // An app's own `ToolName` comes first; then the MCP call; then the tool header.
-        let tool = match (ext.get::<ToolName>(), tool) {
+        let tool = match (tool_name, tool) {
             (Some(_), tool) => tool,
             (None, tool) => match mcp_named(req, mcp, call) {
                 Ok(None) => tool,

@@ -79,41 +79,37 @@ pub(crate) fn keys<'r, B>(
         user => user,
     };
     let alg = shared.algorithm;
-    let planned = [
-        user_rule.map(|(rate, tier)| tiered(Key::new(RuleKind::User, user, rate, alg), tier)),
-        who.tenant.and_then(|tenant| {
-            let (rate, tier) = tenant_rule?;
-            Some(tiered(
-                Key::new(RuleKind::Tenant, Subject::Named(tenant), rate, alg),
-                tier,
-            ))
-        }),
-        tool.and_then(|(_, name)| {
-            let (rate, tier) = tool_rule?;
-            Some(tiered(
-                Key::new(RuleKind::Tool, Subject::Named(name.as_bytes()), rate, alg),
-                tier,
-            ))
-        })
-        .or_else(|| {
-            let (_, rate, name) = prompt?;
-            Some(Key::new(
-                RuleKind::Prompt,
-                Subject::Named(name.as_bytes()),
-                rate,
-                alg,
-            ))
-        }),
-        tool.and_then(|(_, name)| {
-            let (rate, tier) = user_tool_rule?;
-            Some(tiered(Key::user_tool(user, name, rate, alg), tier))
-        }),
-    ];
+    // Each key is written straight into its slot, in rule order.
     let mut n = 0;
-    for key in planned.into_iter().flatten() {
+    let mut push = |key: Key<'r>| {
         rules_out[n] = Some((key.kind, key.rate));
         keys[n] = key;
         n += 1;
+    };
+    if let Some((rate, tier)) = user_rule {
+        push(tiered(Key::new(RuleKind::User, user, rate, alg), tier));
+    }
+    if let (Some(tenant), Some((rate, tier))) = (who.tenant, tenant_rule) {
+        push(tiered(
+            Key::new(RuleKind::Tenant, Subject::Named(tenant), rate, alg),
+            tier,
+        ));
+    }
+    match (tool, tool_rule, prompt) {
+        (Some((_, name)), Some((rate, tier)), _) => push(tiered(
+            Key::new(RuleKind::Tool, Subject::Named(name.as_bytes()), rate, alg),
+            tier,
+        )),
+        (_, _, Some((_, rate, name))) => push(Key::new(
+            RuleKind::Prompt,
+            Subject::Named(name.as_bytes()),
+            rate,
+            alg,
+        )),
+        _ => {}
+    }
+    if let (Some((_, name)), Some((rate, tier))) = (tool, user_tool_rule) {
+        push(tiered(Key::user_tool(user, name, rate, alg), tier));
     }
     let named = tool
         .filter(|_| tool_rule.is_some() || user_tool_rule.is_some())

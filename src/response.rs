@@ -99,31 +99,79 @@ const CHUNK: usize = 16 * 1024;
 /// Longest value written at once (an IETF policy with four rules is under 160 bytes).
 const LONGEST: usize = 256;
 
+/// This thread's chunk, and the last limit and reset it stated: consecutive responses on
+/// a thread mostly state the same ones (one rule's count; aligned windows, or one busy
+/// user), so those values are kept and reused instead of formatted again.
+struct Values {
+    chunk: BytesMut,
+    limit: Option<(u64, HeaderValue)>,
+    reset: Option<(u64, HeaderValue)>,
+}
+
 thread_local! {
-    static VALUES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    static VALUES: RefCell<Values> = RefCell::new(Values {
+        chunk: BytesMut::new(),
+        limit: None,
+        reset: None,
+    });
+}
+
+impl Values {
+    /// Bytes written by `write`, cut from the chunk.
+    fn cut(&mut self, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+        let chunk = &mut self.chunk;
+        if chunk.capacity() - chunk.len() < LONGEST {
+            *chunk = BytesMut::with_capacity(CHUNK);
+        }
+        write(chunk);
+        chunk.split().freeze()
+    }
+
+    fn value(&mut self, write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.cut(write)).expect("tollgate writes only visible ASCII")
+    }
+
+    fn number(&mut self, n: u64) -> HeaderValue {
+        small_number(n).unwrap_or_else(|| {
+            self.value(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()))
+        })
+    }
+
+    /// `n`'s value, reusing the one in `slot` when it states `n`.
+    fn recent(
+        &mut self,
+        slot: fn(&mut Values) -> &mut Option<(u64, HeaderValue)>,
+        n: u64,
+    ) -> HeaderValue {
+        if let Some((last, value)) = slot(self) {
+            if *last == n {
+                return value.clone();
+            }
+        }
+        let value = self.number(n);
+        *slot(self) = Some((n, value.clone()));
+        value
+    }
 }
 
 /// Bytes written by `write`, cut from this thread's chunk.
 pub(crate) fn cut(write: impl FnOnce(&mut BytesMut)) -> Bytes {
-    VALUES.with(|chunk| {
-        let mut chunk = chunk.borrow_mut();
-        if chunk.capacity() - chunk.len() < LONGEST {
-            *chunk = BytesMut::with_capacity(CHUNK);
-        }
-        write(&mut chunk);
-        chunk.split().freeze()
-    })
+    VALUES.with(|values| values.borrow_mut().cut(write))
 }
 
 fn value(write: impl FnOnce(&mut BytesMut)) -> HeaderValue {
-    HeaderValue::from_maybe_shared(cut(write)).expect("tollgate writes only visible ASCII")
+    VALUES.with(|values| values.borrow_mut().value(write))
+}
+
+fn number(n: u64) -> HeaderValue {
+    small_number(n).unwrap_or_else(|| VALUES.with(|values| values.borrow_mut().number(n)))
 }
 
 /// Numbers below this are shared, static header values (remaining counts and limits of
 /// everyday rates): cloning and dropping one costs nothing.
 const SMALL_NUMBERS: usize = 4_096;
 
-fn number(n: u64) -> HeaderValue {
+fn small_number(n: u64) -> Option<HeaderValue> {
     static SMALL: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
     let small = SMALL.get_or_init(|| {
         // Built once per process: one 18 KB string, kept for the life of the process.
@@ -143,29 +191,7 @@ fn number(n: u64) -> HeaderValue {
             })
             .collect()
     });
-    match usize::try_from(n).ok().and_then(|i| small.get(i)) {
-        Some(value) => value.clone(),
-        None => value(|buf| buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes())),
-    }
-}
-
-/// `X-RateLimit-Reset`'s value: consecutive responses on a thread mostly state the same
-/// second (aligned windows, or one busy user), so the last one is kept and reused.
-fn reset_value(epoch_secs: u64) -> HeaderValue {
-    thread_local! {
-        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
-    }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        match &*last {
-            Some((secs, value)) if *secs == epoch_secs => value.clone(),
-            _ => {
-                let value = number(epoch_secs);
-                *last = Some((epoch_secs, value.clone()));
-                value
-            }
-        }
-    })
+    usize::try_from(n).ok().and_then(|i| small.get(i)).cloned()
 }
 
 /// Writes the decision's rate headers in `style`; `Retry-After` too when `rejected`.
@@ -178,35 +204,45 @@ pub(crate) fn write_headers(
     if rejected {
         headers.insert(RETRY_AFTER, number(decision.retry_after_secs()));
     }
-    let Some(speaker) = decision.speaking_verdict() else {
+    let Some(speaker) = decision.speaking() else {
         return;
     };
     if matches!(style, HeaderStyle::Legacy | HeaderStyle::Both) {
-        headers.insert(X_LIMIT.clone(), number(speaker.rate.count()));
-        headers.insert(X_REMAINING.clone(), number(speaker.outcome.remaining));
-        if let Some(reset) = decision.reset_epoch_secs() {
-            headers.insert(X_RESET.clone(), reset_value(reset));
+        // One visit to this thread's values for all three.
+        let (limit, remaining, reset) = VALUES.with(|values| {
+            let values = &mut *values.borrow_mut();
+            (
+                values.recent(|v| &mut v.limit, speaker.rate.count()),
+                values.number(speaker.remaining),
+                decision
+                    .reset_epoch_secs()
+                    .map(|reset| values.recent(|v| &mut v.reset, reset)),
+            )
+        });
+        headers.insert(X_LIMIT.clone(), limit);
+        headers.insert(X_REMAINING.clone(), remaining);
+        if let Some(reset) = reset {
+            headers.insert(X_RESET.clone(), reset);
         }
     }
     if matches!(style, HeaderStyle::Ietf | HeaderStyle::Both) {
         let policy = value(|buf| {
-            for (i, v) in decision.verdicts().enumerate() {
+            for (i, (kind, rate)) in decision.rules().enumerate() {
                 let sep = if i > 0 { ", " } else { "" };
                 let _ = write!(
                     buf,
-                    "{sep}\"{}\";q={};w={}",
-                    v.kind,
-                    v.rate.count(),
-                    v.rate.period_secs()
+                    "{sep}\"{kind}\";q={};w={}",
+                    rate.count(),
+                    rate.period_secs()
                 );
             }
         });
-        let reset = speaker.outcome.reset_after.div_ceil(1_000_000);
+        let reset = speaker.reset_after.div_ceil(1_000_000);
         let current = value(|buf| {
             let _ = write!(
                 buf,
                 "\"{}\";r={};t={}",
-                speaker.kind, speaker.outcome.remaining, reset
+                speaker.kind, speaker.remaining, reset
             );
         });
         headers.insert(POLICY.clone(), policy);
@@ -249,7 +285,7 @@ pub(crate) fn detail_into(
     named: Option<(RuleKind, &str)>,
 ) {
     buf.extend_from_slice(b"Rate limit exceeded");
-    match (decision.speaking_verdict(), named) {
+    match (decision.speaking(), named) {
         (Some(v), Some((kind, name)))
             if v.kind == kind || (v.kind == RuleKind::UserTool && kind == RuleKind::Tool) =>
         {
@@ -342,6 +378,41 @@ mod tests {
         assert_eq!(&out[..], br#"a\"b\\c\u000a"#);
     }
 
+    /// The last limit and reset a thread wrote are reused: only when they state the same
+    /// numbers (two layers with different limits alternate on one thread).
+    #[test]
+    fn reused_values_state_the_number_asked_for() {
+        let decision = |count: u64, reset_secs: u64| {
+            let verdict = Verdict {
+                kind: RuleKind::User,
+                rate: Rate::new(count, std::time::Duration::from_secs(60)).unwrap(),
+                outcome: Outcome::allowed(count - 1, std::time::Duration::from_secs(30))
+                    .reset_at_micros(reset_secs * 1_000_000),
+            };
+            Decision::new(&[Some(verdict), None, None, None], 0)
+        };
+        for (count, reset) in [
+            (10_000, 7_000),
+            (20_000, 7_000),
+            (10_000, 8_000),
+            (10_000, 8_000),
+        ] {
+            let mut headers = HeaderMap::new();
+            write_headers(
+                HeaderStyle::Legacy,
+                &decision(count, reset),
+                &mut headers,
+                false,
+            );
+            assert_eq!(headers["x-ratelimit-limit"], count.to_string().as_str());
+            assert_eq!(
+                headers["x-ratelimit-remaining"],
+                (count - 1).to_string().as_str()
+            );
+            assert_eq!(headers["x-ratelimit-reset"], reset.to_string().as_str());
+        }
+    }
+
     #[test]
     fn the_429_body_is_valid_json_whatever_the_tool_is_called() {
         let rejected = Outcome::rejected(
@@ -353,7 +424,7 @@ mod tests {
             rate: Rate::per_minute(10),
             outcome: rejected,
         };
-        let decision = Decision::new([None, None, Some(verdict), None], 1_000_000);
+        let decision = Decision::new(&[None, None, Some(verdict), None], 1_000_000);
         let resp = too_many_requests(
             HeaderStyle::Legacy,
             &decision,

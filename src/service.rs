@@ -167,7 +167,7 @@ impl<S> RateLimit<S> {
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &plan, result, &req, call) {
+            StoreFuture::Ready(result) => match act(shared, &plan, &result, &req, call) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
                 Action::Forward(decision) => {
                     ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
@@ -183,6 +183,13 @@ impl<S> RateLimit<S> {
     }
 }
 
+fn miscounted() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Protocol,
+        "the store answered for a different number of keys",
+    )
+}
+
 pub(crate) fn panicked() -> StoreError {
     StoreError::new(StoreErrorKind::Internal, "the store panicked")
 }
@@ -192,38 +199,31 @@ pub(crate) fn panicked() -> StoreError {
 pub(crate) fn act<B>(
     shared: &Shared,
     plan: &Plan,
-    result: Result<Outcomes, StoreError>,
+    result: &Result<Outcomes, StoreError>,
     req: &Request<B>,
     call: Option<McpCall<'_>>,
 ) -> Action {
-    let expected = plan.rules.iter().flatten().count();
-    let result = result.and_then(|o| {
-        if o.len() == expected {
-            Ok(o)
-        } else {
-            Err(StoreError::new(
-                StoreErrorKind::Protocol,
-                "the store answered for a different number of keys",
-            ))
-        }
-    });
     let outcomes = match result {
         Ok(outcomes) => outcomes,
-        Err(error) => return store_failed(shared, plan, &error),
+        Err(error) => return store_failed(shared, plan, error),
     };
+    // One answer per key, in key order, or the store is broken.
+    let mut answers = outcomes.iter();
     let mut verdicts = [None; MAX_KEYS];
-    for ((slot, rule), outcome) in verdicts
-        .iter_mut()
-        .zip(plan.rules.iter().flatten())
-        .zip(outcomes.iter())
-    {
+    for (slot, rule) in verdicts.iter_mut().zip(plan.rules.iter().flatten()) {
+        let Some(outcome) = answers.next() else {
+            return store_failed(shared, plan, &miscounted());
+        };
         *slot = Some(Verdict {
             kind: rule.0,
             rate: rule.1,
             outcome: *outcome,
         });
     }
-    let decision = Decision::new(verdicts, plan.now);
+    if answers.next().is_some() {
+        return store_failed(shared, plan, &miscounted());
+    }
+    let decision = Decision::new(&verdicts, plan.now);
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }

@@ -32,10 +32,11 @@ const WINDOW: usize = 16;
 /// Slots per key of `max_keys`: windows are half full at the bound, so a window rarely
 /// fills before the store does.
 const SLOTS_PER_KEY: usize = 2;
-/// Slots allocated together, on the first insert into them (32 KiB): an empty store is
-/// small, a full one is one allocation per segment. A power of two (smaller stores use a
-/// smaller one), so finding a window's segment is a shift.
-const SEGMENT_SLOTS: usize = 1_024;
+/// Slots allocated together, on the first insert into them: 4 KiB, a page, the least a
+/// touched slot costs anyway. A store of a few keys stays small, a full one is one
+/// allocation per page. A power of two (smaller stores use a smaller one), so finding a
+/// window's segment is a shift.
+const SEGMENT_SLOTS: usize = 128;
 /// Clocks beyond this (2^57 µs, about the year 6537) are decided as at this instant, so
 /// every stored time fits the cell's 58 bits (a period is at most 366 days); their
 /// outcomes still state resets from the real clock.

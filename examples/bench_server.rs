@@ -20,6 +20,8 @@
 //! * `tollgate`: one `by_user` rule (`x-user-id`, as loadgen sends it), 10^9 a minute so
 //!   every call is counted and accepted, legacy headers, the `Decision` extension on (the
 //!   defaults).
+//! * `tollgate_lean`: the same rule and legacy headers without the `Decision` extension
+//!   (`RateLimitLayer::decision_extension(false)`): what governor's `.use_headers()` does.
 //! * `tollgate_none`: the same rule with `headers = "none"` and
 //!   `RateLimitLayer::decision_extension(false)`: counting alone.
 //!
@@ -46,7 +48,8 @@ USAGE:
     bench_server --mode MODE [--listen ADDR]
 
 OPTIONS:
-    --mode MODE     bare | governor | governor_headers | tollgate | tollgate_none
+    --mode MODE     bare | governor | governor_headers | tollgate | tollgate_lean |
+                    tollgate_none
     --listen ADDR   address to listen on [default: 127.0.0.1:3000]; port 0 picks a free
                     port, and the address actually bound is printed
     -h, --help      print this help";
@@ -57,6 +60,7 @@ enum Mode {
     Governor,
     GovernorHeaders,
     Tollgate,
+    TollgateLean,
     TollgateNone,
 }
 
@@ -67,6 +71,7 @@ impl Mode {
             "governor" => Mode::Governor,
             "governor_headers" => Mode::GovernorHeaders,
             "tollgate" => Mode::Tollgate,
+            "tollgate_lean" => Mode::TollgateLean,
             "tollgate_none" => Mode::TollgateNone,
             _ => return None,
         })
@@ -167,6 +172,9 @@ fn app(mode: Mode) -> Result<Router, String> {
             router.layer(GovernorLayer::new(config))
         }
         Mode::Tollgate => router.layer(tollgate(HeaderStyle::Legacy)?),
+        Mode::TollgateLean => {
+            router.layer(tollgate(HeaderStyle::Legacy)?.decision_extension(false))
+        }
         Mode::TollgateNone => router.layer(tollgate(HeaderStyle::None)?.decision_extension(false)),
     })
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # HTTP A/B with the peer in every run: one axum hello-world (examples/bench_server.rs)
 # with no layer, behind tower_governor (keyed by peer IP, with and without its headers)
-# and behind tollgate (one by_user rule: legacy headers and the Decision extension, or
-# neither), every call accepted, measured with examples/loadgen (GET /, 100 users sending
+# and behind tollgate (one by_user rule: legacy headers with and without the Decision
+# extension, or neither), every call accepted, measured with examples/loadgen (GET /, 100 users sending
 # x-user-id, keep-alive connections). The server is pinned to core 0 and loadgen to core
 # 1; each round runs every mode once, starting one mode later than the round before, so
 # drift and position hit the modes alike. (The example gateway's A/B is
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 rounds=${1:-5}
 seconds=${2:-3}
 concurrency=${3:-64}
-read -r -a modes <<<"${MODES:-bare governor governor_headers tollgate tollgate_none}"
+read -r -a modes <<<"${MODES:-bare governor governor_headers tollgate tollgate_lean tollgate_none}"
 for n in "$rounds" "$seconds" "$concurrency"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "http-ab: expected whole numbers, got '$n'" >&2; exit 2; }
 done

@@ -100,7 +100,9 @@ impl MemoryStore {
 
     /// A store holding at most `max_keys` keys (at least 1).
     pub fn with_max_keys(max_keys: usize) -> Self {
-        let max_keys = max_keys.max(1);
+        // Beyond 2^40 keys the table could not be allocated anyway; the clamp keeps the
+        // sizes below from overflowing.
+        let max_keys = max_keys.clamp(1, 1 << 40);
         let wanted = max_keys.saturating_mul(SLOTS_PER_KEY).div_ceil(WINDOW) * WINDOW;
         let segment_slots = wanted.next_power_of_two().min(SEGMENT_SLOTS);
         let segments = wanted.div_ceil(segment_slots);
@@ -181,19 +183,19 @@ enum Status {
     Locked,
 }
 
-/// A cell's value: `t` (58 bits) and a generation (6 bits) in the low word; `cur` and
-/// `prev` (30 bits each, counts are at most 10^9) and the status (2 bits) in the high
-/// word. The generation changes whenever a free slot is taken, so a check that read a key's
+/// A cell's value: `t` (58 bits) and six bits of an 8-bit generation in the low word;
+/// `cur` and `prev` (30 bits each, counts are at most 10^9), the generation's other two
+/// bits and the status (2 bits) in the high word. The generation changes whenever a free slot is taken, so a check that read a key's
 /// cell before the slot changed owner cannot write it after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cell(u128);
 
 const COUNT_MASK: u64 = (1 << 30) - 1;
-const GEN_MASK: u64 = (1 << 6) - 1;
+const GEN_MASK: u64 = (1 << 8) - 1;
 
 impl Cell {
     fn new(state: State, generation: u64, status: Status) -> Cell {
-        let low = (state.t.min((1 << 58) - 1) << 6) | (generation & GEN_MASK);
+        let low = (state.t.min((1 << 58) - 1) << 6) | (generation & 0x3f);
         let status = match status {
             Status::Free => 0,
             Status::Live => 1,
@@ -201,6 +203,7 @@ impl Cell {
         };
         let high = (u64::from(state.cur) & COUNT_MASK) << 34
             | (u64::from(state.prev) & COUNT_MASK) << 4
+            | (generation & GEN_MASK) >> 6 << 2
             | status;
         Cell(u128::from(high) << 64 | u128::from(low))
     }
@@ -214,7 +217,7 @@ impl Cell {
     }
 
     fn generation(self) -> u64 {
-        self.0 as u64 & GEN_MASK
+        (self.0 as u64 & 0x3f) | ((self.0 >> 64) as u64 >> 2 & 3) << 6
     }
 
     fn state(self) -> State {
@@ -501,20 +504,20 @@ impl Inner {
                 None => return self.check_inserting(keys, probes, now),
             }
         }
-        let mut locks = Locks::new();
+        let mut locks = Locks::new(&self.held);
         for index in slot_order(&slots[..keys.len()]) {
             let slot = slots[index].expect("found");
             if locks.holds(slot) {
                 continue;
             }
-            let cell = locks.lock(slot)?;
+            let cell = locks.lock(slot);
             if cell.status() == Status::Free
                 || !slot.holds(&probes[index].as_ref().expect("probed").ident)
             {
                 return Err(Moved);
             }
         }
-        Ok(locks.decide(keys, &slots, now, self))
+        Ok(locks.decide(keys, &slots, now))
     }
 
     /// Some keys not stored yet: the windows' insert locks are taken (in window order),
@@ -567,7 +570,7 @@ impl Inner {
             }
         }
 
-        let mut locks = Locks::new();
+        let mut locks = Locks::new(&self.held);
         for index in slot_order(&slots[..keys.len()]) {
             let slot = slots[index].expect("placed");
             if locks.holds(slot) {
@@ -575,12 +578,16 @@ impl Inner {
             }
             if fresh[index] {
                 locks.claim(slot, &probes[index].as_ref().expect("probed").ident);
-            } else if locks.lock(slot)?.status() == Status::Free {
-                // Only a holder of this window's insert lock frees a slot: not possible.
+                fresh[index] = false;
+            } else if locks.lock(slot).status() == Status::Free {
+                // Only holders of this window's insert lock free a slot, and `place` keeps
+                // this request's: not expected. Places reserved but not claimed yet go
+                // back here; claimed ones as `locks` drops.
+                self.give_back(&fresh);
                 return Err(Moved);
             }
         }
-        let outcomes = locks.decide(keys, &slots, now, self);
+        let outcomes = locks.decide(keys, &slots, now);
         drop(guards);
         Ok(outcomes)
     }
@@ -590,7 +597,7 @@ impl Inner {
     /// are slots this request already uses (never evicted for it).
     fn place(&self, probe: &Probe, taken: &[Option<&Slot>], now: u64) -> Option<&Slot> {
         let window = self.window_for_insert(probe.window);
-        self.drop_expired(window, now);
+        self.drop_expired(window, taken, now);
         let free = (0..WINDOW)
             .map(|i| &window[(probe.start + i) % WINDOW])
             .find(|s| s.load().status() == Status::Free && !is_taken(taken, s));
@@ -608,7 +615,7 @@ impl Inner {
                     .flatten();
                 let other_window = guard.as_ref().and_then(|_| self.window(other));
                 if let Some(w) = other_window {
-                    self.drop_expired(w, now);
+                    self.drop_expired(w, taken, now);
                     if self.reserve() {
                         return Some(free);
                     }
@@ -659,9 +666,10 @@ impl Inner {
         self.held.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Frees every expired key of `window` (its insert lock held).
-    fn drop_expired(&self, window: &[Slot], now: u64) {
-        for slot in window {
+    /// Frees every expired key of `window` (its insert lock held) but those in `taken`
+    /// (the request being inserted uses them).
+    fn drop_expired(&self, window: &[Slot], taken: &[Option<&Slot>], now: u64) {
+        for slot in window.iter().filter(|s| !is_taken(taken, s)) {
             let cell = slot.load();
             if cell.status() == Status::Live
                 && loss(slot, cell, now).is_none()
@@ -678,7 +686,7 @@ impl Inner {
         let w = self.sweep.fetch_add(1, Ordering::Relaxed) % self.windows;
         if let Some(_guard) = InsertGuard::try_lock(&self.insert_locks[w]) {
             if let Some(window) = self.window(w) {
-                self.drop_expired(window, now);
+                self.drop_expired(window, &[], now);
             }
         }
     }
@@ -744,13 +752,17 @@ fn slot_order(slots: &[Option<&Slot>]) -> impl Iterator<Item = usize> {
 struct Locks<'a> {
     held: [Option<(&'a Slot, Cell)>; MAX_KEYS],
     len: usize,
+    /// The store's count of keys held: a claimed slot written back free gives its place
+    /// back.
+    keys_held: &'a AtomicUsize,
 }
 
 impl<'a> Locks<'a> {
-    fn new() -> Self {
+    fn new(keys_held: &'a AtomicUsize) -> Self {
         Locks {
             held: [None; MAX_KEYS],
             len: 0,
+            keys_held,
         }
     }
 
@@ -763,18 +775,18 @@ impl<'a> Locks<'a> {
 
     /// Locks a stored key's slot; returns its cell as it was (free if the key has gone,
     /// then nothing is locked).
-    fn lock(&mut self, slot: &'a Slot) -> Result<Cell, Moved> {
+    fn lock(&mut self, slot: &'a Slot) -> Cell {
         let mut cell = slot.load();
         loop {
             cell = slot.unlocked(cell);
             if cell.status() == Status::Free {
-                return Ok(cell);
+                return cell;
             }
             match slot.swap(cell, cell.with_status(Status::Locked)) {
                 Ok(()) => {
                     self.held[self.len] = Some((slot, cell));
                     self.len += 1;
-                    return Ok(cell);
+                    return cell;
                 }
                 Err(actual) => cell = actual,
             }
@@ -782,13 +794,14 @@ impl<'a> Locks<'a> {
     }
 
     /// Takes a free slot for a new key (its window's insert lock held, so nobody else
-    /// can): a new generation, the key's identity, locked with no state.
+    /// can): the key's identity (lookups skip a free slot whatever it holds), then a new
+    /// generation, locked with no state.
     fn claim(&mut self, slot: &'a Slot, ident: &[u64; 2]) {
         let free = slot.load();
-        let claimed = Cell::new(State::default(), free.generation() + 1, Status::Locked);
-        slot.store(claimed);
         slot.ident[0].store(ident[0], Ordering::Release);
         slot.ident[1].store(ident[1], Ordering::Release);
+        let claimed = Cell::new(State::default(), free.generation() + 1, Status::Locked);
+        slot.store(claimed);
         // Written back as free (the new generation kept) unless the request is counted.
         self.held[self.len] = Some((slot, claimed.with_status(Status::Free)));
         self.len += 1;
@@ -801,7 +814,6 @@ impl<'a> Locks<'a> {
         keys: &[Key<'_>],
         slots: &[Option<&'a Slot>; MAX_KEYS],
         now: u64,
-        inner: &Inner,
     ) -> Outcomes {
         let before = |slot: &Slot| -> Cell {
             self.held
@@ -828,14 +840,6 @@ impl<'a> Locks<'a> {
                 slot.store(Cell::new(next_state(key, step), generation, Status::Live));
             }
             self.len = 0;
-        } else {
-            let freed = self
-                .held
-                .iter()
-                .flatten()
-                .filter(|(_, c)| c.status() == Status::Free)
-                .count();
-            inner.held.fetch_sub(freed, Ordering::AcqRel);
         }
         for step in steps.iter().flatten() {
             out.push(outcome(step, now));
@@ -848,6 +852,9 @@ impl Drop for Locks<'_> {
     fn drop(&mut self) {
         for (slot, cell) in self.held[..self.len].iter().flatten() {
             slot.store(*cell);
+            if cell.status() == Status::Free {
+                self.keys_held.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 }
@@ -1008,12 +1015,51 @@ mod tests {
         assert!(!allowed(&store.check_now(&[anon], 0)));
     }
 
+    /// Slots holding a key now.
+    fn live_slots(store: &MemoryStore) -> usize {
+        let inner = &store.inner;
+        (0..inner.windows)
+            .filter_map(|w| inner.window(w))
+            .flatten()
+            .filter(|s| s.load().status() != Status::Free)
+            .count()
+    }
+
+    /// Review finding: inserting a request's new key swept its window and freed the
+    /// request's own expired key, the check started again, and the new key's place under
+    /// the bound was never given back, so the count of keys held crept up to `max_keys`.
+    #[test]
+    fn the_count_of_keys_held_matches_the_slots_through_expiry_and_refusals() {
+        let store = MemoryStore::with_max_keys(4);
+        let expiring = Rate::per_second(1);
+        let tenant = |rate| {
+            Key::new(
+                RuleKind::Tenant,
+                Subject::Named(b"t"),
+                rate,
+                Algorithm::FixedWindow,
+            )
+        };
+        for i in 0..200u32 {
+            let now = 1_000_000_000 + u64::from(i) * 2_000_000;
+            let id = i.to_le_bytes();
+            // The tenant's state has expired by now; the user is new.
+            store.check_now(&[tenant(expiring), user(&id, Rate::per_hour(1))], now);
+            // A refused request with a new key gives its place back.
+            store.check_now(&[tenant(Rate::per_hour(1)), user(&id, Rate::per_hour(1))], now);
+            store.check_now(&[tenant(Rate::per_hour(1)), user(b"x", Rate::per_hour(1))], now);
+            assert_eq!(store.len(), live_slots(&store), "after {i}");
+            assert!(store.len() <= 4);
+        }
+    }
+
     #[test]
     fn cells_round_trip_every_field() {
         for (t, cur, prev, generation) in [
             (0, 0, 0, 0),
             (1_800_000_000_000_000, 1_000_000_000, 999_999_999, 63),
-            ((1 << 58) - 1, COUNT_MASK as u32, 1, 64),
+            ((1 << 58) - 1, COUNT_MASK as u32, 1, 255),
+            (12_345, 7, 0, 256),
         ] {
             for status in [Status::Free, Status::Live, Status::Locked] {
                 let cell = Cell::new(State { t, cur, prev }, generation, status);

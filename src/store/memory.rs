@@ -547,6 +547,12 @@ impl Inner {
         for (slot, probe) in slots.iter_mut().zip(probes.iter().flatten()) {
             *slot = self.find(probe).map(|(found, _)| found);
         }
+        // A stored key that refuses now refuses the request: answer without taking (or
+        // evicting for) a slot. Counts only grow between now and the decision, so the
+        // refusal holds; an allow is decided again under the locks below.
+        if let Some(refusal) = refused_by_stored(keys, &slots, now) {
+            return Ok(refusal);
+        }
         let mut fresh = [false; MAX_KEYS];
         for i in 0..keys.len() {
             if slots[i].is_some() {
@@ -690,6 +696,27 @@ impl Inner {
             }
         }
     }
+}
+
+/// The request's outcomes if one of its stored keys refuses it on the cells as they are
+/// (new keys answer as empty ones); `None` if every stored key allows.
+fn refused_by_stored(keys: &[Key<'_>], slots: &[Option<&Slot>], now: u64) -> Option<Outcomes> {
+    let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
+    for ((step, key), slot) in steps.iter_mut().zip(keys).zip(slots) {
+        let state = slot
+            .map(|s| s.load())
+            .filter(|c| c.status() != Status::Free)
+            .map(Cell::state);
+        *step = Some(key.algorithm.check(state, now, key.rate));
+    }
+    if steps.iter().flatten().all(|s| s.allowed) {
+        return None;
+    }
+    let mut out = Outcomes::new();
+    for step in steps.iter().flatten() {
+        out.push(outcome(step, now));
+    }
+    Some(out)
 }
 
 fn is_taken(taken: &[Option<&Slot>], slot: &Slot) -> bool {
@@ -1046,11 +1073,45 @@ mod tests {
             // The tenant's state has expired by now; the user is new.
             store.check_now(&[tenant(expiring), user(&id, Rate::per_hour(1))], now);
             // A refused request with a new key gives its place back.
-            store.check_now(&[tenant(Rate::per_hour(1)), user(&id, Rate::per_hour(1))], now);
-            store.check_now(&[tenant(Rate::per_hour(1)), user(b"x", Rate::per_hour(1))], now);
+            store.check_now(
+                &[tenant(Rate::per_hour(1)), user(&id, Rate::per_hour(1))],
+                now,
+            );
+            store.check_now(
+                &[tenant(Rate::per_hour(1)), user(b"x", Rate::per_hour(1))],
+                now,
+            );
             assert_eq!(store.len(), live_slots(&store), "after {i}");
             assert!(store.len() <= 4);
         }
+    }
+
+    /// Review finding: a request refused by its stored key still evicted a live key to
+    /// make room for its new one.
+    #[test]
+    fn a_request_refused_by_a_stored_key_evicts_nothing() {
+        let store = MemoryStore::with_max_keys(8);
+        let rate = Rate::per_hour(1);
+        let now = 1_000_000_000;
+        let tenant = Key::new(
+            RuleKind::Tenant,
+            Subject::Named(b"t"),
+            rate,
+            Algorithm::FixedWindow,
+        );
+        assert!(allowed(&store.check_now(&[tenant], now)));
+        for i in 0..7u32 {
+            assert!(allowed(
+                &store.check_now(&[user(&i.to_le_bytes(), rate)], now)
+            ));
+        }
+        assert_eq!(store.len(), 8);
+        for i in 100..200u32 {
+            let out = store.check_now(&[tenant, user(&i.to_le_bytes(), rate)], now);
+            assert!(!allowed(&out));
+        }
+        assert_eq!(store.evictions(), 0);
+        assert_eq!(store.len(), 8);
     }
 
     #[test]

@@ -29,6 +29,8 @@
 //! (governor needs the peer address; the others get the same setup). The one line on
 //! stdout names the bound address. Stop with Ctrl-C or SIGTERM.
 
+#[path = "common/flags.rs"]
+mod flags;
 #[path = "common/shutdown.rs"]
 mod shutdown;
 
@@ -40,6 +42,8 @@ use axum::Router;
 use tollgate::{HeaderStyle, RateLimitConfig, RateLimitLayer};
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::GovernorLayer;
+
+use flags::Flags;
 
 const USAGE: &str = "\
 bench_server: an axum hello-world (GET /) behind one rate-limit layer, for scripts/http-ab.sh.
@@ -116,22 +120,12 @@ fn main() -> ExitCode {
 }
 
 /// `Ok(None)`: `--help` was asked for.
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<(Mode, String)>, String> {
+fn parse(args: impl Iterator<Item = String>) -> Result<Option<(Mode, String)>, String> {
     let mut mode = None;
     let mut listen = "127.0.0.1:3000".to_owned();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value(&flag);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--mode" => {

@@ -24,6 +24,8 @@
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/flags.rs"]
+mod flags;
 #[path = "common/shutdown.rs"]
 mod shutdown;
 

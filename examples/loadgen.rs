@@ -52,6 +52,9 @@
 //! body, into a log-linear histogram (≤ 1.6% relative error); percentiles are the upper
 //! bound of their bucket.
 
+#[path = "common/flags.rs"]
+mod flags;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt::Write as _;
@@ -68,6 +71,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use flags::Flags;
 
 const USAGE: &str = "\
 loadgen: HTTP/1.1 load against tollgate-protected servers (loopback only by default).
@@ -127,7 +132,7 @@ struct Args {
 }
 
 /// `Ok(None)`: `--help` was asked for.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut a = Args {
         targets: Vec::new(),
         users: 10,
@@ -142,19 +147,9 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         allow_remote: false,
         engine: Engine::Raw,
     };
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+    let mut flags = Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = || flags.value(&flag);
         match flag.as_str() {
             "-h" | "--help" => return Ok(None),
             "--target" => {

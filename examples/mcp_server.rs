@@ -21,6 +21,8 @@
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/flags.rs"]
+mod flags;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use tollgate::RateLimitConfig;
 
+use super::flags::Flags;
+
 /// An example server: its name (for messages), usage text and defaults.
 pub struct Cli {
     pub name: &'static str,
@@ -24,28 +26,17 @@ pub struct Args {
 
 impl Cli {
     /// `Ok(None)`: `--help` was asked for.
-    pub fn parse(&self, mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    pub fn parse(&self, args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
         let mut parsed = Args {
             config: None,
             listen: self.default_listen.to_owned(),
         };
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) if flag.starts_with("--") => {
-                    (flag.to_owned(), Some(value.to_owned()))
-                }
-                _ => (arg, None),
-            };
-            let mut value = |name: &str| {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value"))
-            };
+        let mut flags = Flags::new(args);
+        while let Some(flag) = flags.next_flag() {
             match flag.as_str() {
                 "-h" | "--help" => return Ok(None),
-                "--config" => parsed.config = Some(value("--config")?),
-                "--listen" => parsed.listen = value("--listen")?,
+                "--config" => parsed.config = Some(flags.value(&flag)?),
+                "--listen" => parsed.listen = flags.value(&flag)?,
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }

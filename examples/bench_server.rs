@@ -34,7 +34,6 @@ mod flags;
 #[path = "common/shutdown.rs"]
 mod shutdown;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use axum::routing::get;
@@ -184,20 +183,6 @@ fn tollgate(headers: HeaderStyle) -> Result<RateLimitLayer, String> {
 }
 
 async fn serve(mode: Mode, listen: &str) -> Result<(), String> {
-    let app = app(mode)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr: SocketAddr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    // The one line on stdout; scripts read the port from it.
-    println!("bench_server ({mode:?}) listening on http://{addr}");
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown::signal("bench_server"))
-    .await
-    .map_err(|e| format!("server error: {e}"))
+    let banner = format!("bench_server ({mode:?})");
+    shutdown::serve(app(mode)?, listen, "bench_server", &banner).await
 }

@@ -29,7 +29,6 @@ mod flags;
 #[path = "common/shutdown.rs"]
 mod shutdown;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use axum::body::Bytes;
@@ -92,26 +91,9 @@ async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
     // Nothing in this gateway reads the `Decision` from response extensions (the headers
     // carry it to clients), so it is not inserted: that saves three allocations a call.
     let limiter = RateLimitLayer::new(cfg).decision_extension(false);
-    let app = app(limiter);
-
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr: SocketAddr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    // The one line on stdout; scripts and tests read the port from it.
-    println!("tollgate gateway listening on http://{addr}");
-
-    // With the peer address in every request (`ConnectInfo<SocketAddr>`), tollgate can
-    // count anonymous callers by client address (`anonymous = "by_ip"`).
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown::signal("gateway"))
-    .await
-    .map_err(|e| format!("server error: {e}"))?;
+    // Served with the peer address in every request (`ConnectInfo<SocketAddr>`), so
+    // tollgate can count anonymous callers by client address (`anonymous = "by_ip"`).
+    shutdown::serve(app(limiter), listen, "gateway", "tollgate gateway").await?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }

@@ -1,9 +1,37 @@
-//! Graceful shutdown for the example servers: resolves on Ctrl-C, or SIGTERM on Unix.
-//! Included by `examples/gateway.rs` and `examples/bench_server.rs` with `#[path]`.
+//! Serving an example's router until Ctrl-C, or SIGTERM on Unix, then finishing in-flight
+//! requests. Included by `examples/gateway.rs` and `examples/bench_server.rs` with
+//! `#[path]`.
+
+use std::net::SocketAddr;
+
+/// Binds `listen`, prints `{banner} listening on http://{addr}` (the one line on stdout:
+/// scripts and tests read the port from it), and serves `app` with the peer address in
+/// every request (`ConnectInfo<SocketAddr>`) until [`signal`] resolves.
+pub async fn serve(
+    app: axum::Router,
+    listen: &str,
+    name: &'static str,
+    banner: &str,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    println!("{banner} listening on http://{addr}");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal(name))
+    .await
+    .map_err(|e| format!("server error: {e}"))
+}
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix; in-flight requests then finish. `name`
 /// prefixes the messages on stderr.
-pub async fn signal(name: &str) {
+pub async fn signal(name: &'static str) {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             eprintln!("{name}: cannot listen for Ctrl-C: {e}");

@@ -229,6 +229,12 @@ impl Cell {
         }
     }
 
+    /// The key's state, or `None` for a free slot (a key not stored, or a claim not yet
+    /// counted: both check as no state at all).
+    fn stored(self) -> Option<State> {
+        (self.status() != Status::Free).then(|| self.state())
+    }
+
     fn with_status(self, status: Status) -> Cell {
         Cell::new(self.state(), self.generation(), status)
     }
@@ -401,12 +407,7 @@ impl Slot {
     fn unlocked(&self, mut cell: Cell) -> Cell {
         let mut spins = 0u32;
         while cell.status() == Status::Locked {
-            if spins < 64 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
+            back_off(&mut spins);
             cell = self.load();
         }
         cell
@@ -703,20 +704,13 @@ impl Inner {
 fn refused_by_stored(keys: &[Key<'_>], slots: &[Option<&Slot>], now: u64) -> Option<Outcomes> {
     let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
     for ((step, key), slot) in steps.iter_mut().zip(keys).zip(slots) {
-        let state = slot
-            .map(|s| s.load())
-            .filter(|c| c.status() != Status::Free)
-            .map(Cell::state);
+        let state = slot.and_then(|s| s.load().stored());
         *step = Some(key.algorithm.check(state, now, key.rate));
     }
     if steps.iter().flatten().all(|s| s.allowed) {
         return None;
     }
-    let mut out = Outcomes::new();
-    for step in steps.iter().flatten() {
-        out.push(outcome(step, now));
-    }
-    Some(out)
+    Some(outcomes_of(&steps, now))
 }
 
 fn is_taken(taken: &[Option<&Slot>], slot: &Slot) -> bool {
@@ -852,12 +846,10 @@ impl<'a> Locks<'a> {
         };
         let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
         for ((step, key), slot) in steps.iter_mut().zip(keys).zip(slots) {
-            let cell = before(slot.expect("locked"));
-            let state = (cell.status() != Status::Free).then(|| cell.state());
+            let state = before(slot.expect("locked")).stored();
             *step = Some(key.algorithm.check(state, now, key.rate));
         }
         let all = steps.iter().flatten().all(|s| s.allowed);
-        let mut out = Outcomes::new();
         if all {
             // A key listed twice is written once per listing; the last write stands, as
             // in the other stores.
@@ -868,10 +860,7 @@ impl<'a> Locks<'a> {
             }
             self.len = 0;
         }
-        for step in steps.iter().flatten() {
-            out.push(outcome(step, now));
-        }
-        out
+        outcomes_of(&steps, now)
     }
 }
 
@@ -886,6 +875,17 @@ impl Drop for Locks<'_> {
     }
 }
 
+/// One wait for a lock held by running code: spin briefly, then yield the core to the
+/// holder.
+fn back_off(spins: &mut u32) {
+    if *spins < 64 {
+        std::hint::spin_loop();
+        *spins += 1;
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 /// A window's insert lock, released on drop.
 struct InsertGuard<'a>(&'a AtomicBool);
 
@@ -897,12 +897,7 @@ impl<'a> InsertGuard<'a> {
             if let Some(guard) = Self::try_lock(flag) {
                 return guard;
             }
-            if spins < 64 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
+            back_off(&mut spins);
         }
     }
 
@@ -917,6 +912,15 @@ impl Drop for InsertGuard<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
+}
+
+/// One outcome per step, in key order.
+fn outcomes_of(steps: &[Option<Step>], now: u64) -> Outcomes {
+    let mut out = Outcomes::new();
+    for step in steps.iter().flatten() {
+        out.push(outcome(step, now));
+    }
+    out
 }
 
 fn outcome(step: &Step, now: u64) -> Outcome {

@@ -184,5 +184,5 @@ fn tollgate(headers: HeaderStyle) -> Result<RateLimitLayer, String> {
 
 async fn serve(mode: Mode, listen: &str) -> Result<(), String> {
     let banner = format!("bench_server ({mode:?})");
-    shutdown::serve(app(mode)?, listen, "bench_server", &banner).await
+    shutdown::serve(app(mode)?, listen, "bench_server", &banner, "").await
 }

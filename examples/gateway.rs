@@ -93,7 +93,7 @@ async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
     let limiter = RateLimitLayer::new(cfg).decision_extension(false);
     // Served with the peer address in every request (`ConnectInfo<SocketAddr>`), so
     // tollgate can count anonymous callers by client address (`anonymous = "by_ip"`).
-    shutdown::serve(app(limiter), listen, "gateway", "tollgate gateway").await?;
+    shutdown::serve(app(limiter), listen, "gateway", "tollgate gateway", "").await?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }

@@ -23,8 +23,9 @@
 mod cli;
 #[path = "common/flags.rs"]
 mod flags;
+#[path = "common/shutdown.rs"]
+mod shutdown;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use axum::extract::Request;
@@ -242,20 +243,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr: SocketAddr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
     // Built inside the runtime: a Redis backend may spawn its connection tasks here.
-    let app = app(cfg);
-    // The one line on stdout; scripts and tests read the port from it.
-    println!("tollgate MCP server listening on http://{addr}/mcp");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    shutdown::serve(
+        app(cfg),
+        listen,
+        "mcp_server",
+        "tollgate MCP server",
+        "/mcp",
+    )
+    .await
 }

@@ -1,17 +1,18 @@
 //! Serving an example's router until Ctrl-C, or SIGTERM on Unix, then finishing in-flight
-//! requests. Included by `examples/gateway.rs` and `examples/bench_server.rs` with
-//! `#[path]`.
+//! requests. Included by `examples/gateway.rs`, `examples/mcp_server.rs` and
+//! `examples/bench_server.rs` with `#[path]`.
 
 use std::net::SocketAddr;
 
-/// Binds `listen`, prints `{banner} listening on http://{addr}` (the one line on stdout:
-/// scripts and tests read the port from it), and serves `app` with the peer address in
-/// every request (`ConnectInfo<SocketAddr>`) until [`signal`] resolves.
+/// Binds `listen`, prints `{banner} listening on http://{addr}{path}` (the one line on
+/// stdout: scripts and tests read the port from it), and serves `app` with the peer
+/// address in every request (`ConnectInfo<SocketAddr>`) until [`signal`] resolves.
 pub async fn serve(
     app: axum::Router,
     listen: &str,
     name: &'static str,
     banner: &str,
+    path: &str,
 ) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -19,7 +20,7 @@ pub async fn serve(
     let addr: SocketAddr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    println!("{banner} listening on http://{addr}");
+    println!("{banner} listening on http://{addr}{path}");
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

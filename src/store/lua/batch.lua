@@ -16,9 +16,15 @@
 -- retry_after µs. Last, the time decided at.
 
 local now = tonumber(ARGV[1])
+-- The shortest TTL written (ms). Redis expires keys on its own clock; when the caller
+-- decides on its clock instead, the two can be seconds apart (a test's manual clock), so
+-- a state must not vanish in Redis time before the caller's clock reaches its expiry.
+-- Keeping an expired state longer never changes a decision (it checks as no state).
+local min_ttl = 10000
 if now < 0 then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  min_ttl = 1
 end
 
 -- Per key index: its state as t, c, p (t false when the key holds none); whether it
@@ -102,7 +108,7 @@ end
 
 for i, expires_at in pairs(expires) do
   local written = redis.pcall('SET', KEYS[i], string.format('%d:%d:%d', st[i], sc[i], sp[i]),
-    'PX', math.max(1, math.ceil((expires_at - now) / 1000)), 'GET')
+    'PX', math.max(min_ttl, math.ceil((expires_at - now) / 1000)), 'GET')
   if type(written) == 'table' and written.err then
     -- A key of another type, or out of memory: the requests counted here fail alone. Any
     -- other error (READONLY on a demoted primary) fails the call, so the client drops

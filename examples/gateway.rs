@@ -20,7 +20,9 @@
 //!   every request carries its peer address and `anonymous = "by_ip"` (see
 //!   `examples/gateway-policy.toml`) counts callers without `x-user-id` per client address.
 //!
-//! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]).
+//! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]). `kill -HUP <pid>`
+//! reloads `--config`: a good file replaces the rules, a bad one is logged and changes
+//! nothing.
 
 #[path = "common/cli.rs"]
 mod cli;
@@ -58,7 +60,8 @@ OPTIONS:
 Identity is read from the x-user-id and x-tenant-id headers, which this example trusts
 as if a proxy had set them. Requests carry their peer address, so a config with
 anonymous = \"by_ip\" (examples/gateway-policy.toml) counts anonymous callers per client
-address. Stop with Ctrl-C or SIGTERM (graceful shutdown).";
+address. SIGHUP reloads --config (a bad file is logged and changes nothing; a changed
+[backend] needs a restart). Stop with Ctrl-C or SIGTERM (graceful shutdown).";
 
 /// The limits used without `--config`.
 const DEFAULT_CONFIG: &str = r#"
@@ -82,18 +85,29 @@ const CLI: cli::Cli = cli::Cli {
 };
 
 fn main() -> ExitCode {
-    CLI.main(|cfg, listen| async move { serve(cfg, &listen).await })
+    CLI.main(|cfg, args| async move { serve(cfg, args).await })
 }
 
-async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {
-    describe(&cfg);
+async fn serve(cfg: RateLimitConfig, args: cli::Args) -> Result<(), String> {
+    eprintln!("gateway: {}", summary(&cfg));
     // Built inside the runtime: a Redis backend may spawn its connection tasks here.
     // Nothing in this gateway reads the `Decision` from response extensions (the headers
     // carry it to clients), so it is not inserted: that saves three allocations a call.
     let limiter = RateLimitLayer::new(cfg).decision_extension(false);
+    // Listening for SIGHUP starts before the address is printed: from then on a SIGHUP
+    // reloads instead of ending the process (its default action).
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(hangups()?, limiter.handle(), args.config));
     // Served with the peer address in every request (`ConnectInfo<SocketAddr>`), so
     // tollgate can count anonymous callers by client address (`anonymous = "by_ip"`).
-    shutdown::serve(app(limiter), listen, "gateway", "tollgate gateway", "").await?;
+    shutdown::serve(
+        app(limiter),
+        &args.listen,
+        "gateway",
+        "tollgate gateway",
+        "",
+    )
+    .await?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }
@@ -119,8 +133,42 @@ fn app(limiter: RateLimitLayer) -> Router {
         .route("/tools/{name}", tool_call)
 }
 
-/// Logs the limits in force (never any identity).
-fn describe(cfg: &RateLimitConfig) {
+/// On each SIGHUP, reads `--config` again and applies it: a good file replaces the rules
+/// (one summary line), a bad one changes nothing and every problem is logged, each naming
+/// its field. Counters carry over as `RateLimitHandle` documents.
+#[cfg(unix)]
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    handle: tollgate::RateLimitHandle,
+    config: Option<String>,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(path) = &config else {
+            eprintln!("gateway: SIGHUP ignored: started without --config, nothing to reload");
+            continue;
+        };
+        let applied = cli::read_config(path).and_then(|cfg| {
+            let line = summary(&cfg);
+            handle
+                .update(cfg)
+                .map(|()| line)
+                .map_err(|e| format!("{path} cannot be applied:\n{e}"))
+        });
+        match applied {
+            Ok(line) => eprintln!("gateway: reloaded {path}: {line}"),
+            Err(e) => eprintln!("gateway: reload failed, the old rules stay: {e}"),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn hangups() -> Result<tokio::signal::unix::Signal, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    signal(SignalKind::hangup()).map_err(|e| format!("cannot listen for SIGHUP: {e}"))
+}
+
+/// The limits `cfg` sets, on one line (never any identity).
+fn summary(cfg: &RateLimitConfig) -> String {
     let show = |r: Option<tollgate::Rate>| r.map_or_else(|| "none".to_owned(), |r| r.to_string());
     let tools: Vec<String> = cfg
         .by_tool()
@@ -131,8 +179,8 @@ fn describe(cfg: &RateLimitConfig) {
         .map(|(name, rate)| format!("{name}={rate}"))
         .collect();
     let tiers: Vec<&str> = cfg.tiers().map(|(name, _)| name).collect();
-    eprintln!(
-        "gateway: by_user={} by_tenant={} by_tool=[{}] by_user_tool=[{}] tiers=[{}] anonymous={:?} algorithm={:?} mode={:?} backend={:?}",
+    format!(
+        "by_user={} by_tenant={} by_tool=[{}] by_user_tool=[{}] tiers=[{}] anonymous={:?} algorithm={:?} mode={:?} backend={:?}",
         show(cfg.by_user()),
         show(cfg.by_tenant()),
         tools.join(", "),
@@ -142,7 +190,7 @@ fn describe(cfg: &RateLimitConfig) {
         cfg.algorithm(),
         cfg.mode(),
         cfg.backend().kind(),
-    );
+    )
 }
 
 async fn healthz() -> &'static str {

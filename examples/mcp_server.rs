@@ -239,7 +239,7 @@ const CLI: cli::Cli = cli::Cli {
 };
 
 fn main() -> ExitCode {
-    CLI.main(|cfg, listen| async move { serve(cfg, &listen).await })
+    CLI.main(|cfg, args| async move { serve(cfg, &args.listen).await })
 }
 
 async fn serve(cfg: RateLimitConfig, listen: &str) -> Result<(), String> {

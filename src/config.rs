@@ -293,6 +293,31 @@ impl BackendConfig {
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }
+
+    /// The fields (as named in a config file) whose values differ in `other`.
+    pub(crate) fn changed_fields(&self, other: &BackendConfig) -> Vec<&'static str> {
+        let fields = [
+            ("backend.kind", self.kind != other.kind),
+            ("backend.url", self.url != other.url),
+            ("backend.urls", self.urls != other.urls),
+            ("backend.tls_ca", self.tls_ca != other.tls_ca),
+            (
+                "backend.tls_insecure",
+                self.tls_insecure != other.tls_insecure,
+            ),
+            ("backend.key_prefix", self.key_prefix != other.key_prefix),
+            ("backend.pool_size", self.pool_size != other.pool_size),
+            ("backend.timeout_ms", self.timeout != other.timeout),
+            ("backend.fallback", self.fallback != other.fallback),
+            ("backend.max_keys", self.max_keys != other.max_keys),
+            ("backend.deny_cache", self.deny_cache != other.deny_cache),
+            ("backend.max_batch", self.max_batch != other.max_batch),
+        ];
+        fields
+            .into_iter()
+            .filter_map(|(name, changed)| changed.then_some(name))
+            .collect()
+    }
 }
 
 impl fmt::Debug for BackendConfig {

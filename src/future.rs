@@ -12,7 +12,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::layer::Shared;
+use crate::layer::{Policy, Shared};
 use crate::mcp::jsonrpc::FindCall;
 use crate::response::{self, ResponseBody};
 use crate::service::{act, panicked, Action, Plan};
@@ -77,6 +77,8 @@ struct Checking<S, ReqB> {
     svc: Option<S>,
     req: Option<Request<ReqB>>,
     shared: Arc<Shared>,
+    /// The policy the request started on, kept to its end.
+    policy: Arc<Policy>,
     plan: Plan,
     find: FindCall<ReqB>,
 }
@@ -108,6 +110,7 @@ where
         svc: S,
         req: Request<ReqB>,
         shared: Arc<Shared>,
+        policy: Arc<Policy>,
         plan: Plan,
         find: FindCall<ReqB>,
     ) -> Self {
@@ -118,6 +121,7 @@ where
                     svc: Some(svc),
                     req: Some(req),
                     shared,
+                    policy,
                     plan,
                     find,
                 }),
@@ -151,6 +155,7 @@ where
                         svc,
                         req,
                         shared,
+                        policy,
                         plan,
                         find,
                     } = &mut **checking;
@@ -158,7 +163,7 @@ where
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
                     let request = req.as_ref().expect("polled after completion");
-                    let next = match act(shared, plan, &result, request, find(request)) {
+                    let next = match act(shared, policy, plan, &result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
@@ -166,7 +171,7 @@ where
                             State::Calling {
                                 fut: svc.call(req),
                                 decision,
-                                decorate: shared.decorate(),
+                                decorate: shared.decorate(policy),
                             }
                         }
                     };

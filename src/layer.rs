@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 use tower_layer::Layer;
 
@@ -11,8 +12,8 @@ use crate::config::IdentityConfig;
 use crate::log_gate::LogGate;
 use crate::tier::RuleSet;
 use crate::{
-    Algorithm, Clock, FailMode, HeaderStyle, Mode, Rate, RateLimit, RateLimitConfig, Refusal,
-    Store, SystemClock,
+    Algorithm, BackendConfig, Clock, ConfigError, FailMode, HeaderStyle, Mode, Rate, RateLimit,
+    RateLimitConfig, Refusal, Store, SystemClock,
 };
 
 /// Applies a [`RateLimitConfig`] to a service. Cloning the layer, or the services it
@@ -49,27 +50,57 @@ pub struct RateLimitLayer {
 /// Everything a request needs, shared by every clone of the layer and its services.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    pub(crate) rules: Arc<Rules>,
-    pub(crate) algorithm: Algorithm,
-    pub(crate) mode: Mode,
-    pub(crate) fail_mode: FailMode,
-    pub(crate) headers: HeaderStyle,
+    /// The rules and settings a reload replaces (ARCHITECTURE.md, "Hot reload").
+    pub(crate) live: Arc<Live>,
     pub(crate) insert_decision: bool,
-    pub(crate) identity: IdentityConfig,
-    /// `[mcp]` is configured: the `Mcp-Method` / `Mcp-Name` headers are read.
-    pub(crate) mcp_headers: bool,
-    /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
-    pub(crate) refusal: Refusal,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
 }
 
 impl Shared {
-    pub(crate) fn decorate(&self) -> crate::future::Decorate {
+    pub(crate) fn decorate(&self, policy: &Policy) -> crate::future::Decorate {
         crate::future::Decorate {
-            style: self.headers,
+            style: policy.headers,
             insert_decision: self.insert_decision,
+        }
+    }
+}
+
+/// The policy in force, swapped whole by [`RateLimitHandle::update`]: a request loads it
+/// once (no lock, no shared write) and keeps that version to the end.
+pub(crate) struct Live {
+    pub(crate) policy: ArcSwap<Policy>,
+    /// The `[backend]` the store was built from; `None` for a store given to
+    /// [`RateLimitLayer::with_store`] (whose `[backend]` is ignored, on reload too).
+    backend: Option<BackendConfig>,
+}
+
+/// What a config says about requests: everything but `[backend]`.
+pub(crate) struct Policy {
+    pub(crate) rules: Rules,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) mode: Mode,
+    pub(crate) fail_mode: FailMode,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) identity: IdentityConfig,
+    /// `[mcp]` is configured: the `Mcp-Method` / `Mcp-Name` headers are read.
+    pub(crate) mcp_headers: bool,
+    /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
+    pub(crate) refusal: Refusal,
+}
+
+impl Policy {
+    fn new(cfg: &RateLimitConfig) -> Policy {
+        Policy {
+            rules: Rules::new(cfg),
+            algorithm: cfg.algorithm(),
+            mode: cfg.mode(),
+            fail_mode: cfg.fail_mode(),
+            headers: cfg.headers(),
+            identity: cfg.identity().clone(),
+            mcp_headers: cfg.mcp().is_some(),
+            refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
         }
     }
 }
@@ -275,31 +306,35 @@ impl RateLimitLayer {
     /// answers until Redis does).
     pub fn new(cfg: RateLimitConfig) -> Self {
         let store = crate::store::for_config(&cfg);
-        Self::build(&cfg, store)
+        Self::build(&cfg, store, Some(cfg.backend().clone()))
     }
 
     /// A layer for `cfg` whose counters live in `store` (its `[backend]` is ignored).
     /// Layers given clones of one store share counters.
     pub fn with_store(cfg: RateLimitConfig, store: impl Store) -> Self {
-        Self::build(&cfg, Arc::new(store))
+        Self::build(&cfg, Arc::new(store), None)
     }
 
-    fn build(cfg: &RateLimitConfig, store: Arc<dyn Store>) -> Self {
+    fn build(cfg: &RateLimitConfig, store: Arc<dyn Store>, backend: Option<BackendConfig>) -> Self {
         RateLimitLayer {
             shared: Arc::new(Shared {
-                rules: Arc::new(Rules::new(cfg)),
-                algorithm: cfg.algorithm(),
-                mode: cfg.mode(),
-                fail_mode: cfg.fail_mode(),
-                headers: cfg.headers(),
+                live: Arc::new(Live {
+                    policy: ArcSwap::from_pointee(Policy::new(cfg)),
+                    backend,
+                }),
                 insert_decision: true,
-                identity: cfg.identity().clone(),
-                mcp_headers: cfg.mcp().is_some(),
-                refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
                 store,
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
             }),
+        }
+    }
+
+    /// A handle that changes this layer's rules while it serves: see [`RateLimitHandle`].
+    /// Every clone of the layer, and every service made from it, follows the handle.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle {
+            live: self.shared.live.clone(),
         }
     }
 
@@ -340,24 +375,115 @@ impl RateLimitLayer {
 impl fmt::Debug for RateLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.shared;
+        let p = s.live.policy.load();
         f.debug_struct("RateLimitLayer")
-            .field("by_user", &s.rules.base.user)
-            .field("by_tenant", &s.rules.base.tenant)
-            .field("tools", &s.rules.tools.names)
-            .field("prompts", &s.rules.prompts.names)
+            .field("by_user", &p.rules.base.user)
+            .field("by_tenant", &p.rules.base.tenant)
+            .field("tools", &p.rules.tools.names)
+            .field("prompts", &p.rules.prompts.names)
             .field(
                 "tiers",
-                &s.rules.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                &p.rules.tiers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
-            .field("algorithm", &s.algorithm)
-            .field("mode", &s.mode)
-            .field("fail_mode", &s.fail_mode)
-            .field("headers", &s.headers)
-            .field("mcp_headers", &s.mcp_headers)
-            .field("refusal", &s.refusal)
+            .field("algorithm", &p.algorithm)
+            .field("mode", &p.mode)
+            .field("fail_mode", &p.fail_mode)
+            .field("headers", &p.headers)
+            .field("mcp_headers", &p.mcp_headers)
+            .field("refusal", &p.refusal)
             .field("store", &s.store)
             .field("clock", &s.clock)
             .finish()
+    }
+}
+
+/// Changes a [`RateLimitLayer`]'s rules while it serves, from [`RateLimitLayer::handle`].
+/// Clones share the layer; the handle is `Send + Sync`.
+///
+/// [`update`](RateLimitHandle::update) swaps the whole policy at once: a request already
+/// under way finishes on the rules it started with, and the next request sees the new
+/// ones. Counters live in the store, which a reload keeps, so a rule whose counter key is
+/// unchanged keeps counting where it was:
+///
+/// - a changed **count** keeps the memory store's counter (`30/m` → `60/m`: the 30 already
+///   used stay used; a token bucket keeps how full it is as a share of its burst). In Redis the count is part of the key name (ARCHITECTURE.md,
+///   behaviour contract item 15), so a changed count starts a fresh counter there.
+/// - a changed **period** or **algorithm**, a rule moved into or out of a tier, or a
+///   renamed tool starts a fresh counter;
+/// - every other setting (`mode`, `fail_mode`, `headers`, `[identity]`, `[mcp]`,
+///   `[tenants]`) applies from the next request.
+///
+/// `[backend]` cannot change: the store is built once, so `update` refuses a config whose
+/// `[backend]` differs (naming each changed field) and changes nothing; that needs a
+/// restart. A layer built by [`RateLimitLayer::with_store`] ignores `[backend]`, on reload
+/// too.
+///
+/// ```
+/// use http::{Request, StatusCode};
+/// use std::convert::Infallible;
+/// use tollgate::{ManualClock, RateLimitConfig, RateLimitLayer};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let layer = RateLimitLayer::new(RateLimitConfig::builder().by_user("1/m").build().unwrap())
+///     .with_clock(ManualClock::new());
+/// let handle = layer.handle();
+/// let svc = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|_req: Request<()>| async {
+///         Ok::<_, Infallible>(http::Response::new(()))
+///     }));
+/// let call = || svc.clone().oneshot(Request::new(()));
+/// assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+///
+/// // Two a minute from now on; the request already counted stays counted.
+/// handle.update(RateLimitConfig::builder().by_user("2/m").build().unwrap()).unwrap();
+/// assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+///
+/// // A new [backend] needs a restart: refused, and nothing changes.
+/// let redis = RateLimitConfig::from_toml_str(
+///     "by_user = \"100/m\"\n[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"",
+/// )
+/// .unwrap();
+/// let refused = handle.update(redis).unwrap_err();
+/// assert_eq!(refused.problems().next().unwrap().0, "backend.kind");
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct RateLimitHandle {
+    live: Arc<Live>,
+}
+
+impl RateLimitHandle {
+    /// Applies `cfg` to the layer from the next request on (see the type's docs for what
+    /// counters survive). Refuses, changing nothing, a config whose `[backend]` differs
+    /// from the one the layer was built with: each changed field is named.
+    pub fn update(&self, cfg: RateLimitConfig) -> Result<(), ConfigError> {
+        if let Some(backend) = &self.live.backend {
+            let changed = backend.changed_fields(cfg.backend());
+            if !changed.is_empty() {
+                let mut err = ConfigError::default();
+                for field in changed {
+                    err.push(
+                        field,
+                        "changed, but the store is built once: a new [backend] needs a \
+                         restart (nothing was applied)",
+                    );
+                }
+                return Err(err);
+            }
+        }
+        self.live.policy.store(Arc::new(Policy::new(&cfg)));
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RateLimitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitHandle").finish_non_exhaustive()
     }
 }
 

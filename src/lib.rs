@@ -92,7 +92,7 @@ pub use decision::Decision;
 pub use future::ResponseFuture;
 pub use identity::{Identity, ToolName, MAX_IDENTITY_LEN};
 pub use key::{Key, RuleKind, Subject};
-pub use layer::{RateLimitLayer, Stats};
+pub use layer::{RateLimitHandle, RateLimitLayer, Stats};
 pub use mcp::body::McpBody;
 pub use mcp::layer::{McpFuture, McpLayer, McpService};
 pub use mcp::refusal::RATE_LIMIT_ERROR_CODE;

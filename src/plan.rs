@@ -7,21 +7,22 @@ use http::Request;
 
 use crate::identity::{Target, Who};
 use crate::key::MAX_KEYS;
-use crate::layer::Shared;
+use crate::layer::{Policy, Shared};
 use crate::{Anonymous, Key, Rate, RuleKind, Subject, Tier};
 
 /// Fills `keys` and `rules_out` (the first `n` slots) for `req`; returns `n` and the tool
 /// or MCP prompt whose rule applies (for the refusal's detail), if any. A prompt
 /// (`[by_prompt]`) takes the tool's place: one shared counter per prompt, no tiers.
 pub(crate) fn keys<'r, B>(
-    shared: &'r Shared,
+    shared: &Shared,
+    policy: &'r Policy,
     req: &'r Request<B>,
     who: &Who<'r>,
     now: u64,
     keys: &mut [Key<'r>; MAX_KEYS],
     rules_out: &mut [Option<(RuleKind, Rate)>; MAX_KEYS],
 ) -> (usize, Option<(Target, u32)>) {
-    let rules = &*shared.rules;
+    let rules = &policy.rules;
     // The tier: the app's `Tier` extension, else `[tenants]`; a tier's own rules count
     // in counters of their own (the tier is in the key), the rules it does not name are
     // the base rules and their counters.
@@ -63,10 +64,10 @@ pub(crate) fn keys<'r, B>(
     // Anonymous callers by client address, looked up only when a per-user rule applies.
     let user = match who.user {
         Subject::Anonymous
-            if shared.identity.anonymous == Anonymous::ByIp
+            if policy.identity.anonymous == Anonymous::ByIp
                 && (user_rule.is_some() || user_tool_rule.is_some()) =>
         {
-            crate::client_ip::subject(req, &shared.identity).unwrap_or_else(|| {
+            crate::client_ip::subject(req, &policy.identity).unwrap_or_else(|| {
                 if let Some(suppressed) = shared.health.peer_log.may_log(now) {
                     tracing::warn!(
                         suppressed,
@@ -78,7 +79,7 @@ pub(crate) fn keys<'r, B>(
         }
         user => user,
     };
-    let alg = shared.algorithm;
+    let alg = policy.algorithm;
     // Each key is written straight into its slot, in rule order.
     let mut n = 0;
     let mut push = |key: Key<'r>| {

@@ -14,7 +14,7 @@ use crate::decision::{Decision, Verdict};
 use crate::future::ResponseFuture;
 use crate::identity::{self, Target};
 use crate::key::MAX_KEYS;
-use crate::layer::Shared;
+use crate::layer::{Policy, Shared};
 use crate::mcp::jsonrpc::{no_call, FindCall, McpCall};
 use crate::mcp::refusal;
 use crate::response::{self, ResponseBody};
@@ -42,7 +42,7 @@ impl<S> RateLimit<S> {
 
     /// Whether `mode = "disabled"`: nothing is counted, so nothing needs reading.
     pub(crate) fn is_disabled(&self) -> bool {
-        self.shared.mode == Mode::Disabled
+        self.shared.live.policy.load().mode == Mode::Disabled
     }
 }
 
@@ -111,14 +111,16 @@ impl<S> RateLimit<S> {
         S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
     {
         let shared = &*self.shared;
-        if shared.mode == Mode::Disabled {
-            return ResponseFuture::calling(self.inner.call(req), None, shared.decorate());
+        // This request's policy, to its end: a reload swaps in a new one for the next.
+        let policy = shared.live.policy.load();
+        if policy.mode == Mode::Disabled {
+            return ResponseFuture::calling(self.inner.call(req), None, shared.decorate(&policy));
         }
         let now = shared.clock.now_micros();
         let call = find(&req);
-        let who = match identity::extract(&req, &shared.identity, shared.mcp_headers, call) {
+        let who = match identity::extract(&req, &policy.identity, policy.mcp_headers, call) {
             Ok(who) => who,
-            Err(bad) if shared.mode == Mode::Enforce => {
+            Err(bad) if policy.mode == Mode::Enforce => {
                 if let Some(suppressed) = shared.health.identity_log.may_log(now) {
                     tracing::debug!(
                         reason = bad.detail(),
@@ -136,7 +138,7 @@ impl<S> RateLimit<S> {
                         "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                identity::extract_lenient(&req, &shared.identity, shared.mcp_headers, call)
+                identity::extract_lenient(&req, &policy.identity, policy.mcp_headers, call)
             }
         };
 
@@ -144,7 +146,7 @@ impl<S> RateLimit<S> {
             RuleKind::User,
             Subject::Anonymous,
             Rate::per_second(1),
-            shared.algorithm,
+            policy.algorithm,
         );
         let mut keys = [placeholder; MAX_KEYS];
         let mut plan = Plan {
@@ -152,14 +154,15 @@ impl<S> RateLimit<S> {
             tool: None,
             now,
         };
-        let (n, tool) = crate::plan::keys(shared, &req, &who, now, &mut keys, &mut plan.rules);
+        let (n, tool) =
+            crate::plan::keys(shared, &policy, &req, &who, now, &mut keys, &mut plan.rules);
         plan.tool = tool;
         if n == 0 {
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
                 self.inner.call(req),
                 Some(decision),
-                shared.decorate(),
+                shared.decorate(&policy),
             );
         }
 
@@ -167,17 +170,20 @@ impl<S> RateLimit<S> {
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &plan, &result, &req, call) {
+            StoreFuture::Ready(result) => match act(shared, &policy, &plan, &result, &req, call) {
                 Action::Respond(resp) => ResponseFuture::respond(resp),
-                Action::Forward(decision) => {
-                    ResponseFuture::calling(self.inner.call(req), decision, shared.decorate())
-                }
+                Action::Forward(decision) => ResponseFuture::calling(
+                    self.inner.call(req),
+                    decision,
+                    shared.decorate(&policy),
+                ),
             },
             StoreFuture::Pending(check) => {
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, ready, req, self.shared.clone(), plan, find)
+                let policy = arc_swap::Guard::into_inner(policy);
+                ResponseFuture::checking(check, ready, req, self.shared.clone(), policy, plan, find)
             }
         }
     }
@@ -198,6 +204,7 @@ pub(crate) fn panicked() -> StoreError {
 /// contract items 7–11).
 pub(crate) fn act<B>(
     shared: &Shared,
+    policy: &Policy,
     plan: &Plan,
     result: &Result<Outcomes, StoreError>,
     req: &Request<B>,
@@ -205,14 +212,14 @@ pub(crate) fn act<B>(
 ) -> Action {
     let outcomes = match result {
         Ok(outcomes) => outcomes,
-        Err(error) => return store_failed(shared, plan, error),
+        Err(error) => return store_failed(shared, policy, plan, error),
     };
     // One answer per key, in key order, or the store is broken.
     let mut answers = outcomes.iter();
     let mut verdicts = [None; MAX_KEYS];
     for (slot, rule) in verdicts.iter_mut().zip(plan.rules.iter().flatten()) {
         let Some(outcome) = answers.next() else {
-            return store_failed(shared, plan, &miscounted());
+            return store_failed(shared, policy, plan, &miscounted());
         };
         *slot = Some(Verdict {
             kind: rule.0,
@@ -221,19 +228,19 @@ pub(crate) fn act<B>(
         });
     }
     if answers.next().is_some() {
-        return store_failed(shared, plan, &miscounted());
+        return store_failed(shared, policy, plan, &miscounted());
     }
     let decision = Decision::new(&verdicts, plan.now);
     if decision.is_allowed() {
         return Action::Forward(Some(decision));
     }
     let named = plan.tool.map(|(target, i)| match target {
-        Target::Tool => (RuleKind::Tool, shared.rules.tool_name(i)),
-        Target::Prompt => (RuleKind::Prompt, shared.rules.prompt_name(i)),
+        Target::Tool => (RuleKind::Tool, policy.rules.tool_name(i)),
+        Target::Prompt => (RuleKind::Prompt, policy.rules.prompt_name(i)),
     });
     let tool = named.map(|(_, name)| name);
     let rule = decision.rule().map_or("", RuleKind::as_str);
-    match shared.mode {
+    match policy.mode {
         Mode::Permissive => {
             // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
             // behaviour contract item 13).
@@ -260,15 +267,15 @@ pub(crate) fn act<B>(
             let mut resp = call
                 .and_then(|call| {
                     refusal::refuse(
-                        shared.refusal,
-                        shared.headers,
+                        policy.refusal,
+                        policy.headers,
                         &decision,
                         call,
                         named,
                         req.headers(),
                     )
                 })
-                .unwrap_or_else(|| response::too_many_requests(shared.headers, &decision, named));
+                .unwrap_or_else(|| response::too_many_requests(policy.headers, &decision, named));
             if shared.insert_decision {
                 resp.extensions_mut().insert(decision);
             }
@@ -277,10 +284,10 @@ pub(crate) fn act<B>(
     }
 }
 
-fn store_failed(shared: &Shared, plan: &Plan, error: &StoreError) -> Action {
+fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreError) -> Action {
     let health = &shared.health;
     health.store_errors.fetch_add(1, Ordering::Relaxed);
-    let closed = shared.fail_mode == FailMode::Closed;
+    let closed = policy.fail_mode == FailMode::Closed;
     if closed {
         health.fail_closed.fetch_add(1, Ordering::Relaxed);
     } else {

@@ -147,12 +147,34 @@ impl Gateway {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     #[cfg(unix)]
     fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        wait_bounded(&mut self.child, Duration::from_secs(10)).expect("exit after SIGTERM")
+    }
+
+    /// Sends the signal named `name` (`kill -<name>`).
+    #[cfg(unix)]
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
         assert!(status.success());
-        wait_bounded(&mut self.child, Duration::from_secs(10)).expect("exit after SIGTERM")
+    }
+
+    /// Waits (bounded) until stderr holds `times` occurrences of `text`; returns stderr.
+    fn wait_for_log(&self, text: &str, times: usize) -> String {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let log = self.stderr.lock().unwrap().clone();
+            if log.matches(text).count() >= times {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} (×{times}) in the log:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -532,6 +554,54 @@ fn sigterm_shuts_the_gateway_down_cleanly() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
 
+/// `kill -HUP` reloads `--config`: a good file applies from the next request with the
+/// counts kept; a bad file, or one changing `[backend]`, is logged field by field and
+/// changes nothing.
+#[cfg(unix)]
+#[test]
+fn sighup_applies_a_new_config_and_a_bad_one_changes_nothing() {
+    let file = TempFile::new("reload.toml", "by_user = \"2/m\"\n");
+    let gw = Gateway::start(&["--config", file.path()]);
+    let call = |user: &str| gw.post("/tools/echo", &[("x-user-id", user)], "{}");
+    assert_eq!(call("alice").status, 200);
+    assert_eq!(call("alice").status, 200);
+    assert_eq!(call("alice").status, 429);
+
+    std::fs::write(&file.0, "by_user = \"4/m\"\n").unwrap();
+    gw.signal("HUP");
+    // Stderr is unbuffered, so a line may arrive in pieces: wait for its end.
+    let log = gw.wait_for_log("backend=Memory\n", 2);
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("gateway: reloaded") && l.contains("by_user=4/m")),
+        "one summary line:\n{log}"
+    );
+    // The two calls alice made still count: two more, then refused.
+    let next = call("alice");
+    assert_eq!((next.status, next.number("x-ratelimit-limit")), (200, 4));
+    assert_eq!(next.number("x-ratelimit-remaining"), 1);
+    assert_eq!(call("alice").status, 200);
+    assert_eq!(call("alice").status, 429);
+
+    std::fs::write(&file.0, "by_user = \"abc/m\"\nalgorithm = \"leaky\"\n").unwrap();
+    gw.signal("HUP");
+    let log = gw.wait_for_log("or token_bucket\n", 1);
+    assert!(log.contains("reload failed, the old rules stay"), "{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("by_user:"))
+            && log.lines().any(|l| l.starts_with("algorithm:")),
+        "every problem on its own line, naming its field:\n{log}"
+    );
+    assert_eq!(call("bob").number("x-ratelimit-limit"), 4);
+
+    std::fs::write(&file.0, "by_user = \"9/m\"\n[backend]\nmax_keys = 10\n").unwrap();
+    gw.signal("HUP");
+    let log = gw.wait_for_log("(nothing was applied)\n", 1);
+    assert!(log.contains("backend.max_keys: changed"), "{log}");
+    assert_eq!(call("bob").number("x-ratelimit-limit"), 4);
+    assert_eq!(gw.get("/healthz").status, 200);
+}
+
 #[test]
 fn help_prints_usage_and_exits_zero() {
     let out = Command::new(gateway_binary())
@@ -675,7 +745,6 @@ fn loadgen_refuses_targets_that_are_not_loopback() {
 #[cfg(feature = "redis")]
 struct TempFile(PathBuf);
 
-#[cfg(feature = "redis")]
 impl TempFile {
     fn new(name: &str, contents: &str) -> TempFile {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -696,7 +765,6 @@ impl TempFile {
     }
 }
 
-#[cfg(feature = "redis")]
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);

@@ -44,10 +44,10 @@ impl Cli {
     }
 
     /// Parses the command line and the config, starts logging and a runtime, and runs
-    /// `serve(cfg, listen)` on it; every failure is a message on stderr and an exit code.
+    /// `serve(cfg, args)` on it; every failure is a message on stderr and an exit code.
     pub fn main<F, Fut>(&self, serve: F) -> ExitCode
     where
-        F: FnOnce(RateLimitConfig, String) -> Fut,
+        F: FnOnce(RateLimitConfig, Args) -> Fut,
         Fut: Future<Output = Result<(), String>>,
     {
         let name = self.name;
@@ -62,24 +62,15 @@ impl Cli {
                 return ExitCode::from(2);
             }
         };
-        let (source, text) = match &args.config {
-            None => (
-                self.default_config.1.to_owned(),
-                self.default_config.0.to_owned(),
-            ),
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => (path.clone(), text),
-                Err(e) => {
-                    eprintln!("{name}: cannot read config {path}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
+        let cfg = match &args.config {
+            None => RateLimitConfig::from_toml_str(self.default_config.0)
+                .map_err(|e| format!("invalid config in {}:\n{e}", self.default_config.1)),
+            Some(path) => read_config(path),
         };
-        // Every problem, one per line, each naming its field.
-        let cfg = match RateLimitConfig::from_toml_str(&text) {
+        let cfg = match cfg {
             Ok(cfg) => cfg,
             Err(e) => {
-                eprintln!("{name}: invalid config in {source}:\n{e}");
+                eprintln!("{name}: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -97,7 +88,7 @@ impl Cli {
                 return ExitCode::FAILURE;
             }
         };
-        match runtime.block_on(serve(cfg, args.listen)) {
+        match runtime.block_on(serve(cfg, args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{name}: {e}");
@@ -105,4 +96,12 @@ impl Cli {
             }
         }
     }
+}
+
+/// Reads and checks the config file at `path`; the error lists every problem, one a line,
+/// each naming its field.
+pub fn read_config(path: &str) -> Result<RateLimitConfig, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read config {path}: {e}"))?;
+    RateLimitConfig::from_toml_str(&text).map_err(|e| format!("invalid config in {path}:\n{e}"))
 }

@@ -13,6 +13,8 @@
 //! map already exists. Rows:
 //! - `bare` / `allowed`: every request under the limit (10^9/s), 1 000 users round-robin;
 //! - `allowed_no_decision_extension`: the same with `.decision_extension(false)`;
+//! - `allowed_metrics_prometheus` (with `--features metrics`): `allowed`, recording into a
+//!   Prometheus recorder;
 //! - `rejected`: every request a 429 (limit 1/h, already used), one user;
 //! - `*_ready_call`: `ready().call()` on one service instance instead of a clone.
 
@@ -132,6 +134,20 @@ fn overhead(c: &mut Criterion) {
     group.bench_function("allowed_no_decision_extension", |b| {
         b.iter_custom(|iters| run(&rt, &lean, &users, iters, StatusCode::OK))
     });
+    // With `--features metrics`: the `allowed` row then pays for the facade with no
+    // recorder installed; this one records into a Prometheus recorder, as a real
+    // deployment does.
+    #[cfg(feature = "metrics")]
+    {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        group.bench_function("allowed_metrics_prometheus", |b| {
+            b.iter_custom(|iters| {
+                metrics::with_local_recorder(&prometheus, || {
+                    run(&rt, &allowed, &users, iters, StatusCode::OK)
+                })
+            })
+        });
+    }
     let rejected = layer("1/h").layer(service_fn(handler));
     // Use up the one request: from here on every request is a 429.
     run(&rt, &rejected, &one_user, 1, StatusCode::OK);

@@ -11,7 +11,8 @@
 //! * `POST /tools/{name}` is a tool call. The tool is the path segment, handed to tollgate
 //!   as the [`ToolName`] request extension; the handler answers JSON
 //!   (`{"tool":"echo","ok":true,"echo":<request body>}`).
-//! * `GET /healthz` is never limited.
+//! * `GET /healthz` is never limited, nor is `GET /metrics` (Prometheus text; only when
+//!   built with `--features metrics`).
 //! * Identity comes from the `x-user-id` / `x-tenant-id` headers. This example plays the
 //!   trusted proxy that set them and turns them into the [`Identity`] extension. In a real
 //!   deployment these headers must be set by your auth proxy and stripped from client
@@ -98,16 +99,12 @@ async fn serve(cfg: RateLimitConfig, args: cli::Args) -> Result<(), String> {
     // reloads instead of ending the process (its default action).
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(hangups()?, limiter.handle(), args.config));
+    let app = app(limiter);
+    #[cfg(feature = "metrics")]
+    let app = app.merge(metrics_route()?);
     // Served with the peer address in every request (`ConnectInfo<SocketAddr>`), so
     // tollgate can count anonymous callers by client address (`anonymous = "by_ip"`).
-    shutdown::serve(
-        app(limiter),
-        &args.listen,
-        "gateway",
-        "tollgate gateway",
-        "",
-    )
-    .await?;
+    shutdown::serve(app, &args.listen, "gateway", "tollgate gateway", "").await?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }
@@ -131,6 +128,24 @@ fn app(limiter: RateLimitLayer) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/tools/{name}", tool_call)
+}
+
+/// `GET /metrics` in Prometheus text format (built with `--features metrics`): tollgate's
+/// metrics, recorded through the `metrics` facade into this process's Prometheus
+/// recorder. Not limited, like `/healthz`.
+#[cfg(feature = "metrics")]
+fn metrics_route() -> Result<Router, String> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    // Store latency from a microsecond (memory) to a second (a Redis timeout).
+    let buckets = [1e-6, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("tollgate_store_latency_seconds".into()),
+            &buckets,
+        )
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+    Ok(Router::new().route("/metrics", get(move || std::future::ready(handle.render()))))
 }
 
 /// On each SIGHUP, reads `--config` again and applies it: a good file replaces the rules

@@ -17,6 +17,7 @@ use crate::mcp::jsonrpc::FindCall;
 use crate::response::{self, ResponseBody};
 use crate::service::{act, panicked, Action, Plan};
 use crate::store::{Outcomes, StoreError};
+use crate::telemetry::Started;
 use crate::{Decision, HeaderStyle};
 
 /// How a forwarded response is decorated.
@@ -33,7 +34,8 @@ impl Decorate {
     }
 }
 
-type Check = Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
+pub(crate) type Check =
+    Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
 
 pin_project! {
     /// The future of [`RateLimit`](crate::RateLimit): checking the store (Redis only),
@@ -72,15 +74,16 @@ pin_project! {
 }
 
 /// What a store check that awaits holds until the store answers.
-struct Checking<S, ReqB> {
-    check: Check,
-    svc: Option<S>,
-    req: Option<Request<ReqB>>,
-    shared: Arc<Shared>,
+pub(crate) struct Checking<S, ReqB> {
+    pub(crate) check: Check,
+    pub(crate) started: Started,
+    pub(crate) svc: Option<S>,
+    pub(crate) req: Option<Request<ReqB>>,
+    pub(crate) shared: Arc<Shared>,
     /// The policy the request started on, kept to its end.
-    policy: Arc<Policy>,
-    plan: Plan,
-    find: FindCall<ReqB>,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) plan: Plan,
+    pub(crate) find: FindCall<ReqB>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -105,26 +108,10 @@ where
         }
     }
 
-    pub(crate) fn checking(
-        check: Check,
-        svc: S,
-        req: Request<ReqB>,
-        shared: Arc<Shared>,
-        policy: Arc<Policy>,
-        plan: Plan,
-        find: FindCall<ReqB>,
-    ) -> Self {
+    pub(crate) fn checking(checking: Checking<S, ReqB>) -> Self {
         ResponseFuture {
             state: State::Checking {
-                checking: Box::new(Checking {
-                    check,
-                    svc: Some(svc),
-                    req: Some(req),
-                    shared,
-                    policy,
-                    plan,
-                    find,
-                }),
+                checking: Box::new(checking),
             },
         }
     }
@@ -152,6 +139,7 @@ where
                 StateProj::Checking { checking } => {
                     let Checking {
                         check,
+                        started,
                         svc,
                         req,
                         shared,
@@ -162,6 +150,7 @@ where
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
+                    started.answered(shared.backend);
                     let request = req.as_ref().expect("polled after completion");
                     let next = match act(shared, policy, plan, &result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },

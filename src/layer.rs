@@ -9,11 +9,12 @@ use hashbrown::HashMap;
 use tower_layer::Layer;
 
 use crate::config::IdentityConfig;
+use crate::identity::Target;
 use crate::log_gate::LogGate;
 use crate::tier::RuleSet;
 use crate::{
-    Algorithm, BackendConfig, Clock, ConfigError, FailMode, HeaderStyle, Mode, Rate, RateLimit,
-    RateLimitConfig, Refusal, Store, SystemClock,
+    Algorithm, BackendConfig, BackendKind, Clock, ConfigError, FailMode, HeaderStyle, Mode, Rate,
+    RateLimit, RateLimitConfig, Refusal, Store, SystemClock,
 };
 
 /// Applies a [`RateLimitConfig`] to a service. Cloning the layer, or the services it
@@ -54,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) live: Arc<Live>,
     pub(crate) insert_decision: bool,
     pub(crate) store: Arc<dyn Store>,
+    /// The store's kind, as the store latency metric labels it.
+    pub(crate) backend: &'static str,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
 }
@@ -122,7 +125,8 @@ pub(crate) struct Rules {
 #[derive(Default)]
 struct Names {
     numbers: HashMap<Box<str>, u32>,
-    names: Vec<Box<str>>,
+    /// Shared, so a metric label takes a name without copying it.
+    names: Vec<Arc<str>>,
 }
 
 /// Longest name normalised without allocating.
@@ -232,6 +236,14 @@ impl Rules {
         &self.tools.names[index as usize]
     }
 
+    /// The name of a configured tool (`Target::Tool`) or prompt, shared.
+    pub(crate) fn named(&self, target: Target, index: u32) -> &Arc<str> {
+        match target {
+            Target::Tool => &self.tools.names[index as usize],
+            Target::Prompt => &self.prompts.names[index as usize],
+        }
+    }
+
     /// The configured prompt matching `raw` (trimmed): its number and rate.
     pub(crate) fn prompt(&self, raw: &[u8]) -> Option<(u32, Rate)> {
         let i = self.prompts.find(raw, false)?;
@@ -316,6 +328,12 @@ impl RateLimitLayer {
     }
 
     fn build(cfg: &RateLimitConfig, store: Arc<dyn Store>, backend: Option<BackendConfig>) -> Self {
+        let kind = match backend.as_ref().map(BackendConfig::kind) {
+            Some(BackendKind::Memory) => "memory",
+            Some(BackendKind::Redis) => "redis",
+            Some(BackendKind::RedisCluster) => "redis_cluster",
+            None => "custom",
+        };
         RateLimitLayer {
             shared: Arc::new(Shared {
                 live: Arc::new(Live {
@@ -324,6 +342,7 @@ impl RateLimitLayer {
                 }),
                 insert_decision: true,
                 store,
+                backend: kind,
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
             }),

@@ -79,6 +79,7 @@ mod rate;
 mod response;
 mod service;
 mod store;
+mod telemetry;
 mod tier;
 mod tool_path;
 

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::decision::{Decision, Verdict};
-use crate::future::ResponseFuture;
+use crate::future::{Checking, ResponseFuture};
 use crate::identity::{self, Target};
 use crate::key::MAX_KEYS;
 use crate::layer::{Policy, Shared};
@@ -19,6 +19,7 @@ use crate::mcp::jsonrpc::{no_call, FindCall, McpCall};
 use crate::mcp::refusal;
 use crate::response::{self, ResponseBody};
 use crate::store::{Outcomes, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+use crate::telemetry::{self, Decided, Started};
 use crate::{FailMode, Key, Mode, Rate, RuleKind, Subject};
 
 /// The rate-limiting service; see [`RateLimitLayer`](crate::RateLimitLayer).
@@ -128,6 +129,7 @@ impl<S> RateLimit<S> {
                         "tollgate: refused an ambiguous identity"
                     );
                 }
+                telemetry::request(Decided::InvalidIdentity, None, None);
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
@@ -158,6 +160,7 @@ impl<S> RateLimit<S> {
             crate::plan::keys(shared, &policy, &req, &who, now, &mut keys, &mut plan.rules);
         plan.tool = tool;
         if n == 0 {
+            telemetry::request(Decided::Allowed, None, None);
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
                 self.inner.call(req),
@@ -167,23 +170,37 @@ impl<S> RateLimit<S> {
         }
 
         let request = StoreRequest::new(&keys[..n], now);
+        let started = Started::now();
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => match act(shared, &policy, &plan, &result, &req, call) {
-                Action::Respond(resp) => ResponseFuture::respond(resp),
-                Action::Forward(decision) => ResponseFuture::calling(
-                    self.inner.call(req),
-                    decision,
-                    shared.decorate(&policy),
-                ),
-            },
+            StoreFuture::Ready(result) => {
+                started.answered(shared.backend);
+                match act(shared, &policy, &plan, &result, &req, call) {
+                    Action::Respond(resp) => ResponseFuture::respond(resp),
+                    Action::Forward(decision) => ResponseFuture::calling(
+                        self.inner.call(req),
+                        decision,
+                        shared.decorate(&policy),
+                    ),
+                }
+            }
             StoreFuture::Pending(check) => {
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 let policy = arc_swap::Guard::into_inner(policy);
-                ResponseFuture::checking(check, ready, req, self.shared.clone(), policy, plan, find)
+                let checking = Checking {
+                    check,
+                    started,
+                    svc: Some(ready),
+                    req: Some(req),
+                    shared: self.shared.clone(),
+                    policy,
+                    plan,
+                    find,
+                };
+                ResponseFuture::checking(checking)
             }
         }
     }
@@ -231,7 +248,9 @@ pub(crate) fn act<B>(
         return store_failed(shared, policy, plan, &miscounted());
     }
     let decision = Decision::new(&verdicts, plan.now);
+    let label = plan.tool.map(|(target, i)| policy.rules.named(target, i));
     if decision.is_allowed() {
+        telemetry::request(Decided::Allowed, decision.rule(), label);
         return Action::Forward(Some(decision));
     }
     let named = plan.tool.map(|(target, i)| match target {
@@ -242,6 +261,7 @@ pub(crate) fn act<B>(
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match policy.mode {
         Mode::Permissive => {
+            telemetry::request(Decided::ShadowLimited, decision.rule(), label);
             // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
             // behaviour contract item 13).
             if let Some(suppressed) = shared.health.permissive_log.may_log(plan.now) {
@@ -255,6 +275,7 @@ pub(crate) fn act<B>(
             Action::Forward(Some(decision))
         }
         _ => {
+            telemetry::request(Decided::Limited, decision.rule(), label);
             if let Some(suppressed) = shared.health.refusal_log.may_log(plan.now) {
                 tracing::debug!(
                     rule,
@@ -288,6 +309,13 @@ fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreErro
     let health = &shared.health;
     health.store_errors.fetch_add(1, Ordering::Relaxed);
     let closed = policy.fail_mode == FailMode::Closed;
+    let label = plan.tool.map(|(target, i)| policy.rules.named(target, i));
+    let decided = if closed {
+        Decided::FailClosed
+    } else {
+        Decided::FailOpen
+    };
+    telemetry::request(decided, None, label);
     if closed {
         health.fail_closed.fetch_add(1, Ordering::Relaxed);
     } else {

@@ -50,6 +50,10 @@ fn example_binary(name: &str) -> PathBuf {
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
+        // The binary this test expects: with /metrics when the test has the feature.
+        if cfg!(feature = "metrics") {
+            cmd.args(["--features", "metrics"]);
+        }
         let status = cmd.status().expect("run cargo build --example");
         assert!(
             status.success(),
@@ -600,6 +604,75 @@ fn sighup_applies_a_new_config_and_a_bad_one_changes_nothing() {
     assert!(log.contains("backend.max_keys: changed"), "{log}");
     assert_eq!(call("bob").number("x-ratelimit-limit"), 4);
     assert_eq!(gw.get("/healthz").status, 200);
+}
+
+/// Built with `--features metrics`, the gateway serves its counters at `/metrics` in
+/// Prometheus text format, by decision, rule and configured tool, never by user.
+#[cfg(feature = "metrics")]
+#[test]
+fn metrics_show_the_counters_in_prometheus_text() {
+    let gw = Gateway::start(&[]);
+    for _ in 0..3 {
+        assert_eq!(
+            gw.post("/tools/echo", &[("x-user-id", "alice")], "{}")
+                .status,
+            200
+        );
+    }
+    for user in ["alice", "bob"] {
+        assert_eq!(
+            gw.post("/tools/search", &[("x-user-id", user)], "{}")
+                .status,
+            200
+        );
+    }
+    for user in ["carol", "dave"] {
+        assert_eq!(
+            gw.post("/tools/search", &[("x-user-id", user)], "{}")
+                .status,
+            200
+        );
+    }
+    // The default config allows ten searches a minute: the rest are refused.
+    for i in 0..8 {
+        gw.post(
+            "/tools/search",
+            &[("x-user-id", &format!("user-{i}"))],
+            "{}",
+        );
+    }
+    let metrics = gw.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    let body = &metrics.body;
+    let line = |prefix: &str| {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(
+        line("tollgate_requests_total{decision=\"allowed\",rule=\"user\",tool=\"\"}"),
+        3.0
+    );
+    assert_eq!(
+        line("tollgate_requests_total{decision=\"allowed\",rule=\"tool\",tool=\"search\"}"),
+        10.0
+    );
+    assert_eq!(
+        line("tollgate_requests_total{decision=\"limited\",rule=\"tool\",tool=\"search\"}"),
+        2.0
+    );
+    assert_eq!(
+        line("tollgate_store_latency_seconds_count{backend=\"memory\"}"),
+        15.0
+    );
+    for user in ["alice", "bob", "user-1"] {
+        assert!(!body.contains(user), "{user} in /metrics");
+    }
 }
 
 #[test]

@@ -1,25 +1,23 @@
-//! The example gateway, tried as a new user would: the real binary, started on a free
-//! loopback port, called over HTTP.
-//!
-//! `cargo test` builds examples next to the test binaries (`target/<profile>/examples`);
-//! when the gateway binary is missing or older than its sources (e.g. after
-//! `cargo test --test gateway_e2e`), it is built with `cargo build --example gateway`.
+//! The example gateway, tried as a new user would: the real binary (built if needed, see
+//! `tests/common/example.rs`), started on a free loopback port, called over HTTP.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+use common::example::{drain, example_binary, wait_bounded, Running, START_TIMEOUT};
+
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------
-// Locating (and if needed building) the example binary.
+// The example binaries, and a running gateway (killed on drop, also when an assertion
+// fails).
 
 fn gateway_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -31,113 +29,13 @@ fn loadgen_binary() -> &'static Path {
     BIN.get_or_init(|| example_binary("loadgen"))
 }
 
-/// `target/<profile>/examples/<name>`, built first when missing or stale.
-fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/gateway_e2e-<hash> → target/<profile>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() || is_stale(&bin, name) {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", name])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        // The binary this test expects: with /metrics when the test has the feature.
-        if cfg!(feature = "metrics") {
-            cmd.args(["--features", "metrics"]);
-        }
-        let status = cmd.status().expect("run cargo build --example");
-        assert!(
-            status.success(),
-            "cargo build --example {name} failed: {status}"
-        );
-    }
-    assert!(bin.exists(), "no {name} binary at {}", bin.display());
-    bin
-}
-
-/// True when a source the example is built from is newer than the binary.
-fn is_stale(bin: &Path, name: &str) -> bool {
-    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
-        return true;
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut pending = vec![
-        root.join("src"),
-        root.join(format!("examples/{name}.rs")),
-        root.join("Cargo.toml"),
-    ];
-    let mut seen = 0;
-    while let Some(path) = pending.pop() {
-        seen += 1;
-        if seen > 10_000 {
-            return true;
-        }
-        let Ok(meta) = path.metadata() else { continue };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                pending.extend(entries.flatten().map(|e| e.path()));
-            }
-        } else if meta.modified().is_ok_and(|m| m > built) {
-            return true;
-        }
-    }
-    false
-}
-
-// ---------------------------------------------------------------------------------------
-// A running gateway, killed on drop (also when an assertion fails).
-
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
+struct Gateway(Running);
 
 impl Gateway {
     fn start(extra: &[&str]) -> Gateway {
-        let mut child = Command::new(gateway_binary())
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the gateway");
-        let stderr = drain(child.stderr.take().expect("piped stderr"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut first = String::new();
-            let mut reader = BufReader::new(stdout);
-            let _ = reader.read_line(&mut first);
-            let _ = tx.send(first);
-            // Keep reading so the child never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        // The guard exists before any assertion, so a failed start still kills the child.
-        let mut gateway = Gateway {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            stderr,
-        };
-        let line = rx
-            .recv_timeout(START_TIMEOUT)
-            .unwrap_or_else(|_| panic!("the gateway printed no address within {START_TIMEOUT:?}"));
-        let addr = line
-            .trim()
-            .strip_prefix("tollgate gateway listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        gateway.addr = addr.parse().expect("a socket address");
-        gateway
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Gateway(Running::start(gateway_binary(), "tollgate gateway", &args))
     }
 
     fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
@@ -147,80 +45,19 @@ impl Gateway {
     fn get(&self, path: &str) -> Reply {
         request(self.addr, "GET", path, &[], "")
     }
+}
 
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    #[cfg(unix)]
-    fn terminate(&mut self) -> ExitStatus {
-        self.signal("TERM");
-        wait_bounded(&mut self.child, Duration::from_secs(10)).expect("exit after SIGTERM")
-    }
-
-    /// Sends the signal named `name` (`kill -<name>`).
-    #[cfg(unix)]
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    /// Waits (bounded) until stderr holds `times` occurrences of `text`; returns stderr.
-    fn wait_for_log(&self, text: &str, times: usize) -> String {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        loop {
-            let log = self.stderr.lock().unwrap().clone();
-            if log.matches(text).count() >= times {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {text:?} (×{times}) in the log:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+impl std::ops::Deref for Gateway {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.0
     }
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!(
-                "--- gateway stderr ---\n{}",
-                self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
-            );
-        }
+impl std::ops::DerefMut for Gateway {
+    fn deref_mut(&mut self) -> &mut Running {
+        &mut self.0
     }
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = text.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if let Ok(mut s) = sink.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        }
-    });
-    text
-}
-
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! Serving an example's router until Ctrl-C, or SIGTERM on Unix, then finishing in-flight
-//! requests. Included by `examples/gateway.rs`, `examples/mcp_server.rs` and
-//! `examples/bench_server.rs` with `#[path]`.
+//! requests. Included by `examples/gateway.rs`, `examples/mcp_server.rs`,
+//! `examples/bench_server.rs` and `examples/hyper_server.rs` (which uses only [`bind`] and
+//! [`signal`]) with `#[path]`.
 
 use std::net::SocketAddr;
 
@@ -14,13 +15,7 @@ pub async fn serve(
     banner: &str,
     path: &str,
 ) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr: SocketAddr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    println!("{banner} listening on http://{addr}{path}");
+    let listener = bind(listen, banner, path).await?;
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -28,6 +23,23 @@ pub async fn serve(
     .with_graceful_shutdown(signal(name))
     .await
     .map_err(|e| format!("server error: {e}"))
+}
+
+/// Binds `listen` and prints `{banner} listening on http://{addr}{path}`, the address
+/// actually bound (port 0 picks a free one).
+pub async fn bind(
+    listen: &str,
+    banner: &str,
+    path: &str,
+) -> Result<tokio::net::TcpListener, String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    println!("{banner} listening on http://{addr}{path}");
+    Ok(listener)
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix; in-flight requests then finish. `name`

@@ -9,6 +9,7 @@ use http::{Request, Response};
 use tollgate::{ManualClock, MemoryStore, RateLimitConfig, RateLimitLayer};
 use tower::{service_fn, ServiceBuilder};
 
+pub mod example;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "redis")]

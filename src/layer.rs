@@ -332,7 +332,7 @@ impl RateLimitLayer {
             store_errors: h.store_errors.load(Ordering::Relaxed),
             fail_open: h.fail_open.load(Ordering::Relaxed),
             fail_closed: h.fail_closed.load(Ordering::Relaxed),
-            fallback_answers: self.shared.store.fallback_answers(),
+            fallback_answers: self.shared.store.stats().fallback_answers,
         }
     }
 }

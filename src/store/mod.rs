@@ -159,27 +159,19 @@ impl fmt::Debug for StoreFuture {
 
 /// Where counters live. Implementations must be all-or-nothing: allow only when every key
 /// allows, and then count under every key; a rejected request counts nowhere.
+///
+/// `check` is called once per request, through one `Arc<dyn Store>`. A store that wraps
+/// another should forward [`Store::stats`] too, so the layer's
+/// [`Stats`](crate::Stats) still see the inner store's figures.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks and counts one request.
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture;
 
-    /// The answer this store can give without asking its backend, if any (the Redis
-    /// store's deny cache). Wrappers such as [`FallbackStore`](crate::FallbackStore) ask
-    /// this first and then [`Store::check_backend`], so a cached answer is never taken as
-    /// a sign that the backend is healthy. `check` itself must consult it too.
-    fn answer_locally(&self, _request: &StoreRequest<'_>) -> Option<Outcomes> {
-        None
-    }
-
-    /// [`Store::check`] without [`Store::answer_locally`]: always asks the backend.
-    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        self.check(request)
-    }
-
-    /// Requests answered by a fallback because the backend was failing (0 for stores
-    /// without one). Shown in [`Stats`](crate::Stats).
-    fn fallback_answers(&self) -> u64 {
-        0
+    /// What the store has counted about itself, read by
+    /// [`RateLimitLayer::stats`](crate::RateLimitLayer::stats). The default says nothing
+    /// happened ([`StoreStats::default`]).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
     }
 }
 
@@ -189,17 +181,19 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
         (**self).check(request)
     }
 
-    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
-        (**self).answer_locally(request)
+    fn stats(&self) -> StoreStats {
+        (**self).stats()
     }
+}
 
-    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        (**self).check_backend(request)
-    }
-
-    fn fallback_answers(&self) -> u64 {
-        (**self).fallback_answers()
-    }
+/// A store's own counts since it was built ([`Store::stats`]). More fields may be added;
+/// start from [`StoreStats::default`] and set the ones your store counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Requests answered by a fallback because the backend was failing (for example
+    /// `FallbackStore`'s memory store while Redis is down).
+    pub fallback_answers: u64,
 }
 
 /// What kind of failure a store had.

@@ -257,6 +257,7 @@ pub(crate) struct Health {
 
 /// Failure counts since the layer was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Store calls that failed (error, timeout or panic).
     pub store_errors: u64,

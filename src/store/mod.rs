@@ -165,6 +165,7 @@ impl Outcomes {
 }
 
 /// A store's answer: ready now (the memory store: no allocation, no await), or later.
+/// These two shapes are all there will be, so a wrapper store may match them exhaustively.
 pub enum StoreFuture {
     /// Answered synchronously.
     Ready(Result<Outcomes, StoreError>),

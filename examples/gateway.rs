@@ -248,10 +248,10 @@ async fn identity_from_proxy_headers(mut req: Request, next: Next) -> Response {
 }
 
 fn identity(headers: &HeaderMap) -> Result<Identity, &'static str> {
-    Ok(Identity {
-        user: single(headers, &USER_HEADER, IdErrors::USER)?,
-        tenant: single(headers, &TENANT_HEADER, IdErrors::TENANT)?,
-    })
+    Ok(Identity::new(
+        single(headers, &USER_HEADER, IdErrors::USER)?,
+        single(headers, &TENANT_HEADER, IdErrors::TENANT)?,
+    ))
 }
 
 struct IdErrors {

@@ -180,10 +180,10 @@ pub fn app(cfg: RateLimitConfig) -> Router {
 /// [`MAX_IDENTITY_LEN`] or not UTF-8 is refused with 400 rather than guessed at.
 async fn identity_from_headers(mut req: Request, next: Next) -> Response {
     let identity = (|| {
-        Ok::<_, &'static str>(Identity {
-            user: single(req.headers(), &USER_HEADER, "x-user-id")?,
-            tenant: single(req.headers(), &TENANT_HEADER, "x-tenant-id")?,
-        })
+        Ok::<_, &'static str>(Identity::new(
+            single(req.headers(), &USER_HEADER, "x-user-id")?,
+            single(req.headers(), &TENANT_HEADER, "x-tenant-id")?,
+        ))
     })();
     match identity {
         Ok(identity) => {

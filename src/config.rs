@@ -18,6 +18,7 @@ use crate::{Algorithm, Rate};
 
 /// What happens to a request over its limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Mode {
     /// Over the limit → `429 Too Many Requests`; the inner service is not called.
     #[default]
@@ -31,6 +32,7 @@ pub enum Mode {
 
 /// What happens when the store fails and no fallback answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FailMode {
     /// Forward the request without rate headers (the service keeps serving).
     #[default]
@@ -41,6 +43,7 @@ pub enum FailMode {
 
 /// Which rate headers responses carry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HeaderStyle {
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset` (epoch seconds).
     #[default]
@@ -70,6 +73,7 @@ pub enum BackendKind {
 
 /// What answers while Redis is failing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Fallback {
     /// A local memory store with the same rules (limits then hold per instance).
     #[default]
@@ -80,6 +84,7 @@ pub enum Fallback {
 
 /// How requests without a user are counted (`anonymous = ...`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Anonymous {
     /// One `anonymous` bucket shared by every request without a user.
     #[default]
@@ -159,6 +164,7 @@ impl IdentityConfig {
 
 /// How a refused MCP call is answered (`[mcp] refusal`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Refusal {
     /// HTTP 200 with a JSON-RPC result the agent reads: for `tools/call`, a tool result
     /// with `isError: true` and a text saying which tool and when to retry; for other

@@ -16,7 +16,9 @@ use crate::Subject;
 pub const MAX_IDENTITY_LEN: usize = 256;
 
 /// The caller, as an upstream auth layer established it. Insert it into the request's
-/// extensions; tollgate reads it before any header. `Debug` redacts both ids.
+/// extensions; tollgate reads it before any header. `Debug` redacts both ids. Build it
+/// with [`Identity::new`], [`Identity::user`] or [`Identity::anonymous`] (it may gain
+/// fields, so it cannot be written as a struct literal outside tollgate).
 ///
 /// ```
 /// use tollgate::Identity;
@@ -25,6 +27,7 @@ pub const MAX_IDENTITY_LEN: usize = 256;
 /// assert_eq!(format!("{who:?}"), "Identity { user: Some(<redacted>), tenant: Some(<redacted>) }");
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Identity {
     /// The user id; `None`, empty or all-whitespace → the shared `anonymous` bucket.
     pub user: Option<String>,
@@ -33,6 +36,19 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// An identity from what an auth layer found, either part possibly absent (an absent
+    /// user is anonymous; an absent tenant applies no tenant rule).
+    ///
+    /// ```
+    /// use tollgate::Identity;
+    /// let from_token: Option<String> = None;
+    /// let who = Identity::new(from_token, Some("acme".to_owned()));
+    /// assert_eq!(who, Identity::anonymous().with_tenant("acme"));
+    /// ```
+    pub fn new(user: Option<String>, tenant: Option<String>) -> Self {
+        Identity { user, tenant }
+    }
+
     /// An identity for `user`, without a tenant.
     pub fn user(user: impl Into<String>) -> Self {
         Identity {

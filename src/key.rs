@@ -14,6 +14,7 @@ use crate::{Algorithm, Rate};
 
 /// Which rule a counter belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum RuleKind {
     /// The per-user rule (`by_user`).
     User,
@@ -50,6 +51,7 @@ impl fmt::Display for RuleKind {
 /// Whose counter: a named subject, the one shared bucket of anonymous users, or (with
 /// `anonymous = "by_ip"`) the network of an anonymous client.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Subject<'a> {
     /// Requests without a user share this bucket; it is distinct from every named user,
     /// including one literally called "anonymous".

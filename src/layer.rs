@@ -300,6 +300,7 @@ pub(crate) struct Health {
 
 /// Failure counts since the layer was built.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Store calls that failed (error, timeout or panic).
     pub store_errors: u64,
@@ -386,7 +387,7 @@ impl RateLimitLayer {
             store_errors: h.store_errors.load(Ordering::Relaxed),
             fail_open: h.fail_open.load(Ordering::Relaxed),
             fail_closed: h.fail_closed.load(Ordering::Relaxed),
-            fallback_answers: self.shared.store.fallback_answers(),
+            fallback_answers: self.shared.store.stats().fallback_answers,
         }
     }
 }

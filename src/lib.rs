@@ -105,7 +105,9 @@ pub use store::fallback::FallbackStore;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
-pub use store::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+pub use store::{
+    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
+};
 pub use tier::{Tier, TierConfig};
 
 /// The README's Rust code blocks, compiled and run as doc tests, so the documented

@@ -387,7 +387,7 @@ mod tests {
                 kind: RuleKind::User,
                 rate: Rate::new(count, std::time::Duration::from_secs(60)).unwrap(),
                 outcome: Outcome::allowed(count - 1, std::time::Duration::from_secs(30))
-                    .reset_at_micros(reset_secs * 1_000_000),
+                    .with_reset_at_micros(reset_secs * 1_000_000),
             };
             Decision::new(&[Some(verdict), None, None, None], 0)
         };

@@ -16,10 +16,10 @@ use tower::{Service, ServiceExt};
 
 fn req(user: Option<&str>, tenant: Option<&str>, tool: Option<&str>) -> Request<Body> {
     let mut req = Request::new(Body::new());
-    req.extensions_mut().insert(Identity {
-        user: user.map(str::to_owned),
-        tenant: tenant.map(str::to_owned),
-    });
+    req.extensions_mut().insert(Identity::new(
+        user.map(str::to_owned),
+        tenant.map(str::to_owned),
+    ));
     if let Some(tool) = tool {
         req.extensions_mut().insert(ToolName::new(tool));
     }

@@ -78,10 +78,10 @@ fn with_headers(pairs: &[Pair<'_>]) -> Request<Body> {
 
 fn with_identity(user: &str, tenant: Option<&str>) -> Request<Body> {
     let mut req = Request::new(Body::new());
-    req.extensions_mut().insert(Identity {
-        user: Some(user.to_owned()),
-        tenant: tenant.map(str::to_owned),
-    });
+    req.extensions_mut().insert(Identity::new(
+        Some(user.to_owned()),
+        tenant.map(str::to_owned),
+    ));
     req
 }
 

@@ -131,10 +131,9 @@ fn build(c: &Caller) -> Sent {
     let mut bad = false;
     let (user, tenant) = match &c.identity {
         Some((user, tenant)) => {
-            request.extensions_mut().insert(Identity {
-                user: user.clone(),
-                tenant: tenant.clone(),
-            });
+            request
+                .extensions_mut()
+                .insert(Identity::new(user.clone(), tenant.clone()));
             (
                 user.as_deref().map(|u| u.trim().as_bytes().to_vec()),
                 tenant.as_deref().map(|t| t.trim().as_bytes().to_vec()),

@@ -15,6 +15,7 @@ use crate::Rate;
 
 /// How requests are counted against a [`Rate`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// A window starts at a key's first counted request and lasts one period. Cheap and
     /// easy to explain; up to twice the count can pass around a window edge.

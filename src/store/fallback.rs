@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::memory::MemoryStore;
-use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+use super::redis::RedisStore;
+use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats};
 use crate::key::{Key, RuleKind, Subject};
 use crate::log_gate::LogGate;
 use crate::{Algorithm, Rate};
@@ -23,9 +24,9 @@ pub(crate) const FAILURES_TO_OPEN: u32 = 3;
 /// How long an open circuit keeps requests away from the primary before a probe.
 pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
 
-/// `primary` (usually a [`RedisStore`](crate::RedisStore)) guarded by a circuit breaker,
-/// with `fallback` (if any) answering while it fails. `RateLimitLayer::new` builds this
-/// for `[backend] kind = "redis"`; build it yourself when you construct the Redis store in
+/// A [`RedisStore`] guarded by a circuit breaker, with a [`MemoryStore`] (if any)
+/// answering while Redis fails. `RateLimitLayer::new` builds this for
+/// `[backend] kind = "redis"`; build it yourself when you construct the Redis store in
 /// code:
 ///
 /// ```no_run
@@ -38,12 +39,27 @@ pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
 /// ```
 ///
 /// After three consecutive failures the circuit opens for one second: no request reaches
-/// the primary, the fallback answers at once (or the error is returned without waiting,
-/// and the layer's `fail_mode` decides). Then one request probes the primary; success
-/// closes the circuit. Clones share the circuit and the fallback's counters.
+/// Redis, the fallback answers at once (or the error is returned without waiting, and the
+/// layer's `fail_mode` decides). Then one request probes Redis; success closes the
+/// circuit. Refusals the Redis store's deny cache answers locally neither close the
+/// circuit nor use up the probe. Clones share the circuit and the fallback's counters;
+/// [`Store::stats`] counts the fallback's answers.
 #[derive(Clone)]
-pub struct FallbackStore<P> {
-    inner: Arc<Inner<P>>,
+pub struct FallbackStore {
+    inner: Arc<Inner<RedisStore>>,
+}
+
+/// What the breaker needs of the store it guards beyond [`Store::check`]: the answers it
+/// gives without its backend (the Redis deny cache), kept apart so a cached answer is
+/// never taken as a sign that the backend is healthy. Crate-private: only the crate's
+/// own stores have a local answer, so it is not part of the public [`Store`] trait.
+pub(crate) trait Primary: Store {
+    /// The answer this store can give without asking its backend, if any. `check` must
+    /// consult it too.
+    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes>;
+
+    /// [`Store::check`] without [`Primary::answer_locally`]: always asks the backend.
+    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture;
 }
 
 struct Inner<P> {
@@ -54,22 +70,16 @@ struct Inner<P> {
     fallback_answers: AtomicU64,
 }
 
-impl<P: Store> FallbackStore<P> {
+impl FallbackStore {
     /// `primary`, answered for by `fallback` (or by nobody) while it fails.
-    pub fn new(primary: P, fallback: Option<MemoryStore>) -> Self {
+    pub fn new(primary: RedisStore, fallback: Option<MemoryStore>) -> Self {
         FallbackStore {
-            inner: Arc::new(Inner {
-                primary,
-                fallback,
-                breaker: Breaker::new(),
-                fallback_log: FallbackLog::new(),
-                fallback_answers: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Inner::new(primary, fallback)),
         }
     }
 }
 
-impl<P: Store> fmt::Debug for FallbackStore<P> {
+impl fmt::Debug for FallbackStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackStore")
             .field("primary", &self.inner.primary)
@@ -79,13 +89,35 @@ impl<P: Store> fmt::Debug for FallbackStore<P> {
     }
 }
 
-impl<P: Store> Store for FallbackStore<P> {
-    fn fallback_answers(&self) -> u64 {
-        self.inner.fallback_answers.load(Ordering::Relaxed)
+impl Store for FallbackStore {
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        self.inner.check(request)
     }
 
-    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        let inner = &*self.inner;
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+}
+
+impl<P: Primary> Inner<P> {
+    fn new(primary: P, fallback: Option<MemoryStore>) -> Self {
+        Inner {
+            primary,
+            fallback,
+            breaker: Breaker::new(),
+            fallback_log: FallbackLog::new(),
+            fallback_answers: AtomicU64::new(0),
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            fallback_answers: self.fallback_answers.load(Ordering::Relaxed),
+        }
+    }
+
+    fn check(self: &Arc<Self>, request: &StoreRequest<'_>) -> StoreFuture {
+        let inner = &**self;
         // A cached answer says nothing of the primary's health: it neither closes the
         // circuit nor uses up the probe.
         if let Some(outcomes) = inner.primary.answer_locally(request) {
@@ -105,7 +137,7 @@ impl<P: Store> Store for FallbackStore<P> {
                 StoreFuture::Ready(inner.answer_without_primary(request, Some(&error)))
             }
             StoreFuture::Pending(pending) => {
-                let this = self.inner.clone();
+                let this = self.clone();
                 let owned = this.fallback.as_ref().map(|_| OwnedRequest::new(request));
                 StoreFuture::Pending(Box::pin(async move {
                     match pending.await {
@@ -369,6 +401,21 @@ mod tests {
         }
     }
 
+    /// Neither fake primary has a local answer.
+    impl Primary for Flaky {
+        fn answer_locally(&self, _request: &StoreRequest<'_>) -> Option<Outcomes> {
+            None
+        }
+        fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
+            self.check(request)
+        }
+    }
+
+    /// The breaker around a fake primary, as [`FallbackStore`] holds it around Redis.
+    fn guard<P: Primary>(primary: P, fallback: Option<MemoryStore>) -> Arc<Inner<P>> {
+        Arc::new(Inner::new(primary, fallback))
+    }
+
     fn ready(f: StoreFuture) -> Result<Outcomes, StoreError> {
         match f {
             StoreFuture::Ready(r) => r,
@@ -378,8 +425,8 @@ mod tests {
 
     #[test]
     fn opens_after_consecutive_failures_then_probes_after_the_cool_down() {
-        let flaky = Arc::new(Flaky::default());
-        let store = FallbackStore::new(flaky.clone(), None);
+        let store = guard(Flaky::default(), None);
+        let flaky = &store.primary;
         let rate = Rate::per_minute(2);
         let keys = [Key::new(
             RuleKind::User,
@@ -411,7 +458,7 @@ mod tests {
         flaky.failing.store(false, Ordering::SeqCst);
         std::thread::sleep(COOL_DOWN + Duration::from_millis(50));
         assert!(ready(store.check(&req)).is_ok());
-        assert!(!store.inner.breaker.is_open());
+        assert!(!store.breaker.is_open());
         assert!(ready(store.check(&req)).is_ok());
         assert_eq!(
             flaky.calls.load(Ordering::SeqCst),
@@ -427,6 +474,15 @@ mod tests {
         fn check(&self, _request: &StoreRequest<'_>) -> StoreFuture {
             self.1.fetch_add(1, Ordering::SeqCst);
             StoreFuture::Ready(Err(StoreError::new(self.0, "answered an error")))
+        }
+    }
+
+    impl Primary for Erring {
+        fn answer_locally(&self, _request: &StoreRequest<'_>) -> Option<Outcomes> {
+            None
+        }
+        fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
+            self.check(request)
         }
     }
 
@@ -449,12 +505,12 @@ mod tests {
             (StoreErrorKind::Protocol, false),
             (StoreErrorKind::Internal, false),
         ] {
-            let primary = Arc::new(Erring(kind, AtomicUsize::new(0)));
-            let store = FallbackStore::new(primary.clone(), None);
+            let store = guard(Erring(kind, AtomicUsize::new(0)), None);
+            let primary = &store.primary;
             for _ in 0..10 {
                 assert!(ready(store.check(&req)).is_err());
             }
-            assert_eq!(store.inner.breaker.is_open(), opens, "{kind:?}");
+            assert_eq!(store.breaker.is_open(), opens, "{kind:?}");
             let expected = if opens { FAILURES_TO_OPEN as usize } else { 10 };
             assert_eq!(primary.1.load(Ordering::SeqCst), expected, "{kind:?}");
         }
@@ -473,7 +529,9 @@ mod tests {
                 None => self.check_backend(request),
             }
         }
+    }
 
+    impl Primary for DownWithCache {
         fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
             (request.keys()[0].subject() == Subject::Named(b"cached")).then(|| {
                 let mut o = Outcomes::new();
@@ -496,8 +554,8 @@ mod tests {
     /// paid the full timeout of a hung Redis.
     #[test]
     fn cached_answers_neither_close_the_circuit_nor_keep_it_closed() {
-        let primary = Arc::new(DownWithCache::default());
-        let store = FallbackStore::new(primary.clone(), Some(MemoryStore::new()));
+        let store = guard(DownWithCache::default(), Some(MemoryStore::new()));
+        let primary = &store.primary;
         let rate = Rate::per_minute(2);
         let key = |id: &'static [u8]| {
             [Key::new(
@@ -513,7 +571,7 @@ mod tests {
             let refused = ready(store.check(&StoreRequest::new(&cached, 1))).unwrap();
             assert!(!refused.iter().all(|o| o.is_allowed()));
         }
-        assert!(store.inner.breaker.is_open());
+        assert!(store.breaker.is_open());
         assert_eq!(
             primary.backend_calls.load(Ordering::SeqCst),
             FAILURES_TO_OPEN as usize
@@ -523,19 +581,18 @@ mod tests {
             assert!(ready(store.check(&StoreRequest::new(&normal, 1))).is_ok());
             assert!(ready(store.check(&StoreRequest::new(&cached, 1))).is_ok());
         }
-        assert!(store.inner.breaker.is_open());
+        assert!(store.breaker.is_open());
         assert_eq!(
             primary.backend_calls.load(Ordering::SeqCst),
             FAILURES_TO_OPEN as usize
         );
-        assert_eq!(store.fallback_answers(), FAILURES_TO_OPEN as u64 + 10);
+        assert_eq!(store.stats().fallback_answers, FAILURES_TO_OPEN as u64 + 10);
     }
 
     #[test]
     fn the_fallback_enforces_the_same_rules_while_the_primary_fails() {
-        let flaky = Arc::new(Flaky::default());
-        flaky.failing.store(true, Ordering::SeqCst);
-        let store = FallbackStore::new(flaky, Some(MemoryStore::new()));
+        let store = guard(Flaky::default(), Some(MemoryStore::new()));
+        store.primary.failing.store(true, Ordering::SeqCst);
         let rate = Rate::per_minute(2);
         let keys = [Key::new(
             RuleKind::User,

@@ -429,7 +429,7 @@ impl Inner {
         // A clock past NOW_MAX: decided at NOW_MAX, but resets stated from the real clock.
         let mut out = Outcomes::new();
         for o in outcomes.iter() {
-            out.push(o.reset_at_micros(now.saturating_add(o.reset_after)));
+            out.push(o.with_reset_at_micros(now.saturating_add(o.reset_after)));
         }
         out
     }

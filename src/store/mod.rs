@@ -69,7 +69,8 @@ impl Outcome {
         }
     }
 
-    /// The key rejects the request; it would allow one after `retry_after`.
+    /// The key rejects the request; it would allow one after `retry_after` (at least
+    /// 1 µs).
     pub fn rejected(reset_after: Duration, retry_after: Duration) -> Self {
         Outcome {
             allowed: false,
@@ -82,8 +83,8 @@ impl Outcome {
 
     /// The same answer, stating when the key resets on the store's own clock (µs since
     /// the Unix epoch): `X-RateLimit-Reset` is then taken from it, so instances whose
-    /// clocks differ still agree.
-    pub fn reset_at_micros(mut self, reset_at: u64) -> Self {
+    /// clocks differ still agree. 0 states nothing.
+    pub fn with_reset_at_micros(mut self, reset_at: u64) -> Self {
         self.reset_at = reset_at;
         self
     }
@@ -91,6 +92,29 @@ impl Outcome {
     /// Whether this key allows the request.
     pub fn is_allowed(&self) -> bool {
         self.allowed
+    }
+
+    /// Requests the key has left until it resets (0 when it rejects).
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Time until the key resets, to the microsecond.
+    pub fn reset_after(&self) -> Duration {
+        Duration::from_micros(self.reset_after)
+    }
+
+    /// For a rejecting key: how long until it would allow the request, to the
+    /// microsecond (never zero); `None` when it allows.
+    pub fn retry_after(&self) -> Option<Duration> {
+        (!self.allowed).then(|| Duration::from_micros(self.retry_after))
+    }
+
+    /// When the key resets on the store's own clock, µs since the Unix epoch, if the
+    /// store stated it ([`Outcome::with_reset_at_micros`]); otherwise the layer takes its
+    /// own clock plus [`Outcome::reset_after`].
+    pub fn reset_at_micros(&self) -> Option<u64> {
+        (self.reset_at != 0).then_some(self.reset_at)
     }
 }
 
@@ -141,6 +165,7 @@ impl Outcomes {
 }
 
 /// A store's answer: ready now (the memory store: no allocation, no await), or later.
+/// These two shapes are all there will be, so a wrapper store may match them exhaustively.
 pub enum StoreFuture {
     /// Answered synchronously.
     Ready(Result<Outcomes, StoreError>),
@@ -159,27 +184,96 @@ impl fmt::Debug for StoreFuture {
 
 /// Where counters live. Implementations must be all-or-nothing: allow only when every key
 /// allows, and then count under every key; a rejected request counts nowhere.
+///
+/// `check` is called once per request, through one `Arc<dyn Store>`. A store that wraps
+/// another should forward [`Store::stats`] too, so the layer's
+/// [`Stats`](crate::Stats) still see the inner store's figures.
+///
+/// A store of your own needs only this trait, [`StoreRequest`], [`Outcome`] and
+/// [`Outcomes`]. This one counts fixed windows in a map (a fixed window for every key,
+/// whatever the key's algorithm):
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::Duration;
+///
+/// use http::{Request, StatusCode};
+/// use tollgate::{
+///     Identity, ManualClock, Outcome, Outcomes, RateLimitConfig, RateLimitLayer, Store,
+///     StoreFuture, StoreRequest,
+/// };
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// /// Encoded key → (start of its window, requests counted in it), all in µs.
+/// #[derive(Debug, Default)]
+/// struct Windows(Mutex<HashMap<String, (u64, u64)>>);
+///
+/// impl Store for Windows {
+///     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+///         let now = request.now_micros();
+///         let mut windows = self.0.lock().unwrap();
+///         // First every key's answer, then count only if all of them allow.
+///         let mut answers = Outcomes::new();
+///         let mut names = Vec::new();
+///         for key in request.keys() {
+///             let (count, period) = (key.rate().count(), key.rate().period().as_micros() as u64);
+///             let start = now - now % period;
+///             let name = key.encode("doc");
+///             let used = match windows.get(&name) {
+///                 Some(&(s, used)) if s == start => used,
+///                 _ => 0,
+///             };
+///             let reset_after = Duration::from_micros(start + period - now);
+///             answers.push(if used < count {
+///                 Outcome::allowed(count - used - 1, reset_after)
+///             } else {
+///                 Outcome::rejected(reset_after, reset_after)
+///             });
+///             names.push((name, start, used));
+///         }
+///         if answers.iter().all(Outcome::is_allowed) {
+///             for (name, start, used) in names {
+///                 windows.insert(name, (start, used + 1));
+///             }
+///         }
+///         StoreFuture::Ready(Ok(answers))
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let cfg = RateLimitConfig::from_toml_str(r#"by_user = "2/m""#).unwrap();
+/// let clock = ManualClock::new();
+/// let svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::with_store(cfg, Windows::default()).with_clock(clock.clone()))
+///     .service(service_fn(|_req: Request<()>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+///     }));
+/// let alice = || {
+///     let mut req = Request::new(());
+///     req.extensions_mut().insert(Identity::user("alice"));
+///     req
+/// };
+/// for remaining in ["1", "0"] {
+///     let resp = svc.clone().oneshot(alice()).await.unwrap();
+///     assert_eq!(resp.status(), StatusCode::OK);
+///     assert_eq!(resp.headers()["x-ratelimit-remaining"], remaining);
+/// }
+/// let refused = svc.clone().oneshot(alice()).await.unwrap();
+/// assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+/// clock.advance(Duration::from_secs(60));
+/// assert_eq!(svc.clone().oneshot(alice()).await.unwrap().status(), StatusCode::OK);
+/// # });
+/// ```
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks and counts one request.
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture;
 
-    /// The answer this store can give without asking its backend, if any (the Redis
-    /// store's deny cache). Wrappers such as [`FallbackStore`](crate::FallbackStore) ask
-    /// this first and then [`Store::check_backend`], so a cached answer is never taken as
-    /// a sign that the backend is healthy. `check` itself must consult it too.
-    fn answer_locally(&self, _request: &StoreRequest<'_>) -> Option<Outcomes> {
-        None
-    }
-
-    /// [`Store::check`] without [`Store::answer_locally`]: always asks the backend.
-    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        self.check(request)
-    }
-
-    /// Requests answered by a fallback because the backend was failing (0 for stores
-    /// without one). Shown in [`Stats`](crate::Stats).
-    fn fallback_answers(&self) -> u64 {
-        0
+    /// What the store has counted about itself, read by
+    /// [`RateLimitLayer::stats`](crate::RateLimitLayer::stats). The default says nothing
+    /// happened ([`StoreStats::default`]).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
     }
 }
 
@@ -189,17 +283,19 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
         (**self).check(request)
     }
 
-    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
-        (**self).answer_locally(request)
+    fn stats(&self) -> StoreStats {
+        (**self).stats()
     }
+}
 
-    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        (**self).check_backend(request)
-    }
-
-    fn fallback_answers(&self) -> u64 {
-        (**self).fallback_answers()
-    }
+/// A store's own counts since it was built ([`Store::stats`]). More fields may be added;
+/// start from [`StoreStats::default`] and set the ones your store counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Requests answered by a fallback because the backend was failing (for example
+    /// `FallbackStore`'s memory store while Redis is down).
+    pub fallback_answers: u64,
 }
 
 /// What kind of failure a store had.

@@ -29,6 +29,7 @@ use redis::cluster_routing::Slot as HashSlot;
 use redis::{Client, IntoConnectionInfo, Script};
 
 use super::deny_cache::DenyCache;
+use super::fallback::Primary;
 use super::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 use crate::log_gate::LogGate;
 #[cfg(test)]
@@ -480,7 +481,10 @@ impl Store for RedisStore {
             None => self.check_backend(request),
         }
     }
+}
 
+/// The deny cache is Redis's local answer: the breaker asks it apart from Redis itself.
+impl super::fallback::Primary for RedisStore {
     fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
         self.inner
             .deny

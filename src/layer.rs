@@ -11,6 +11,7 @@ use tower_layer::Layer;
 use crate::config::IdentityConfig;
 use crate::identity::Target;
 use crate::log_gate::LogGate;
+use crate::telemetry::{Counters, Latency};
 use crate::tier::RuleSet;
 use crate::{
     Algorithm, BackendConfig, BackendKind, Clock, ConfigError, FailMode, HeaderStyle, Mode, Rate,
@@ -55,8 +56,8 @@ pub(crate) struct Shared {
     pub(crate) live: Arc<Live>,
     pub(crate) insert_decision: bool,
     pub(crate) store: Arc<dyn Store>,
-    /// The store's kind, as the store latency metric labels it.
-    pub(crate) backend: &'static str,
+    /// The store latency metric, labelled with the store's kind.
+    pub(crate) latency: Arc<Latency>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
 }
@@ -91,12 +92,16 @@ pub(crate) struct Policy {
     pub(crate) mcp_headers: bool,
     /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
     pub(crate) refusal: Refusal,
+    /// `tollgate_requests_total`'s handles for these rules (feature `metrics`).
+    pub(crate) counters: Counters,
 }
 
 impl Policy {
     fn new(cfg: &RateLimitConfig) -> Policy {
+        let rules = Rules::new(cfg);
         Policy {
-            rules: Rules::new(cfg),
+            counters: Counters::new(&rules),
+            rules,
             algorithm: cfg.algorithm(),
             mode: cfg.mode(),
             fail_mode: cfg.fail_mode(),
@@ -236,7 +241,20 @@ impl Rules {
         &self.tools.names[index as usize]
     }
 
+    /// How many tools the rules name.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn tool_count(&self) -> usize {
+        self.tools.names.len()
+    }
+
+    /// How many prompts `[by_prompt]` names.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn prompt_count(&self) -> usize {
+        self.prompts.names.len()
+    }
+
     /// The name of a configured tool (`Target::Tool`) or prompt, shared.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn named(&self, target: Target, index: u32) -> &Arc<str> {
         match target {
             Target::Tool => &self.tools.names[index as usize],
@@ -296,6 +314,8 @@ pub(crate) struct Health {
     pub(crate) peer_log: LogGate,
     /// `Tier` extensions naming no configured tier.
     pub(crate) tier_log: LogGate,
+    /// When the store's gauges are next read (µs; feature `metrics`).
+    pub(crate) gauges_due: AtomicU64,
 }
 
 /// Failure counts since the layer was built.
@@ -343,7 +363,7 @@ impl RateLimitLayer {
                 }),
                 insert_decision: true,
                 store,
-                backend: kind,
+                latency: Arc::new(Latency::new(kind)),
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
             }),

@@ -118,6 +118,7 @@ impl<S> RateLimit<S> {
             return ResponseFuture::calling(self.inner.call(req), None, shared.decorate(&policy));
         }
         let now = shared.clock.now_micros();
+        telemetry::gauges(&shared.health.gauges_due, now, &*shared.store);
         let call = find(&req);
         let who = match identity::extract(&req, &policy.identity, policy.mcp_headers, call) {
             Ok(who) => who,
@@ -129,7 +130,10 @@ impl<S> RateLimit<S> {
                         "tollgate: refused an ambiguous identity"
                     );
                 }
-                telemetry::request(Decided::InvalidIdentity, None, None);
+                let rules = &policy.rules;
+                policy
+                    .counters
+                    .count(Decided::InvalidIdentity, None, None, rules);
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
@@ -160,7 +164,8 @@ impl<S> RateLimit<S> {
             crate::plan::keys(shared, &policy, &req, &who, now, &mut keys, &mut plan.rules);
         plan.tool = tool;
         if n == 0 {
-            telemetry::request(Decided::Allowed, None, None);
+            let rules = &policy.rules;
+            policy.counters.count(Decided::Allowed, None, None, rules);
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
                 self.inner.call(req),
@@ -175,7 +180,7 @@ impl<S> RateLimit<S> {
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
             StoreFuture::Ready(result) => {
-                started.answered(shared.backend);
+                started.answered(&shared.latency);
                 match act(shared, &policy, &plan, &result, &req, call) {
                     Action::Respond(resp) => ResponseFuture::respond(resp),
                     Action::Forward(decision) => ResponseFuture::calling(
@@ -248,9 +253,14 @@ pub(crate) fn act<B>(
         return store_failed(shared, policy, plan, &miscounted());
     }
     let decision = Decision::new(&verdicts, plan.now);
-    let label = plan.tool.map(|(target, i)| policy.rules.named(target, i));
+    let count = |decided| {
+        let rules = &policy.rules;
+        policy
+            .counters
+            .count(decided, decision.rule(), plan.tool, rules);
+    };
     if decision.is_allowed() {
-        telemetry::request(Decided::Allowed, decision.rule(), label);
+        count(Decided::Allowed);
         return Action::Forward(Some(decision));
     }
     let named = plan.tool.map(|(target, i)| match target {
@@ -261,7 +271,7 @@ pub(crate) fn act<B>(
     let rule = decision.rule().map_or("", RuleKind::as_str);
     match policy.mode {
         Mode::Permissive => {
-            telemetry::request(Decided::ShadowLimited, decision.rule(), label);
+            count(Decided::ShadowLimited);
             // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
             // behaviour contract item 13).
             if let Some(suppressed) = shared.health.permissive_log.may_log(plan.now) {
@@ -275,7 +285,7 @@ pub(crate) fn act<B>(
             Action::Forward(Some(decision))
         }
         _ => {
-            telemetry::request(Decided::Limited, decision.rule(), label);
+            count(Decided::Limited);
             if let Some(suppressed) = shared.health.refusal_log.may_log(plan.now) {
                 tracing::debug!(
                     rule,
@@ -309,13 +319,13 @@ fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreErro
     let health = &shared.health;
     health.store_errors.fetch_add(1, Ordering::Relaxed);
     let closed = policy.fail_mode == FailMode::Closed;
-    let label = plan.tool.map(|(target, i)| policy.rules.named(target, i));
     let decided = if closed {
         Decided::FailClosed
     } else {
         Decided::FailOpen
     };
-    telemetry::request(decided, None, label);
+    let rules = &policy.rules;
+    policy.counters.count(decided, None, plan.tool, rules);
     if closed {
         health.fail_closed.fetch_add(1, Ordering::Relaxed);
     } else {

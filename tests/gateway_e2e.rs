@@ -652,7 +652,6 @@ fn loadgen_refuses_targets_that_are_not_loopback() {
 
 /// A file under the temp dir with a name no other test or run uses, removed on drop
 /// (also when an assertion fails).
-#[cfg(feature = "redis")]
 struct TempFile(PathBuf);
 
 impl TempFile {

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::{counting_service, Body};
 use http::{Request, StatusCode};
@@ -21,10 +22,10 @@ const TENANT: &str = "acme";
 
 fn call(user: &str, tool: Option<&str>) -> Request<Body> {
     let mut req = Request::new(Body::new());
-    req.extensions_mut().insert(Identity {
-        user: Some(user.to_owned()),
-        tenant: Some(TENANT.to_owned()),
-    });
+    req.extensions_mut().insert(Identity::new(
+        Some(user.to_owned()),
+        Some(TENANT.to_owned()),
+    ));
     if let Some(tool) = tool {
         req.extensions_mut().insert(ToolName::new(tool));
     }
@@ -202,10 +203,10 @@ fn no_label_value_is_ever_a_user_or_tenant_id() {
         for id in ids {
             for tool in [None, Some("search"), Some(id)] {
                 let mut req = Request::new(Body::new());
-                req.extensions_mut().insert(Identity {
-                    user: Some(format!("u-{id}")),
-                    tenant: Some(format!("t-{id}")),
-                });
+                req.extensions_mut().insert(Identity::new(
+                    Some(format!("u-{id}")),
+                    Some(format!("t-{id}")),
+                ));
                 if let Some(tool) = tool {
                     req.extensions_mut().insert(ToolName::new(tool));
                 }
@@ -232,4 +233,73 @@ fn no_label_value_is_ever_a_user_or_tenant_id() {
     }
     // Several series: allowed and limited, with and without the tool.
     assert!(values >= 9, "{recorded:#?}");
+}
+
+fn gauge(recorded: &Recorded, name: &str) -> Option<f64> {
+    match recorded.get(&(name.to_owned(), vec![]))? {
+        DebugValue::Gauge(v) => Some(v.into_inner()),
+        DebugValue::Counter(n) => Some(*n as f64),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+/// The store's figures become gauges, read at most once a second from the request path.
+#[test]
+fn the_memory_store_reports_its_keys_and_evictions() {
+    let recorded = with_recorder(async {
+        let clock = ManualClock::new();
+        let layer = layer("by_user = \"5/m\"\n[backend]\nmax_keys = 100", &clock);
+        for i in 0..300 {
+            status(&layer, call(&format!("user-{i}"), None)).await;
+        }
+        // The first request read the empty store; a second later the next one reads it
+        // again.
+        clock.advance(Duration::from_millis(1_500));
+        status(&layer, call("alice", None)).await;
+    });
+    let keys = gauge(&recorded, "tollgate_memory_keys").expect("keys");
+    assert!((90.0..=100.0).contains(&keys), "{keys}");
+    let evictions = gauge(&recorded, "tollgate_memory_evictions_total").expect("evictions");
+    assert!(evictions >= 200.0, "{evictions}");
+    assert_eq!(
+        gauge(&recorded, "tollgate_fallback_answers_total"),
+        Some(0.0)
+    );
+    assert_eq!(gauge(&recorded, "tollgate_circuit_open"), None);
+}
+
+/// Redis unreachable: the memory fallback answers, and the gauges say so.
+#[cfg(feature = "redis")]
+#[test]
+fn a_failing_redis_shows_the_fallback_and_the_open_circuit() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let recorded = with_recorder(async move {
+        let clock = ManualClock::new();
+        let layer = layer(
+            &format!(
+                "by_user = \"5/m\"\n[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\""
+            ),
+            &clock,
+        );
+        // Each answered by the fallback, which holds the limit of five itself.
+        for _ in 0..5 {
+            assert_eq!(status(&layer, call("alice", None)).await, StatusCode::OK);
+        }
+        clock.advance(Duration::from_millis(1_500));
+        status(&layer, call("alice", None)).await;
+    });
+    let answers = gauge(&recorded, "tollgate_fallback_answers_total").expect("fallback");
+    assert!(answers >= 5.0, "{recorded:#?}");
+    assert_eq!(
+        gauge(&recorded, "tollgate_circuit_open"),
+        Some(1.0),
+        "{recorded:#?}"
+    );
+    assert_eq!(gauge(&recorded, "tollgate_deny_cache_keys"), Some(0.0));
+    assert!(gauge(&recorded, "tollgate_memory_keys").is_some());
 }

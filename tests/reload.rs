@@ -30,10 +30,8 @@ fn by_user(rate: &str) -> RateLimitConfig {
 
 fn user(name: &str) -> Request<Body> {
     let mut req = Request::new(Body::new());
-    req.extensions_mut().insert(Identity {
-        user: Some(name.to_owned()),
-        tenant: None,
-    });
+    req.extensions_mut()
+        .insert(Identity::new(Some(name.to_owned()), None));
     req
 }
 

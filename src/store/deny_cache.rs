@@ -162,8 +162,8 @@ impl DenyCache {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Entries held now.
+    pub(super) fn len(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 }

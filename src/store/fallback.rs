@@ -110,9 +110,15 @@ impl<P: Primary> Inner<P> {
         }
     }
 
+    /// The primary's figures, the fallback's keys, and this wrapper's own.
     fn stats(&self) -> StoreStats {
+        let local = self.fallback.as_ref().map(Store::stats).unwrap_or_default();
         StoreStats {
             fallback_answers: self.fallback_answers.load(Ordering::Relaxed),
+            keys: local.keys,
+            evictions: local.evictions,
+            circuit_open: Some(self.breaker.is_open()),
+            ..self.primary.stats()
         }
     }
 

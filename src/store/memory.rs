@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use portable_atomic::AtomicU128;
 
-use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest};
+use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest, StoreStats};
 use crate::algorithm::{State, Step};
 use crate::key::{with_memory_ids, Key, MAX_KEYS};
 use crate::Algorithm;
@@ -167,6 +167,14 @@ impl fmt::Debug for MemoryStore {
 impl Store for MemoryStore {
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
         StoreFuture::Ready(Ok(self.check_now(request.keys, request.now)))
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            keys: Some(self.len() as u64),
+            evictions: Some(self.evictions()),
+            ..StoreStats::default()
+        }
     }
 }
 

@@ -296,6 +296,14 @@ pub struct StoreStats {
     /// Requests answered by a fallback because the backend was failing (for example
     /// `FallbackStore`'s memory store while Redis is down).
     pub fallback_answers: u64,
+    /// Keys held in process (a `MemoryStore`, or a `FallbackStore`'s memory fallback).
+    pub keys: Option<u64>,
+    /// Live keys evicted early because the in-process store was full.
+    pub evictions: Option<u64>,
+    /// Refused keys answered locally (the Redis deny cache).
+    pub deny_cache_keys: Option<u64>,
+    /// Whether a circuit breaker has stopped asking the backend for now.
+    pub circuit_open: Option<bool>,
 }
 
 /// What kind of failure a store had.

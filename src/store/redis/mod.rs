@@ -30,7 +30,9 @@ use redis::{Client, IntoConnectionInfo, Script};
 
 use super::deny_cache::DenyCache;
 use super::fallback::Primary;
-use super::{Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
+use super::{
+    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
+};
 use crate::log_gate::LogGate;
 #[cfg(test)]
 use crate::Algorithm;
@@ -479,6 +481,13 @@ impl Store for RedisStore {
         match self.answer_locally(request) {
             Some(refused) => StoreFuture::Ready(Ok(refused)),
             None => self.check_backend(request),
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            deny_cache_keys: Some(self.inner.deny.len() as u64),
+            ..StoreStats::default()
         }
     }
 }

@@ -300,24 +300,37 @@ impl BackendConfig {
         self.max_batch
     }
 
-    /// The fields (as named in a config file) whose values differ in `other`.
+    /// The fields (as named in a config file) whose values differ in `other`. A CA file
+    /// is compared by its contents: a CA rotated in place is a change of `tls_ca`.
     pub(crate) fn changed_fields(&self, other: &BackendConfig) -> Vec<&'static str> {
+        // Destructured, so that a field added to the struct cannot be left out here.
+        let BackendConfig {
+            kind,
+            url,
+            urls,
+            tls_ca,
+            tls_insecure,
+            key_prefix,
+            pool_size,
+            timeout,
+            fallback,
+            max_keys,
+            deny_cache,
+            max_batch,
+        } = self;
         let fields = [
-            ("backend.kind", self.kind != other.kind),
-            ("backend.url", self.url != other.url),
-            ("backend.urls", self.urls != other.urls),
-            ("backend.tls_ca", self.tls_ca != other.tls_ca),
-            (
-                "backend.tls_insecure",
-                self.tls_insecure != other.tls_insecure,
-            ),
-            ("backend.key_prefix", self.key_prefix != other.key_prefix),
-            ("backend.pool_size", self.pool_size != other.pool_size),
-            ("backend.timeout_ms", self.timeout != other.timeout),
-            ("backend.fallback", self.fallback != other.fallback),
-            ("backend.max_keys", self.max_keys != other.max_keys),
-            ("backend.deny_cache", self.deny_cache != other.deny_cache),
-            ("backend.max_batch", self.max_batch != other.max_batch),
+            ("backend.kind", *kind != other.kind),
+            ("backend.url", *url != other.url),
+            ("backend.urls", *urls != other.urls),
+            ("backend.tls_ca", *tls_ca != other.tls_ca),
+            ("backend.tls_insecure", *tls_insecure != other.tls_insecure),
+            ("backend.key_prefix", *key_prefix != other.key_prefix),
+            ("backend.pool_size", *pool_size != other.pool_size),
+            ("backend.timeout_ms", *timeout != other.timeout),
+            ("backend.fallback", *fallback != other.fallback),
+            ("backend.max_keys", *max_keys != other.max_keys),
+            ("backend.deny_cache", *deny_cache != other.deny_cache),
+            ("backend.max_batch", *max_batch != other.max_batch),
         ];
         fields
             .into_iter()

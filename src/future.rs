@@ -150,7 +150,7 @@ where
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
                     let result = ready!(polled);
-                    started.answered(&shared.latency);
+                    started.answered(&policy.metrics);
                     let request = req.as_ref().expect("polled after completion");
                     let next = match act(shared, policy, plan, &result, request, find(request)) {
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },

@@ -11,11 +11,11 @@ use tower_layer::Layer;
 use crate::config::IdentityConfig;
 use crate::identity::Target;
 use crate::log_gate::LogGate;
-use crate::telemetry::{Counters, Latency};
+use crate::telemetry::{Decided, Metrics};
 use crate::tier::RuleSet;
 use crate::{
     Algorithm, BackendConfig, BackendKind, Clock, ConfigError, FailMode, HeaderStyle, Mode, Rate,
-    RateLimit, RateLimitConfig, Refusal, Store, SystemClock,
+    RateLimit, RateLimitConfig, Refusal, RuleKind, Store, SystemClock,
 };
 
 /// Applies a [`RateLimitConfig`] to a service. Cloning the layer, or the services it
@@ -56,8 +56,6 @@ pub(crate) struct Shared {
     pub(crate) live: Arc<Live>,
     pub(crate) insert_decision: bool,
     pub(crate) store: Arc<dyn Store>,
-    /// The store latency metric, labelled with the store's kind.
-    pub(crate) latency: Arc<Latency>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
 }
@@ -78,6 +76,8 @@ pub(crate) struct Live {
     /// The `[backend]` the store was built from; `None` for a store given to
     /// [`RateLimitLayer::with_store`] (whose `[backend]` is ignored, on reload too).
     backend: Option<BackendConfig>,
+    /// The store's kind, as the latency metric labels it.
+    kind: &'static str,
 }
 
 /// What a config says about requests: everything but `[backend]`.
@@ -92,15 +92,16 @@ pub(crate) struct Policy {
     pub(crate) mcp_headers: bool,
     /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
     pub(crate) refusal: Refusal,
-    /// `tollgate_requests_total`'s handles for these rules (feature `metrics`).
-    pub(crate) counters: Counters,
+    /// This policy's metric handles (feature `metrics`).
+    pub(crate) metrics: Metrics,
 }
 
 impl Policy {
-    fn new(cfg: &RateLimitConfig) -> Policy {
+    /// `backend`: the store's kind, as the latency metric labels it.
+    fn new(cfg: &RateLimitConfig, backend: &'static str) -> Policy {
         let rules = Rules::new(cfg);
         Policy {
-            counters: Counters::new(&rules),
+            metrics: Metrics::new(&rules, backend),
             rules,
             algorithm: cfg.algorithm(),
             mode: cfg.mode(),
@@ -110,6 +111,17 @@ impl Policy {
             mcp_headers: cfg.mcp().is_some(),
             refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
         }
+    }
+
+    /// Counts one request in `tollgate_requests_total` (feature `metrics`).
+    #[inline(always)]
+    pub(crate) fn count(
+        &self,
+        decided: Decided,
+        rule: Option<RuleKind>,
+        tool: Option<(Target, u32)>,
+    ) {
+        self.metrics.count(decided, rule, tool, &self.rules);
     }
 }
 
@@ -314,8 +326,6 @@ pub(crate) struct Health {
     pub(crate) peer_log: LogGate,
     /// `Tier` extensions naming no configured tier.
     pub(crate) tier_log: LogGate,
-    /// When the store's gauges are next read (µs; feature `metrics`).
-    pub(crate) gauges_due: AtomicU64,
 }
 
 /// Failure counts since the layer was built.
@@ -355,15 +365,16 @@ impl RateLimitLayer {
             Some(BackendKind::RedisCluster) => "redis_cluster",
             None => "custom",
         };
+        crate::telemetry::register(&store);
         RateLimitLayer {
             shared: Arc::new(Shared {
                 live: Arc::new(Live {
-                    policy: ArcSwap::from_pointee(Policy::new(cfg)),
+                    policy: ArcSwap::from_pointee(Policy::new(cfg, kind)),
                     backend,
+                    kind,
                 }),
                 insert_decision: true,
                 store,
-                latency: Arc::new(Latency::new(kind)),
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
             }),
@@ -446,12 +457,14 @@ impl fmt::Debug for RateLimitLayer {
 /// unchanged keeps counting where it was:
 ///
 /// - a changed **count** keeps the memory store's counter (`30/m` → `60/m`: the 30 already
-///   used stay used; a token bucket keeps how full it is as a share of its burst). In Redis the count is part of the key name (ARCHITECTURE.md,
-///   behaviour contract item 15), so a changed count starts a fresh counter there.
+///   used stay used; a token bucket keeps how full it is as a share of its burst). In
+///   Redis the count is part of the key name (ARCHITECTURE.md, behaviour contract item
+///   15), so a changed count starts a fresh counter there.
 /// - a changed **period** or **algorithm**, a rule moved into or out of a tier, or a
 ///   renamed tool starts a fresh counter;
 /// - every other setting (`mode`, `fail_mode`, `headers`, `[identity]`, `[mcp]`,
-///   `[tenants]`) applies from the next request.
+///   `[tenants]`) applies from the next request, except `[mcp] max_body`, which
+///   [`McpLayer`](crate::McpLayer) reads when it is built.
 ///
 /// `[backend]` cannot change: the store is built once, so `update` refuses a config whose
 /// `[backend]` differs (naming each changed field) and changes nothing; that needs a
@@ -516,7 +529,8 @@ impl RateLimitHandle {
                 return Err(err);
             }
         }
-        self.live.policy.store(Arc::new(Policy::new(&cfg)));
+        let policy = Policy::new(&cfg, self.live.kind);
+        self.live.policy.store(Arc::new(policy));
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::Guard;
 use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
@@ -41,9 +42,9 @@ impl<S> RateLimit<S> {
         &self.inner
     }
 
-    /// Whether `mode = "disabled"`: nothing is counted, so nothing needs reading.
-    pub(crate) fn is_disabled(&self) -> bool {
-        self.shared.live.policy.load().mode == Mode::Disabled
+    /// The policy in force now: a request loads it once and keeps it to its end.
+    pub(crate) fn policy(&self) -> Guard<Arc<Policy>> {
+        self.shared.live.policy.load()
     }
 }
 
@@ -95,30 +96,32 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        self.call_with(req, no_call::<ReqB>)
+        let policy = self.policy();
+        self.call_with(req, no_call::<ReqB>, policy)
     }
 }
 
 impl<S> RateLimit<S> {
-    /// [`Service::call`], finding the JSON-RPC call [`McpLayer`](crate::McpLayer) read
-    /// from the body with `find` (in the body itself: no request extension, no
-    /// allocation).
+    /// [`Service::call`] on `policy` (loaded by the caller, so that
+    /// [`McpLayer`](crate::McpLayer) reads the body and counts the request on one
+    /// version), finding the JSON-RPC call it read from the body with `find` (in the body
+    /// itself: no request extension, no allocation).
     pub(crate) fn call_with<ReqB, ResB>(
         &mut self,
         req: Request<ReqB>,
         find: FindCall<ReqB>,
+        policy: Guard<Arc<Policy>>,
     ) -> ResponseFuture<S, ReqB>
     where
         S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
     {
         let shared = &*self.shared;
-        // This request's policy, to its end: a reload swaps in a new one for the next.
-        let policy = shared.live.policy.load();
         if policy.mode == Mode::Disabled {
+            telemetry::gauges(|| shared.clock.now_micros());
             return ResponseFuture::calling(self.inner.call(req), None, shared.decorate(&policy));
         }
         let now = shared.clock.now_micros();
-        telemetry::gauges(&shared.health.gauges_due, now, &*shared.store);
+        telemetry::gauges(|| now);
         let call = find(&req);
         let who = match identity::extract(&req, &policy.identity, policy.mcp_headers, call) {
             Ok(who) => who,
@@ -130,10 +133,7 @@ impl<S> RateLimit<S> {
                         "tollgate: refused an ambiguous identity"
                     );
                 }
-                let rules = &policy.rules;
-                policy
-                    .counters
-                    .count(Decided::InvalidIdentity, None, None, rules);
+                policy.count(Decided::InvalidIdentity, None, None);
                 return ResponseFuture::respond(response::bad_identity(bad.detail()));
             }
             Err(bad) => {
@@ -164,8 +164,7 @@ impl<S> RateLimit<S> {
             crate::plan::keys(shared, &policy, &req, &who, now, &mut keys, &mut plan.rules);
         plan.tool = tool;
         if n == 0 {
-            let rules = &policy.rules;
-            policy.counters.count(Decided::Allowed, None, None, rules);
+            policy.count(Decided::Allowed, None, None);
             let decision = Decision::unlimited(now);
             return ResponseFuture::calling(
                 self.inner.call(req),
@@ -180,7 +179,7 @@ impl<S> RateLimit<S> {
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
             StoreFuture::Ready(result) => {
-                started.answered(&shared.latency);
+                started.answered(&policy.metrics);
                 match act(shared, &policy, &plan, &result, &req, call) {
                     Action::Respond(resp) => ResponseFuture::respond(resp),
                     Action::Forward(decision) => ResponseFuture::calling(
@@ -194,7 +193,7 @@ impl<S> RateLimit<S> {
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                let policy = arc_swap::Guard::into_inner(policy);
+                let policy = Guard::into_inner(policy);
                 let checking = Checking {
                     check,
                     started,
@@ -253,12 +252,7 @@ pub(crate) fn act<B>(
         return store_failed(shared, policy, plan, &miscounted());
     }
     let decision = Decision::new(&verdicts, plan.now);
-    let count = |decided| {
-        let rules = &policy.rules;
-        policy
-            .counters
-            .count(decided, decision.rule(), plan.tool, rules);
-    };
+    let count = |decided| policy.count(decided, decision.rule(), plan.tool);
     if decision.is_allowed() {
         count(Decided::Allowed);
         return Action::Forward(Some(decision));
@@ -324,8 +318,7 @@ fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreErro
     } else {
         Decided::FailOpen
     };
-    let rules = &policy.rules;
-    policy.counters.count(decided, None, plan.tool, rules);
+    policy.count(decided, None, plan.tool);
     if closed {
         health.fail_closed.fetch_add(1, Ordering::Relaxed);
     } else {

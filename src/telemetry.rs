@@ -5,12 +5,13 @@
 //! Labels are bounded by the config: a decision, a rule kind, and the name of a configured
 //! tool or prompt. A user or tenant id is never a label value.
 
+use std::sync::Arc;
 #[cfg(feature = "metrics")]
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError};
 
 use crate::identity::Target;
 use crate::layer::Rules;
-use crate::RuleKind;
+use crate::{RuleKind, Store};
 
 /// What happened to a request, as the `decision` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,11 +45,16 @@ impl Decided {
 /// or the one whose headers speak), `none` without one; `tool` is the configured tool or
 /// prompt the request was counted under, empty without one. A policy has its own handles,
 /// so a reload (or a recorder installed after the first request) registers them anew.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
+#[derive(Debug)]
+pub(crate) struct Metrics {
     /// By tool slot (0: none; then each tool; then each prompt), filled on first use.
     #[cfg(feature = "metrics")]
     by_tool: Box<[OnceLock<Handles>]>,
+    /// `tollgate_store_latency_seconds{backend}`, registered on first use.
+    #[cfg(feature = "metrics")]
+    latency: OnceLock<metrics::Histogram>,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    backend: &'static str,
 }
 
 /// One tool slot's handles, by decision and rule.
@@ -58,17 +64,23 @@ type Handles = Box<[OnceLock<metrics::Counter>]>;
 /// The `rule` label's values: none, then each kind.
 #[cfg(feature = "metrics")]
 const RULES: usize = 6;
+// A new rule kind needs a new column.
+#[cfg(feature = "metrics")]
+const _: () = assert!(RuleKind::UserTool as usize + 2 == RULES);
 #[cfg(feature = "metrics")]
 const DECISIONS: usize = 6;
 
-impl Counters {
-    /// Handles for `rules`' tools and prompts.
-    pub(crate) fn new(_rules: &Rules) -> Counters {
-        Counters {
+impl Metrics {
+    /// Handles for `rules`' tools and prompts, and the latency of a `backend` store.
+    pub(crate) fn new(_rules: &Rules, backend: &'static str) -> Metrics {
+        Metrics {
             #[cfg(feature = "metrics")]
             by_tool: (0..1 + _rules.tool_count() + _rules.prompt_count())
                 .map(|_| OnceLock::new())
                 .collect(),
+            #[cfg(feature = "metrics")]
+            latency: OnceLock::new(),
+            backend,
         }
     }
 
@@ -121,26 +133,6 @@ impl Counters {
 static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
-/// The `tollgate_store_latency_seconds{backend}` histogram of one layer, registered on
-/// first use.
-#[derive(Debug)]
-pub(crate) struct Latency {
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    backend: &'static str,
-    #[cfg(feature = "metrics")]
-    histogram: OnceLock<metrics::Histogram>,
-}
-
-impl Latency {
-    pub(crate) fn new(backend: &'static str) -> Latency {
-        Latency {
-            backend,
-            #[cfg(feature = "metrics")]
-            histogram: OnceLock::new(),
-        }
-    }
-}
-
 /// When a store call started (with the feature; nothing without it).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Started(#[cfg(feature = "metrics")] std::time::Instant);
@@ -154,48 +146,111 @@ impl Started {
         )
     }
 
-    /// Records the time from `self` to now.
+    /// Records the time from `self` to now in `metrics`' latency histogram.
     #[inline(always)]
-    pub(crate) fn answered(self, _latency: &Latency) {
+    pub(crate) fn answered(self, _metrics: &Metrics) {
         #[cfg(feature = "metrics")]
-        _latency
-            .histogram
+        _metrics
+            .latency
             .get_or_init(|| {
-                metrics::histogram!("tollgate_store_latency_seconds", "backend" => _latency.backend)
+                metrics::histogram!("tollgate_store_latency_seconds", "backend" => _metrics.backend)
             })
             .record(self.0.elapsed().as_secs_f64());
     }
 }
 
-/// Sets the store's gauges from [`Store::stats`](crate::Store::stats), at most once a
-/// second (µs clock `now`): the first request past `due` moves it on and reads the store.
+/// Every store a layer was built on, weakly (a dropped store drops out), for the gauges.
 #[cfg(feature = "metrics")]
-pub(crate) fn gauges(due: &std::sync::atomic::AtomicU64, now: u64, store: &dyn crate::Store) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let next = due.load(Relaxed);
-    if now < next
-        || due
-            .compare_exchange(next, now.saturating_add(1_000_000), Relaxed, Relaxed)
-            .is_err()
+static STORES: std::sync::Mutex<Vec<std::sync::Weak<dyn Store>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// When the gauges are next read (µs).
+#[cfg(feature = "metrics")]
+static GAUGES_DUE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Adds a layer's store to those the gauges sum.
+pub(crate) fn register(_store: &Arc<dyn Store>) {
+    #[cfg(feature = "metrics")]
     {
-        return;
+        let mut stores = STORES.lock().unwrap_or_else(PoisonError::into_inner);
+        stores.retain(|s| s.strong_count() > 0);
+        if !stores
+            .iter()
+            .any(|s| std::ptr::addr_eq(s.as_ptr(), Arc::as_ptr(_store)))
+        {
+            stores.push(Arc::downgrade(_store));
+        }
     }
-    let stats = store.stats();
+}
+
+/// Sets the gauges from every registered store's [`Store::stats`], summed over the
+/// process (a store that several layers share, or that clones share, counted once), at
+/// most once a second: the first request past the due time moves it on and reads the
+/// stores. `now` gives the µs clock.
+#[inline(always)]
+pub(crate) fn gauges(_now: impl FnOnce() -> u64) {
+    #[cfg(feature = "metrics")]
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = _now();
+        let next = GAUGES_DUE.load(Relaxed);
+        if now >= next
+            && GAUGES_DUE
+                .compare_exchange(next, now.saturating_add(1_000_000), Relaxed, Relaxed)
+                .is_ok()
+        {
+            set_gauges();
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn set_gauges() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let stores: Vec<Arc<dyn Store>> = STORES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let mut seen = Vec::with_capacity(stores.len());
+    let (mut keys, mut evictions, mut deny, mut open, mut fallback) = (None, None, None, None, 0);
+    let add = |sum: &mut Option<u64>, value: Option<u64>| {
+        if let Some(v) = value {
+            *sum = Some(sum.unwrap_or(0) + v);
+        }
+    };
+    for store in &stores {
+        // A custom store's `stats` runs here, on a request: it must not take the request
+        // down with it.
+        let Ok(stats) = catch_unwind(AssertUnwindSafe(|| store.stats())) else {
+            continue;
+        };
+        // Clones of one store report one source: count it once.
+        let source = stats
+            .source
+            .unwrap_or(Arc::as_ptr(store) as *const () as usize);
+        if seen.contains(&source) {
+            continue;
+        }
+        seen.push(source);
+        add(&mut keys, stats.keys);
+        add(&mut evictions, stats.evictions);
+        add(&mut deny, stats.deny_cache_keys);
+        add(&mut open, stats.circuit_open.map(u64::from));
+        fallback += stats.fallback_answers;
+    }
     let set = |name: &'static str, value: Option<u64>| {
         if let Some(value) = value {
             metrics::gauge!(name).set(value as f64);
         }
     };
-    set("tollgate_memory_keys", stats.keys);
-    set("tollgate_deny_cache_keys", stats.deny_cache_keys);
-    set("tollgate_circuit_open", stats.circuit_open.map(u64::from));
-    // Totals the store keeps: set as they are (the facade's counters otherwise only add).
-    if let Some(evictions) = stats.evictions {
+    set("tollgate_memory_keys", keys);
+    set("tollgate_deny_cache_keys", deny);
+    set("tollgate_circuit_open", open);
+    // Totals the stores keep: set as they are (the facade's counters otherwise only add).
+    if let Some(evictions) = evictions {
         metrics::counter!("tollgate_memory_evictions_total").absolute(evictions);
     }
-    metrics::counter!("tollgate_fallback_answers_total").absolute(stats.fallback_answers);
+    metrics::counter!("tollgate_fallback_answers_total").absolute(fallback);
 }
-
-#[cfg(not(feature = "metrics"))]
-#[inline(always)]
-pub(crate) fn gauges(_: &std::sync::atomic::AtomicU64, _: u64, _: &dyn crate::Store) {}

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
+use common::metrics::{with_recorder, Recorded};
 use common::{counting_service, Body};
 use http::{Request, StatusCode};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebugValue;
 use tollgate::{
     Identity, ManualClock, RateLimitConfig, RateLimitLayer, Store, StoreError, StoreErrorKind,
     StoreFuture, StoreRequest, ToolName,
@@ -51,26 +49,6 @@ impl Store for Down {
     }
 }
 
-/// Every metric recorded: name and sorted labels → value.
-type Recorded = BTreeMap<(String, Vec<(String, String)>), DebugValue>;
-
-fn recorded(snapshotter: &Snapshotter) -> Recorded {
-    snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let (_, key) = key.into_parts();
-            let mut labels: Vec<(String, String)> = key
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            labels.sort();
-            ((key.name().to_owned(), labels), value)
-        })
-        .collect()
-}
-
 fn requests(recorded: &Recorded, decision: &str, rule: &str, tool: &str) -> u64 {
     let labels = vec![
         ("decision".to_owned(), decision.to_owned()),
@@ -82,19 +60,6 @@ fn requests(recorded: &Recorded, decision: &str, rule: &str, tool: &str) -> u64 
         Some(other) => panic!("not a counter: {other:?}"),
         None => 0,
     }
-}
-
-/// Runs `script` on a current-thread runtime with a debugging recorder on this thread.
-fn with_recorder(script: impl std::future::Future<Output = ()>) -> Recorded {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    metrics::with_local_recorder(&recorder, || runtime.block_on(script));
-    recorded(&snapshotter)
 }
 
 #[test]
@@ -233,73 +198,4 @@ fn no_label_value_is_ever_a_user_or_tenant_id() {
     }
     // Several series: allowed and limited, with and without the tool.
     assert!(values >= 9, "{recorded:#?}");
-}
-
-fn gauge(recorded: &Recorded, name: &str) -> Option<f64> {
-    match recorded.get(&(name.to_owned(), vec![]))? {
-        DebugValue::Gauge(v) => Some(v.into_inner()),
-        DebugValue::Counter(n) => Some(*n as f64),
-        other => panic!("{name}: {other:?}"),
-    }
-}
-
-/// The store's figures become gauges, read at most once a second from the request path.
-#[test]
-fn the_memory_store_reports_its_keys_and_evictions() {
-    let recorded = with_recorder(async {
-        let clock = ManualClock::new();
-        let layer = layer("by_user = \"5/m\"\n[backend]\nmax_keys = 100", &clock);
-        for i in 0..300 {
-            status(&layer, call(&format!("user-{i}"), None)).await;
-        }
-        // The first request read the empty store; a second later the next one reads it
-        // again.
-        clock.advance(Duration::from_millis(1_500));
-        status(&layer, call("alice", None)).await;
-    });
-    let keys = gauge(&recorded, "tollgate_memory_keys").expect("keys");
-    assert!((90.0..=100.0).contains(&keys), "{keys}");
-    let evictions = gauge(&recorded, "tollgate_memory_evictions_total").expect("evictions");
-    assert!(evictions >= 200.0, "{evictions}");
-    assert_eq!(
-        gauge(&recorded, "tollgate_fallback_answers_total"),
-        Some(0.0)
-    );
-    assert_eq!(gauge(&recorded, "tollgate_circuit_open"), None);
-}
-
-/// Redis unreachable: the memory fallback answers, and the gauges say so.
-#[cfg(feature = "redis")]
-#[test]
-fn a_failing_redis_shows_the_fallback_and_the_open_circuit() {
-    // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let recorded = with_recorder(async move {
-        let clock = ManualClock::new();
-        let layer = layer(
-            &format!(
-                "by_user = \"5/m\"\n[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\""
-            ),
-            &clock,
-        );
-        // Each answered by the fallback, which holds the limit of five itself.
-        for _ in 0..5 {
-            assert_eq!(status(&layer, call("alice", None)).await, StatusCode::OK);
-        }
-        clock.advance(Duration::from_millis(1_500));
-        status(&layer, call("alice", None)).await;
-    });
-    let answers = gauge(&recorded, "tollgate_fallback_answers_total").expect("fallback");
-    assert!(answers >= 5.0, "{recorded:#?}");
-    assert_eq!(
-        gauge(&recorded, "tollgate_circuit_open"),
-        Some(1.0),
-        "{recorded:#?}"
-    );
-    assert_eq!(gauge(&recorded, "tollgate_deny_cache_keys"), Some(0.0));
-    assert!(gauge(&recorded, "tollgate_memory_keys").is_some());
 }

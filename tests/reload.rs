@@ -366,3 +366,88 @@ async fn in_redis_a_changed_count_starts_a_fresh_counter() {
     handle.update(by_user("5/m")).unwrap();
     assert_eq!(allowed_until_refused(&svc, "alice").await, 5);
 }
+
+#[tokio::test]
+async fn a_tenant_moved_into_a_tier_counts_there_from_zero() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::new(by_user("3/m")).with_clock(clock.clone());
+    let handle = layer.handle();
+    let (svc, _) = counting_service(layer);
+    let call = || {
+        let mut req = Request::new(Body::new());
+        req.extensions_mut().insert(Identity::new(
+            Some("alice".to_owned()),
+            Some("acme".to_owned()),
+        ));
+        svc.clone().oneshot(req)
+    };
+    for _ in 0..3 {
+        assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        call().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    handle
+        .update(config(
+            "by_user = \"3/m\"\n[tiers.pro]\nby_user = \"3/m\"\n[tenants]\nacme = \"pro\"",
+        ))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        call().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn a_token_bucket_keeps_its_share_used_across_a_count_change() {
+    let clock = ManualClock::new();
+    let bucket = |rate: &str| {
+        config(&format!(
+            "by_user = \"{rate}\"\nalgorithm = \"token_bucket\""
+        ))
+    };
+    let layer = RateLimitLayer::new(bucket("4/m")).with_clock(clock.clone());
+    let handle = layer.handle();
+    let (svc, _) = counting_service(layer);
+    // Half of four used...
+    assert_eq!(status(&svc, "alice").await, StatusCode::OK);
+    assert_eq!(status(&svc, "alice").await, StatusCode::OK);
+    // ...is half of eight.
+    handle.update(bucket("8/m")).unwrap();
+    assert_eq!(allowed_until_refused(&svc, "alice").await, 4);
+}
+
+#[tokio::test]
+async fn a_changed_identity_header_applies_from_the_next_request() {
+    let clock = ManualClock::new();
+    let header = |name: &str| {
+        config(&format!(
+            "by_user = \"1/m\"\n[identity]\nuser_header = \"{name}\""
+        ))
+    };
+    let layer = RateLimitLayer::new(header("x-a")).with_clock(clock.clone());
+    let handle = layer.handle();
+    let (svc, _) = counting_service(layer);
+    let call = || {
+        let mut req = Request::new(Body::new());
+        req.headers_mut().insert("x-b", "bob".parse().unwrap());
+        svc.clone().oneshot(req)
+    };
+    // x-b is not read yet: anonymous, whose one request a minute is then used up.
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        call().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    handle.update(header("x-b")).unwrap();
+    // Now bob, with a counter of his own.
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        call().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}

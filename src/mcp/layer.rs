@@ -4,8 +4,10 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use arc_swap::Guard;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response};
@@ -14,9 +16,10 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::layer::Policy;
 use crate::mcp::body::McpBody;
 use crate::mcp::jsonrpc::{self, McpCall};
-use crate::{RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
+use crate::{Mode, RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
 
 /// Most bytes reserved before they arrive, whatever `Content-Length` says.
 const INITIAL_CAPACITY: usize = 64 * 1024;
@@ -173,14 +176,16 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let declared = declared_length(req.headers());
-        let readable = !self.inner.is_disabled()
+        // One policy for reading the body and counting the request, across a reload.
+        let policy = self.inner.policy();
+        let readable = policy.mode != Mode::Disabled
             && req.method() == Method::POST
             && is_json(req.headers())
             && declared.map_or(true, |n| n <= self.max_body as u64);
         if !readable {
             let fut = self
                 .inner
-                .call_with(req.map(McpBody::passthrough), mcp_call::<B>);
+                .call_with(req.map(McpBody::passthrough), mcp_call::<B>, policy);
             return McpFuture {
                 state: State::Calling { fut },
             };
@@ -193,6 +198,7 @@ where
         McpFuture {
             state: State::Reading {
                 svc: Some(svc),
+                policy: Some(Guard::into_inner(policy)),
                 parts: Some(parts),
                 body: Some(body),
                 read: Read::new(self.max_body, expected),
@@ -311,6 +317,7 @@ pin_project! {
     {
         Reading {
             svc: Option<RateLimit<S>>,
+            policy: Option<Arc<Policy>>,
             parts: Option<http::request::Parts>,
             body: Option<B>,
             read: Read,
@@ -346,6 +353,7 @@ where
             match state.as_mut().project() {
                 StateProj::Reading {
                     svc,
+                    policy,
                     parts,
                     body,
                     read,
@@ -384,7 +392,9 @@ where
                             McpBody::ended(bytes, end, rest, call)
                         }
                     };
-                    let fut = svc.call_with(Request::from_parts(parts, body), mcp_call::<B>);
+                    let policy = Guard::from_inner(policy.take().expect("polled after completion"));
+                    let fut =
+                        svc.call_with(Request::from_parts(parts, body), mcp_call::<B>, policy);
                     state.set(State::Calling { fut });
                 }
                 StateProj::Calling { fut } => return fut.poll(cx),

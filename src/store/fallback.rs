@@ -95,7 +95,10 @@ impl Store for FallbackStore {
     }
 
     fn stats(&self) -> StoreStats {
-        self.inner.stats()
+        StoreStats {
+            source: Some(Arc::as_ptr(&self.inner) as *const () as usize),
+            ..self.inner.stats()
+        }
     }
 }
 

@@ -173,6 +173,7 @@ impl Store for MemoryStore {
         StoreStats {
             keys: Some(self.len() as u64),
             evictions: Some(self.evictions()),
+            source: Some(std::sync::Arc::as_ptr(&self.inner) as usize),
             ..StoreStats::default()
         }
     }

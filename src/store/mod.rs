@@ -304,6 +304,9 @@ pub struct StoreStats {
     pub deny_cache_keys: Option<u64>,
     /// Whether a circuit breaker has stopped asking the backend for now.
     pub circuit_open: Option<bool>,
+    /// What the figures are of, when clones of one store share them (the address of
+    /// their shared state), so that process-wide sums count them once.
+    pub(crate) source: Option<usize>,
 }
 
 /// What kind of failure a store had.

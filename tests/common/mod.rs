@@ -10,6 +10,8 @@ use tollgate::{ManualClock, MemoryStore, RateLimitConfig, RateLimitLayer};
 use tower::{service_fn, ServiceBuilder};
 
 pub mod example;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "redis")]

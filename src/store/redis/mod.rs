@@ -487,6 +487,7 @@ impl Store for RedisStore {
     fn stats(&self) -> StoreStats {
         StoreStats {
             deny_cache_keys: Some(self.inner.deny.len() as u64),
+            source: Some(Arc::as_ptr(&self.inner) as usize),
             ..StoreStats::default()
         }
     }

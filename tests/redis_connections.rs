@@ -122,21 +122,26 @@ async fn requests_spread_over_separate_sockets() {
     let Some(server) = RedisServer::private("requests_spread_over_separate_sockets") else {
         return;
     };
-    let proxy = Proxy::start(redis_port(&server)).await;
-    let store = RedisStore::builder(format!("redis://127.0.0.1:{}/0", proxy.port))
-        .key_prefix(fresh_prefix())
-        .pool_size(16)
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    for i in 0..40 {
-        assert!(check(&store, &format!("u{i}")).await.unwrap());
+    // Coalescing off: round-robin over the four shared sockets. On (the default): two,
+    // one per coalescing lane.
+    for (max_batch, sockets) in [(1, 4), (128, 2)] {
+        let proxy = Proxy::start(redis_port(&server)).await;
+        let store = RedisStore::builder(format!("redis://127.0.0.1:{}/0", proxy.port))
+            .key_prefix(fresh_prefix())
+            .pool_size(16)
+            .max_batch(max_batch)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        for i in 0..40 {
+            assert!(check(&store, &format!("u{i}")).await.unwrap());
+        }
+        assert_eq!(
+            proxy.accepted.load(Ordering::SeqCst),
+            sockets,
+            "max_batch {max_batch}"
+        );
     }
-    assert_eq!(
-        proxy.accepted.load(Ordering::SeqCst),
-        4,
-        "four shared sockets"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -493,3 +493,68 @@ async fn instances_with_skewed_clocks_state_the_same_reset() {
         resets[0]
     );
 }
+
+/// On Redis's clock, a write that stays in the counter's window keeps the key's expiry
+/// (`SET ... KEEPTTL`: the same window has the same expiry) instead of setting it again;
+/// a write that starts a window sets it. Shown by stretching the TTL by hand in between:
+/// kept by the same-window write, replaced by the next window's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_the_same_window_keeps_the_expiry_on_redis_clock() {
+    let Some(server) = RedisServer::any("same_window_keeps_the_expiry") else {
+        return;
+    };
+    let prefix = common::redis::fresh_prefix();
+    let layer = RateLimitLayer::new(redis_cfg("by_user = \"100/2s\"", server.url(), &prefix, ""));
+    let (svc, _) = counting_service(layer);
+    let mut conn = server.conn().await;
+    let call = || svc.clone().oneshot(req("alice", None, None));
+    assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+    let keys = keys_under(&mut conn, &prefix).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let key = &keys[0];
+    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert!((1..=2_000).contains(&pttl(&mut conn).await));
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key)
+        .arg(3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = call().await.unwrap();
+    assert_eq!(
+        second.headers()["x-ratelimit-remaining"],
+        "98",
+        "counted on"
+    );
+    let kept = pttl(&mut conn).await;
+    assert!(kept > 3_000_000, "the same window keeps the expiry: {kept}");
+    // The next window sets its own.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key)
+        .arg(3_600_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let third = call().await.unwrap();
+    assert_eq!(
+        third.headers()["x-ratelimit-remaining"],
+        "99",
+        "a new window"
+    );
+    let set = pttl(&mut conn).await;
+    assert!(
+        (1..=2_000).contains(&set),
+        "a new window sets its expiry: {set}"
+    );
+}

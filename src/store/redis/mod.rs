@@ -346,9 +346,10 @@ impl RedisStore {
 
     fn from_parts(connector: Option<Connector>, b: RedisStoreBuilder) -> RedisStore {
         let coalescer = match &connector {
-            Some(single @ Connector::Single { .. }) if b.max_batch > 1 => {
-                Some(Coalescer::new(single.shared_connections(), b.max_batch))
-            }
+            Some(single @ Connector::Single { .. }) if b.max_batch > 1 => Some(Coalescer::new(
+                single.shared_connections().min(batch::LANES),
+                b.max_batch,
+            )),
             _ => None,
         };
         RedisStore {

@@ -43,8 +43,8 @@ impl Decided {
 /// each registered with the recorder on first use and then reused: counting a request is
 /// one atomic add, with no allocation. `rule` is the rule that decided (the refusing one,
 /// or the one whose headers speak), `none` without one; `tool` is the configured tool or
-/// prompt the request was counted under, empty without one. A policy has its own handles,
-/// so a reload (or a recorder installed after the first request) registers them anew.
+/// prompt the request was counted under, empty without one. A policy has its own handles:
+/// a reload registers new ones with the recorder installed then.
 #[derive(Debug)]
 pub(crate) struct Metrics {
     /// By tool slot (0: none; then each tool; then each prompt), filled on first use.
@@ -69,6 +69,8 @@ const RULES: usize = 6;
 const _: () = assert!(RuleKind::UserTool as usize + 2 == RULES);
 #[cfg(feature = "metrics")]
 const DECISIONS: usize = 6;
+#[cfg(feature = "metrics")]
+const _: () = assert!(Decided::InvalidIdentity as usize + 1 == DECISIONS);
 
 impl Metrics {
     /// Handles for `rules`' tools and prompts, and the latency of a `backend` store.

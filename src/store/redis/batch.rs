@@ -51,7 +51,9 @@ impl Job {
 #[derive(Clone)]
 pub(super) struct CallKey {
     pub(super) name: String,
-    pub(super) count: i64,
+    /// At most 10^9 (a rate's count is checked at start-up).
+    pub(super) count: u32,
+    /// µs.
     pub(super) period: i64,
 }
 
@@ -59,7 +61,7 @@ pub(super) struct CallKey {
 pub(super) type Answer = Result<(Outcomes, u64), StoreError>;
 
 /// The script's number for `algorithm`.
-pub(super) fn algorithm_code(algorithm: Algorithm) -> i64 {
+pub(super) fn algorithm_code(algorithm: Algorithm) -> u8 {
     match algorithm {
         Algorithm::FixedWindow => 1,
         Algorithm::SlidingWindow => 2,
@@ -68,27 +70,51 @@ pub(super) fn algorithm_code(algorithm: Algorithm) -> i64 {
 }
 
 /// `lua/batch.lua`'s KEYS (each key once) and ARGV for `jobs`, which share one time.
-pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> (Vec<&'a str>, Vec<i64>) {
+pub(super) struct Encoded<'a> {
+    pub(super) keys: Vec<&'a str>,
+    /// ARGV[1]: the caller's time, or -1 for Redis `TIME`.
+    pub(super) now: i64,
+    /// ARGV[2]: how many requests.
+    pub(super) requests: i64,
+    /// ARGV[3]: the requests, packed (see the script's header): per request its
+    /// algorithm and number of keys (u8 each), then per key its index into KEYS (u16),
+    /// count (u32) and period in µs (f64, exact: periods are far below 2^53 µs),
+    /// little-endian. One argument instead of 2 + 3n numbers, each of which Redis would
+    /// parse and Lua convert.
+    pub(super) packed: Vec<u8>,
+}
+
+pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> Encoded<'a> {
     let mut keys: Vec<&str> = Vec::new();
-    let mut index: hashbrown::HashMap<&str, i64> = hashbrown::HashMap::new();
+    let mut index: hashbrown::HashMap<&str, u16> = hashbrown::HashMap::new();
     let now = jobs
         .clone()
         .next()
         .and_then(|j| j.now)
         .map_or(-1, |n| n as i64);
-    let mut args = vec![now, jobs.clone().count() as i64];
+    let mut requests = 0;
+    let mut packed = Vec::new();
     for job in jobs {
-        args.push(algorithm_code(job.algorithm));
-        args.push(job.keys.len() as i64);
+        requests += 1;
+        packed.push(algorithm_code(job.algorithm));
+        packed.push(job.keys.len() as u8);
         for key in job.keys.iter() {
+            // At most max_batch (≤ 1 024) requests of four keys: far below u16::MAX.
             let i = *index.entry(key.name.as_str()).or_insert_with(|| {
                 keys.push(key.name.as_str());
-                keys.len() as i64
+                keys.len() as u16
             });
-            args.extend([i, key.count, key.period]);
+            packed.extend_from_slice(&i.to_le_bytes());
+            packed.extend_from_slice(&key.count.to_le_bytes());
+            packed.extend_from_slice(&(key.period as f64).to_le_bytes());
         }
     }
-    (keys, args)
+    Encoded {
+        keys,
+        now,
+        requests,
+        packed,
+    }
 }
 
 /// Splits the script's flat answer (per job a status, then four integers per key; last

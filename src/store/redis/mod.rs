@@ -550,7 +550,8 @@ impl Inner {
                 .iter()
                 .map(|key| CallKey {
                     name: key.encode(&self.prefix),
-                    count: key.rate().count() as i64,
+                    // A rate's count is a u32 (at most 10^9).
+                    count: u32::try_from(key.rate().count()).unwrap_or(u32::MAX),
                     period: key.rate().period_micros() as i64,
                 })
                 .collect(),
@@ -599,14 +600,15 @@ impl Inner {
         lane: usize,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<Answer>, StoreError> {
-        let (keys, args) = batch::encode(jobs.clone());
+        let encoded = batch::encode(jobs.clone());
         let mut invocation = self.script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
+        for key in &encoded.keys {
+            invocation.key(*key);
         }
-        for arg in args {
-            invocation.arg(arg);
-        }
+        invocation
+            .arg(encoded.now)
+            .arg(encoded.requests)
+            .arg(&encoded.packed[..]);
         let values = self
             .connector()?
             .invoke(&invocation, lane, self.timeout, deadline)
@@ -687,7 +689,7 @@ impl Inner {
         deadline: tokio::time::Instant,
     ) -> Result<(), StoreError> {
         let mut invocation = self.refund.prepare_invoke();
-        invocation.arg(batch::algorithm_code(part.algorithm));
+        invocation.arg(i64::from(batch::algorithm_code(part.algorithm)));
         invocation.arg(decided_at as i64);
         invocation.arg(part.now.map_or(-1, |now| now as i64));
         for key in part.keys.iter() {
@@ -804,18 +806,19 @@ mod tests {
     #[test]
     fn a_batch_sends_each_key_once_and_splits_the_answer_per_request() {
         let jobs = [job(&["a", "b"]), job(&["b"]), job(&["c", "a"])];
-        let (keys, args) = batch::encode(jobs.iter());
-        assert_eq!(keys, ["a", "b", "c"]);
-        let rate = [5, 60_000_000];
-        let mut expected = vec![7, 3];
-        for (n, indices) in [(2, vec![1, 2]), (1, vec![2]), (2, vec![3, 1])] {
+        let encoded = batch::encode(jobs.iter());
+        assert_eq!(encoded.keys, ["a", "b", "c"]);
+        assert_eq!((encoded.now, encoded.requests), (7, 3));
+        let mut expected = Vec::new();
+        for (n, indices) in [(2u8, vec![1u16, 2]), (1, vec![2]), (2, vec![3, 1])] {
             expected.extend([1, n]);
             for i in indices {
-                expected.push(i);
-                expected.extend(rate);
+                expected.extend(i.to_le_bytes());
+                expected.extend(5u32.to_le_bytes());
+                expected.extend(60_000_000f64.to_le_bytes());
             }
         }
-        assert_eq!(args, expected);
+        assert_eq!(encoded.packed, expected);
 
         // Per job a status, then four integers per key; the second job's key was refused.
         let key = |k: i64| [1, k, 10 + k, 0];

@@ -117,8 +117,8 @@ for i, expires_at in pairs(expires) do
   local value = string.format('%d:%d:%d', st[i], sc[i], sp[i])
   local written
   if min_ttl == 1 and read_t[i] == st[i] then
-    -- The same t: the same window (or bucket arrival time) as the counter read, so the
-    -- same expiry, already set on the key; KEEPTTL spares Redis the expiry update (a
+    -- The same t: the same window as the counter read (a token bucket's t moves on every
+    -- allowed request, so it never comes here), so the same expiry, already set on the key; KEEPTTL spares Redis the expiry update (a
     -- third of a write). Only on Redis's clock: deciding on the caller's clock, every
     -- write renews the floor of min_ttl in Redis time.
     written = redis.pcall('SET', KEYS[i], value, 'KEEPTTL')

@@ -99,7 +99,8 @@ pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> Encoded
         packed.push(algorithm_code(job.algorithm));
         packed.push(job.keys.len() as u8);
         for key in job.keys.iter() {
-            // At most max_batch (≤ 1 024) requests of four keys: far below u16::MAX.
+            // At most max_batch (≤ 1 024, clamped by the builder and the config) requests
+            // of four keys: far below u16::MAX.
             let i = *index.entry(key.name.as_str()).or_insert_with(|| {
                 keys.push(key.name.as_str());
                 keys.len() as u16
@@ -170,7 +171,7 @@ struct Queued {
     reply: oneshot::Sender<Answer>,
 }
 
-/// The lanes of one store (one per socket).
+/// The lanes of one store ([`LANES`], each on its own socket).
 pub(super) struct Coalescer {
     lanes: Box<[Lane]>,
     next: AtomicUsize,

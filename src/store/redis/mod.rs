@@ -3,11 +3,13 @@
 //! One script (`src/store/lua/algorithms.lua` + `batch.lua`) decides one request or a
 //! batch of them: it reads each key once, decides the requests in order (each
 //! all-or-nothing across its keys), and writes each changed key once as `SET key "t:c:p"
-//! PX ttl`. Concurrent requests on one socket are coalesced into one call (`batch.rs`).
+//! PX ttl` (`KEEPTTL` when its expiry stays). Concurrent requests are coalesced into one
+//! call per batch over two lanes (`batch.rs`).
 //! Time comes from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!
-//! Connections (`conn.rs`): to one server, up to four multiplexed sockets that requests
-//! share round-robin, so no request waits for a checkout; to a Redis Cluster, redis-rs's
+//! Connections (`conn.rs`): to one server, up to four multiplexed sockets (the two
+//! coalescing lanes use two of them; with coalescing off requests share all four
+//! round-robin), so no request waits for a checkout; to a Redis Cluster, redis-rs's
 //! cluster connection. `rediss://` URLs speak TLS (feature `redis-tls`). A connection that
 //! fails, times out or whose server cannot serve (a demoted primary's `READONLY`, a
 //! cluster's `MOVED`) is forgotten and the next request connects again.
@@ -50,7 +52,7 @@ const DENY_CACHE: usize = 10_000;
 /// Requests one script call decides at most, by default. A batch of 128 keeps Redis busy
 /// for a fraction of a millisecond (each request costs it about a microsecond of Lua), so
 /// other clients of the server do not wait on it, while at 512 concurrent callers over
-/// four sockets it already takes about one call per hundred checks.
+/// the two lanes it already takes under one call per hundred checks.
 pub(crate) const MAX_BATCH: usize = 128;
 
 /// Counters in Redis, shared by every instance pointed at the same server (or cluster)
@@ -147,7 +149,7 @@ impl RedisStoreBuilder {
 
     /// Most connections to open to one server (default 16, at least 1); requests share
     /// up to four of them, multiplexed (more sockets add nothing against one
-    /// single-threaded Redis). A cluster connection keeps one socket per node.
+    /// single-threaded Redis), and coalesced batches go over two. A cluster connection keeps one socket per node.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size.max(1);
         self
@@ -161,7 +163,9 @@ impl RedisStoreBuilder {
 
     /// Decide on the caller's clock (the layer's [`Clock`](crate::Clock)) instead of Redis
     /// `TIME`. Off by default: with server time, instances with skewed clocks agree. Tests
-    /// turn it on to compare Redis with the memory store step by step.
+    /// turn it on to compare Redis with the memory store step by step. Do not mix stores
+    /// with and without it on one key prefix: their times disagree, and expiries set on
+    /// one clock may end early on the other.
     pub fn caller_time(mut self, on: bool) -> Self {
         self.caller_time = on;
         self
@@ -177,13 +181,13 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Most requests one script call decides (default 128, at least 1). Concurrent
-    /// requests on one socket are coalesced: while a call is in flight the next batch
-    /// fills, and goes as one `EVALSHA` that decides them in order exactly as one call
-    /// each would. A lone request goes at once. `1` turns coalescing off (one call per
+    /// Most requests one script call decides (default 128, 1 to 1 024 as in the config).
+    /// Concurrent requests are coalesced: while a call is in flight the next batch fills,
+    /// and goes as one `EVALSHA` that decides them in order exactly as one call each
+    /// would. A lone request goes at once. `1` turns coalescing off (one call per
     /// request). A cluster store sends one call per request and hash slot.
     pub fn max_batch(mut self, requests: usize) -> Self {
-        self.max_batch = requests.max(1);
+        self.max_batch = requests.clamp(1, 1_024);
         self
     }
 

@@ -511,48 +511,38 @@ async fn a_write_in_the_same_window_keeps_the_expiry_on_redis_clock() {
     assert_eq!(call().await.unwrap().status(), StatusCode::OK);
     let keys = keys_under(&mut conn, &prefix).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
-    let key = &keys[0];
-    let pttl = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut conn = conn.clone();
-        let key = key.clone();
+    // The key's expiry in ms, or (with `ms`) set by hand to that.
+    let expiry = |ms: Option<i64>| {
+        let (mut conn, key) = (conn.clone(), keys[0].clone());
         async move {
-            redis::cmd("PTTL")
-                .arg(&key)
-                .query_async::<i64>(&mut conn)
-                .await
-                .unwrap()
+            let mut cmd = redis::cmd(if ms.is_some() { "PEXPIRE" } else { "PTTL" });
+            cmd.arg(&key);
+            if let Some(ms) = ms {
+                cmd.arg(ms);
+            }
+            cmd.query_async::<i64>(&mut conn).await.unwrap()
         }
     };
-    assert!((1..=2_000).contains(&pttl(&mut conn).await));
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(key)
-        .arg(3_600_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    assert!((1..=2_000).contains(&expiry(None).await));
+    expiry(Some(3_600_000)).await;
     let second = call().await.unwrap();
     assert_eq!(
         second.headers()["x-ratelimit-remaining"],
         "98",
         "counted on"
     );
-    let kept = pttl(&mut conn).await;
+    let kept = expiry(None).await;
     assert!(kept > 3_000_000, "the same window keeps the expiry: {kept}");
     // The next window sets its own.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(key)
-        .arg(3_600_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    expiry(Some(3_600_000)).await;
     let third = call().await.unwrap();
     assert_eq!(
         third.headers()["x-ratelimit-remaining"],
         "99",
         "a new window"
     );
-    let set = pttl(&mut conn).await;
+    let set = expiry(None).await;
     assert!(
         (1..=2_000).contains(&set),
         "a new window sets its expiry: {set}"

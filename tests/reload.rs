@@ -15,8 +15,8 @@ use common::{counting_service, Body};
 use http::{Request, StatusCode};
 use tokio::sync::oneshot;
 use tollgate::{
-    Identity, ManualClock, MemoryStore, Outcome, Outcomes, RateLimitConfig, RateLimitLayer, Store,
-    StoreError, StoreFuture, StoreRequest,
+    Identity, ManualClock, MemoryStore, Outcome, Outcomes, RateLimitConfig, RateLimitHandle,
+    RateLimitLayer, Store, StoreError, StoreFuture, StoreRequest,
 };
 use tower::ServiceExt;
 
@@ -63,12 +63,30 @@ where
     panic!("never refused");
 }
 
-#[tokio::test]
-async fn a_changed_count_keeps_the_counter_and_holds_from_the_next_request() {
+/// A layer for `cfg` on a fresh manual clock, its reload handle, and a service through it.
+fn served(
+    cfg: RateLimitConfig,
+) -> (
+    ManualClock,
+    RateLimitHandle,
+    impl tower::Service<
+            Request<Body>,
+            Response = http::Response<tollgate::ResponseBody<Body>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone
+        + Send,
+) {
     let clock = ManualClock::new();
-    let layer = RateLimitLayer::new(by_user("5/m")).with_clock(clock.clone());
+    let layer = RateLimitLayer::new(cfg).with_clock(clock.clone());
     let handle = layer.handle();
     let (svc, _) = counting_service(layer);
+    (clock, handle, svc)
+}
+
+#[tokio::test]
+async fn a_changed_count_keeps_the_counter_and_holds_from_the_next_request() {
+    let (clock, handle, svc) = served(by_user("5/m"));
 
     assert_eq!(allowed_until_refused(&svc, "alice").await, 5);
     // Raised: the five used stay used, so three more.
@@ -86,10 +104,7 @@ async fn a_changed_count_keeps_the_counter_and_holds_from_the_next_request() {
 
 #[tokio::test]
 async fn a_changed_period_or_algorithm_starts_a_fresh_counter() {
-    let clock = ManualClock::new();
-    let layer = RateLimitLayer::new(by_user("3/m")).with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    let (_, handle, svc) = served(by_user("3/m"));
     assert_eq!(allowed_until_refused(&svc, "alice").await, 3);
 
     handle.update(by_user("3/h")).unwrap();
@@ -130,10 +145,7 @@ async fn every_clone_and_every_service_follows_one_handle() {
 
 #[tokio::test]
 async fn other_settings_apply_from_the_next_request() {
-    let clock = ManualClock::new();
-    let layer = RateLimitLayer::new(by_user("1/m")).with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    let (_, handle, svc) = served(by_user("1/m"));
 
     let resp = svc.clone().oneshot(user("alice")).await.unwrap();
     assert_eq!(resp.headers()["x-ratelimit-remaining"], "0");
@@ -151,13 +163,9 @@ async fn other_settings_apply_from_the_next_request() {
 
 #[tokio::test]
 async fn a_new_backend_is_refused_naming_each_field_and_nothing_changes() {
-    let clock = ManualClock::new();
-    let layer = RateLimitLayer::new(config(
+    let (_, handle, svc) = served(config(
         "by_user = \"1/m\"\n[backend]\nmax_keys = 5000\ndeny_cache = 100",
-    ))
-    .with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    ));
     assert_eq!(status(&svc, "alice").await, StatusCode::OK);
 
     let err = handle
@@ -369,10 +377,7 @@ async fn in_redis_a_changed_count_starts_a_fresh_counter() {
 
 #[tokio::test]
 async fn a_tenant_moved_into_a_tier_counts_there_from_zero() {
-    let clock = ManualClock::new();
-    let layer = RateLimitLayer::new(by_user("3/m")).with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    let (_, handle, svc) = served(by_user("3/m"));
     let call = || {
         let mut req = Request::new(Body::new());
         req.extensions_mut().insert(Identity::new(
@@ -404,15 +409,12 @@ async fn a_tenant_moved_into_a_tier_counts_there_from_zero() {
 
 #[tokio::test]
 async fn a_token_bucket_keeps_its_share_used_across_a_count_change() {
-    let clock = ManualClock::new();
     let bucket = |rate: &str| {
         config(&format!(
             "by_user = \"{rate}\"\nalgorithm = \"token_bucket\""
         ))
     };
-    let layer = RateLimitLayer::new(bucket("4/m")).with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    let (_, handle, svc) = served(bucket("4/m"));
     // Half of four used...
     assert_eq!(status(&svc, "alice").await, StatusCode::OK);
     assert_eq!(status(&svc, "alice").await, StatusCode::OK);
@@ -423,15 +425,12 @@ async fn a_token_bucket_keeps_its_share_used_across_a_count_change() {
 
 #[tokio::test]
 async fn a_changed_identity_header_applies_from_the_next_request() {
-    let clock = ManualClock::new();
     let header = |name: &str| {
         config(&format!(
             "by_user = \"1/m\"\n[identity]\nuser_header = \"{name}\""
         ))
     };
-    let layer = RateLimitLayer::new(header("x-a")).with_clock(clock.clone());
-    let handle = layer.handle();
-    let (svc, _) = counting_service(layer);
+    let (_, handle, svc) = served(header("x-a"));
     let call = || {
         let mut req = Request::new(Body::new());
         req.headers_mut().insert("x-b", "bob".parse().unwrap());

@@ -11,11 +11,14 @@
 -- requests left them — a request allowed only if every one of its keys allows, and then
 -- counted under every one (all-or-nothing) — and each changed key is written once, as
 -- `SET key "t:c:p" PX ttl` (or KEEPTTL, when its expiry is the one it already has).
--- Returns, per request: 1, or 0 when one of its keys cannot be used (a key of another
--- type or value, or a write refused when Redis is out of memory: that request fails
--- alone, and the requests after it were decided as if it had counted, which errs
--- strict); needs Redis 6.2 or later (SET ... GET); then per key: allowed (1/0), remaining, reset_after µs,
--- retry_after µs. Last, the time decided at.
+-- Returns one string, little-endian (Redis turns every element of an array reply into a
+-- protocol integer and the client parses each back: one string is cheaper on both
+-- sides): per request a status byte, 1, or 0 when one of its keys cannot be used (a key
+-- of another type or value, or a write refused when Redis is out of memory: that request
+-- fails alone, and the requests after it were decided as if it had counted, which errs
+-- strict); then per key: allowed (u8, 1/0), remaining (u32), reset_after µs (u64),
+-- retry_after µs (u64). Last, the time decided at (u64). Needs Redis 6.2 or later
+-- (SET ... GET).
 
 local now = tonumber(ARGV[1])
 -- The shortest TTL written (ms). Redis expires keys on its own clock; when the caller
@@ -29,11 +32,13 @@ if now < 0 then
   min_ttl = 1
 end
 
+-- Library functions called per key, as locals (a global is a table lookup per call).
+local pack, unpack_at, format = struct.pack, struct.unpack, string.format
+
 -- Per key index: its state as t, c, p (t false when the key holds none); t as read (a
 -- counter string was read: the key is a string with this script's TTL); whether it
--- cannot be used; for keys to write, when they expire (µs) and which requests counted
--- there.
-local st, sc, sp, read_t, broken, expires, counted = {}, {}, {}, {}, {}, {}, {}
+-- cannot be used; for keys to write, when they expire (µs).
+local st, sc, sp, read_t, broken, expires = {}, {}, {}, {}, {}, {}
 -- One MGET reads every key. It answers nil both for a missing key and for a key of
 -- another type; the second shows when the key is written (`SET ... GET` refuses a key
 -- of another type), and fails the requests counted there.
@@ -56,24 +61,28 @@ end
 
 -- A request's pending writes, applied only when all of its keys allow.
 local wi, wt, wc, wp, we = {}, {}, {}, {}, {}
--- Where each request's status sits in `out`.
-local status_at = {}
+-- Where each request's status sits in `out`; whether it was allowed (so counted under
+-- each of its keys).
+local status_at, counted = {}, {}
 
+-- The answer's parts, joined once at the end; a request's status byte is replaced when
+-- it fails.
+local OK, FAILED = '\1', '\0'
 local out = {}
-local packed = ARGV[3]
+local requests, packed = tonumber(ARGV[2]), ARGV[3]
 local at = 1
 -- A request's keys: index into KEYS, count, period.
 local ki, kc, kp = {}, {}, {}
-for r = 1, tonumber(ARGV[2]) do
+for r = 1, requests do
   local code, n
-  code, n, at = struct.unpack('<BB', packed, at)
+  code, n, at = unpack_at('<BB', packed, at)
   local algorithm = ALGORITHMS[code]
   local o = #out + 1
   status_at[r] = o
-  out[o] = 1
+  out[o] = OK
   local usable = true
   for k = 1, n do
-    ki[k], kc[k], kp[k], at = struct.unpack('<HId', packed, at)
+    ki[k], kc[k], kp[k], at = unpack_at('<HId', packed, at)
     if broken[ki[k]] then usable = false end
   end
   local all = usable
@@ -86,11 +95,8 @@ for r = 1, tonumber(ARGV[2]) do
       allowed, remaining, reset_after, retry_after, t, c, p, expires_at =
         algorithm(t0, c0, p0, now, kc[k], kp[k])
     end
-    out[o + 1] = allowed and 1 or 0
-    out[o + 2] = remaining
-    out[o + 3] = reset_after
-    out[o + 4] = retry_after
-    o = o + 4
+    o = o + 1
+    out[o] = pack('<BI4I8I8', allowed and 1 or 0, remaining, reset_after, retry_after)
     if allowed then
       wi[k], wt[k], wc[k], wp[k], we[k] = i, t, c, p, expires_at
     else
@@ -98,23 +104,35 @@ for r = 1, tonumber(ARGV[2]) do
     end
   end
   if not usable then
-    out[status_at[r]] = 0
+    out[status_at[r]] = FAILED
   elseif all then
+    counted[r] = true
     for k = 1, n do
       local i = wi[k]
       st[i], sc[i], sp[i], expires[i] = wt[k], wc[k], wp[k], we[k]
-      local list = counted[i]
-      if list == nil then
-        list = {}
-        counted[i] = list
-      end
-      list[#list + 1] = r
     end
   end
 end
 
+-- Fails the requests counted under key `i`: the allowed ones among those naming it,
+-- found by a second walk over the packed requests (only when a write fails, so the
+-- decisions above keep no list per key).
+local function fail_counted_at(i)
+  local from = 1
+  for r = 1, requests do
+    local _, n, index
+    _, n, from = unpack_at('<BB', packed, from)
+    local names = false
+    for _ = 1, n do
+      index, _, _, from = unpack_at('<HId', packed, from)
+      if index == i then names = true end
+    end
+    if names and counted[r] then out[status_at[r]] = FAILED end
+  end
+end
+
 for i, expires_at in pairs(expires) do
-  local value = string.format('%d:%d:%d', st[i], sc[i], sp[i])
+  local value = format('%d:%d:%d', st[i], sc[i], sp[i])
   local written
   if min_ttl == 1 and read_t[i] == st[i] then
     -- The same t: the same window as the counter read (a token bucket's t moves on every
@@ -123,8 +141,15 @@ for i, expires_at in pairs(expires) do
     -- write renews the floor of min_ttl in Redis time.
     written = redis.pcall('SET', KEYS[i], value, 'KEEPTTL')
   else
-    written = redis.pcall('SET', KEYS[i], value,
-      'PX', math.max(min_ttl, math.ceil((expires_at - now) / 1000)), 'GET')
+    local ttl = math.max(min_ttl, math.ceil((expires_at - now) / 1000))
+    if values[i] then
+      -- MGET read a string here, and nothing else runs while this script does.
+      written = redis.pcall('SET', KEYS[i], value, 'PX', ttl)
+    else
+      -- Missing, or of another type (MGET says nil to both): GET makes SET refuse the
+      -- second with WRONGTYPE instead of overwriting someone else's key.
+      written = redis.pcall('SET', KEYS[i], value, 'PX', ttl, 'GET')
+    end
   end
   if type(written) == 'table' and written.err then
     -- A key of another type, or out of memory: the requests counted here fail alone. Any
@@ -132,10 +157,8 @@ for i, expires_at in pairs(expires) do
     -- the connection.
     local code = string.match(written.err, '^(%u+)')
     if code ~= 'WRONGTYPE' and code ~= 'OOM' then return redis.error_reply(written.err) end
-    for _, r in ipairs(counted[i]) do
-      out[status_at[r]] = 0
-    end
+    fail_counted_at(i)
   end
 end
-out[#out + 1] = now
-return out
+out[#out + 1] = pack('<I8', now)
+return table.concat(out)

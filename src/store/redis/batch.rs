@@ -118,50 +118,69 @@ pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> Encoded
     }
 }
 
-/// Splits the script's flat answer (per job a status, then four integers per key; last
-/// the time it decided at) back into one answer per job. A status of 0 means Redis
-/// refused one of the job's keys (a key of another type, a write refused for lack of
-/// memory): that job alone fails, as it would have in a call of its own.
+/// Bytes of the script's answer per key: allowed (u8), remaining (u32), reset_after and
+/// retry_after µs (u64 each).
+const KEY_BYTES: usize = 1 + 4 + 8 + 8;
+
+/// Splits the script's packed answer (per job a status byte, then [`KEY_BYTES`] per key;
+/// last the time it decided at, all little-endian) back into one answer per job. A
+/// status of 0 means Redis refused one of the job's keys (a key of another type, a write
+/// refused for lack of memory): that job alone fails, as it would have in a call of its
+/// own.
 pub(super) fn parse<'a>(
-    values: &[i64],
+    answer: &[u8],
     jobs: impl Iterator<Item = &'a Job> + Clone,
 ) -> Result<Vec<Answer>, StoreError> {
+    let shape = || {
+        StoreError::new(
+            StoreErrorKind::Protocol,
+            "the redis script answered an unexpected shape",
+        )
+    };
     let (count, keys) = jobs
         .clone()
         .fold((0, 0), |(n, k), job| (n + 1, k + job.keys.len()));
-    if values.len() != count + 4 * keys + 1 || values.iter().any(|v| *v < 0) {
-        return Err(StoreError::new(
-            StoreErrorKind::Protocol,
-            "the redis script answered an unexpected shape",
-        ));
+    if answer.len() != count + KEY_BYTES * keys + 8 {
+        return Err(shape());
     }
-    let decided_at = values[values.len() - 1] as u64;
-    let mut rest = &values[..values.len() - 1];
-    Ok(jobs
-        .map(|job| {
-            let (status, tail) = rest.split_at(1);
-            let (mine, tail) = tail.split_at(4 * job.keys.len());
-            rest = tail;
-            if status[0] != 1 {
-                return Err(StoreError::new(
-                    StoreErrorKind::Protocol,
-                    "redis refused a key of this request (another type, or out of memory)",
-                ));
+    let u64_at = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("eight bytes"));
+    let (mut rest, at) = answer.split_at(answer.len() - 8);
+    let decided_at = u64_at(at);
+    // Every time the script states is below 2^53 µs (it computes in doubles): anything
+    // larger is a negative number packed unsigned, or a broken script.
+    const MAX: u64 = 1 << 53;
+    let mut answers = Vec::with_capacity(count);
+    for job in jobs {
+        let (status, tail) = rest.split_at(1);
+        let (mine, tail) = tail.split_at(KEY_BYTES * job.keys.len());
+        rest = tail;
+        let mut out = Outcomes::new();
+        for key in mine.chunks_exact(KEY_BYTES) {
+            let reset_after = u64_at(&key[5..13]);
+            let retry_after = u64_at(&key[13..21]);
+            if key[0] > 1 || reset_after > MAX || retry_after > MAX || decided_at > MAX {
+                return Err(shape());
             }
-            let mut out = Outcomes::new();
-            for chunk in mine.chunks_exact(4) {
-                let reset_after = chunk[2] as u64;
-                out.push(Outcome {
-                    allowed: chunk[0] == 1,
-                    remaining: chunk[1] as u64,
-                    reset_after,
-                    retry_after: chunk[3] as u64,
-                    reset_at: decided_at.saturating_add(reset_after),
-                });
-            }
-            Ok((out, decided_at))
-        })
-        .collect())
+            out.push(Outcome {
+                allowed: key[0] == 1,
+                remaining: u64::from(u32::from_le_bytes(
+                    key[1..5].try_into().expect("four bytes"),
+                )),
+                reset_after,
+                retry_after,
+                reset_at: decided_at.saturating_add(reset_after),
+            });
+        }
+        answers.push(match status[0] {
+            1 => Ok((out, decided_at)),
+            0 => Err(StoreError::new(
+                StoreErrorKind::Protocol,
+                "redis refused a key of this request (another type, or out of memory)",
+            )),
+            _ => return Err(shape()),
+        });
+    }
+    Ok(answers)
 }
 
 /// A job waiting in a lane.

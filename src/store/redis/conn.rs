@@ -14,7 +14,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ScriptInvocation};
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, FromRedisValue, RedisError, ScriptInvocation,
+};
 use tokio::time::Instant;
 
 use crate::store::{StoreError, StoreErrorKind};
@@ -144,13 +146,13 @@ impl Connector {
     /// Runs `invocation` (EVALSHA; on `NOSCRIPT` redis-rs loads the script and retries
     /// once), all of it done by `deadline`, on socket `lane` (modulo their number) of a
     /// single server.
-    pub(super) async fn invoke(
+    pub(super) async fn invoke<T: FromRedisValue>(
         &self,
         invocation: &ScriptInvocation<'_>,
         lane: usize,
         timeout: Duration,
         deadline: Instant,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<T, StoreError> {
         match self {
             Connector::Single { client, slots } => {
                 let index = lane % slots.len();
@@ -180,14 +182,15 @@ impl Connector {
 /// not one per request until the kernel notices. A cluster connection is kept through a
 /// timeout (`drop_on_timeout` false): it is a socket per node, which redis-rs reconnects
 /// itself, and one slow node must not cost the healthy ones a reconnect.
-async fn run<C, F, Fut>(
+async fn run<T, C, F, Fut>(
     slot: &Slot<C>,
     open: F,
     invocation: &ScriptInvocation<'_>,
     deadline: Instant,
     drop_on_timeout: bool,
-) -> Result<Vec<i64>, StoreError>
+) -> Result<T, StoreError>
 where
+    T: FromRedisValue,
     C: ConnectionLike + Clone + Send,
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<C, RedisError>>,
@@ -196,7 +199,7 @@ where
         Ok(connected) => connected?,
         Err(_) => return Err(timed_out("no redis connection in time")),
     };
-    match tokio::time::timeout_at(deadline, invocation.invoke_async::<Vec<i64>>(&mut conn)).await {
+    match tokio::time::timeout_at(deadline, invocation.invoke_async::<T>(&mut conn)).await {
         Ok(Ok(values)) => Ok(values),
         Ok(Err(e)) => {
             if cannot_serve(&e) {

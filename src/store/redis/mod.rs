@@ -613,11 +613,11 @@ impl Inner {
             .arg(encoded.now)
             .arg(encoded.requests)
             .arg(&encoded.packed[..]);
-        let values = self
+        let answer: Vec<u8> = self
             .connector()?
             .invoke(&invocation, lane, self.timeout, deadline)
             .await?;
-        batch::parse(&values, jobs)
+        batch::parse(&answer, jobs)
     }
 
     /// A cluster request's outcomes. Keys on one slot: one atomic script. Keys on several
@@ -702,7 +702,7 @@ impl Inner {
         }
         let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
         self.connector()?
-            .invoke(&invocation, lane, self.timeout, deadline)
+            .invoke::<redis::Value>(&invocation, lane, self.timeout, deadline)
             .await
             .map(|_| ())
     }
@@ -824,17 +824,24 @@ mod tests {
         }
         assert_eq!(encoded.packed, expected);
 
-        // Per job a status, then four integers per key; the second job's key was refused.
-        let key = |k: i64| [1, k, 10 + k, 0];
+        // Per job a status byte, then per key allowed, remaining, reset_after and
+        // retry_after; last the time decided at. The second job's key was refused.
+        let key = |k: u32| {
+            let mut bytes = vec![1];
+            bytes.extend(k.to_le_bytes());
+            bytes.extend((10 + u64::from(k)).to_le_bytes());
+            bytes.extend(0u64.to_le_bytes());
+            bytes
+        };
         let mut values = vec![1];
         values.extend(key(0));
         values.extend(key(1));
         values.push(0);
-        values.extend([0, 0, 0, 0]);
+        values.extend([0; 21]);
         values.push(1);
         values.extend(key(3));
         values.extend(key(4));
-        values.push(100);
+        values.extend(100u64.to_le_bytes());
         let answers = batch::parse(&values, jobs.iter()).unwrap();
         let remaining: Vec<Option<Vec<u64>>> = answers
             .iter()
@@ -857,17 +864,29 @@ mod tests {
     #[test]
     fn unexpected_answers_are_protocol_errors() {
         let one = [job(&["a"])];
-        assert_eq!(
-            batch::parse(&[1, 1, 2, 3, 0], one.iter())
-                .unwrap_err()
-                .kind(),
-            StoreErrorKind::Protocol
-        );
-        assert_eq!(
-            batch::parse(&[1, 1, -2, 3, 0, 9], one.iter())
-                .unwrap_err()
-                .kind(),
-            StoreErrorKind::Protocol
-        );
+        let answer = |status: u8, allowed: u8, reset_after: u64| {
+            let mut bytes = vec![status, allowed];
+            bytes.extend(1u32.to_le_bytes());
+            bytes.extend(reset_after.to_le_bytes());
+            bytes.extend(0u64.to_le_bytes());
+            bytes.extend(9u64.to_le_bytes());
+            bytes
+        };
+        assert!(batch::parse(&answer(1, 1, 2), one.iter()).is_ok());
+        let bad = [
+            // Too short: the time is missing.
+            answer(1, 1, 2)[..22].to_vec(),
+            // A status or an allowed flag other than 0 and 1.
+            answer(2, 1, 2),
+            answer(1, 7, 2),
+            // A negative wait, packed unsigned.
+            answer(1, 1, (-2i64) as u64),
+        ];
+        for bytes in bad {
+            assert_eq!(
+                batch::parse(&bytes, one.iter()).unwrap_err().kind(),
+                StoreErrorKind::Protocol
+            );
+        }
     }
 }

@@ -14,7 +14,9 @@
 //!
 //! Groups:
 //! - `store/hot`: one key, checked over and over.
-//! - `store/100k`: 100 000 keys round-robin, the key Strings built beforehand and borrowed.
+//! - `store/100k`: 100 000 keys round-robin, the key Strings built beforehand and borrowed;
+//!   `tollgate_store_sized_100k` holds them in a store sized for 100 000 keys instead of
+//!   the default million.
 //! - `store/threads`: one thread vs two on distinct keys (each thread round-robins its own
 //!   1 024 keys), and one vs two on one shared key. Throughput is in elements/s: the
 //!   2-thread / 1-thread ratio is the ratio of the `thrpt` figures.
@@ -142,6 +144,19 @@ fn many(c: &mut Criterion) {
         b.iter(|| {
             i = if i + 1 == MANY { 0 } else { i + 1 };
             check(&store, &[user(keys[i].as_bytes())], clock.now_micros())
+        })
+    });
+    // The same keys in a store sized for them (6.4 MiB of table instead of 64 MiB): how
+    // much of the cost is the memory the keys are spread over.
+    let sized = MemoryStore::with_max_keys(MANY);
+    for k in &keys {
+        check(&sized, &[user(k.as_bytes())], clock.now_micros());
+    }
+    let mut i = 0;
+    group.bench_function("tollgate_store_sized_100k", |b| {
+        b.iter(|| {
+            i = if i + 1 == MANY { 0 } else { i + 1 };
+            check(&sized, &[user(keys[i].as_bytes())], clock.now_micros())
         })
     });
     let now = clock.now_micros();

@@ -2,13 +2,14 @@
 //! Redis table.
 //!
 //! ```text
-//! taskset -c 1 cargo run --release --example redis_throughput [-- SECONDS]
+//! taskset -c 1 cargo run --release --example redis_throughput [-- SECONDS [ROUNDS]]
 //! ```
 //!
 //! Starts a private `redis-server` on a free loopback port, pinned to core 0 with `taskset`
 //! when it is installed (run the example itself on core 1, as above), and never touches
 //! 127.0.0.1:6379. For each concurrency (1, 64, 512 callers) and mode (coalescing off:
-//! `max_batch(1)`; on: the default), interleaved, three rounds of SECONDS (default 2): each
+//! `max_batch(1)`; on: the default), interleaved, ROUNDS rounds (default 3, at most 15; more
+//! steady the medians on a noisy machine) of SECONDS (default 2): each
 //! caller checks one request after another through `RedisStore`, on Redis's clock, never
 //! refused: with one rule, a user's fixed-window key (1 000 users); with three rules, also
 //! its tenant's (10 tenants) and a tool's (3 tools). Reported: checks/s, p50 and p99 latency, and EVALSHA
@@ -268,6 +269,10 @@ mod run {
             .nth(1)
             .map_or(2.0_f64, |a| a.parse::<f64>().expect("SECONDS: a number"))
             .clamp(0.5, 10.0);
+        let rounds: usize = std::env::args()
+            .nth(2)
+            .map_or(3, |a| a.parse::<usize>().expect("ROUNDS: a whole number"))
+            .clamp(1, 15);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -277,14 +282,14 @@ mod run {
         rt.block_on(async {
             let mut conn = connect(&url).await;
             println!(
-                "`taskset -c 1 cargo run --release --example redis_throughput{}` — redis-server on core 0, the store's runtime on core 1; medians of 3 interleaved rounds of {secs} s\n",
-                if secs == 2.0 { String::new() } else { format!(" -- {secs}") }
+                "`taskset -c 1 cargo run --release --example redis_throughput{}` — redis-server on core 0, the store's runtime on core 1; medians of {rounds} interleaved rounds of {secs} s\n",
+                if secs == 2.0 && rounds == 3 { String::new() } else { format!(" -- {secs} {rounds}") }
             );
             println!("| rules | callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | Redis µs per check | ratio on/off |");
             println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
             for (rules, callers) in [(1, 1), (1, 64), (1, 512), (3, 1), (3, 64), (3, 512)] {
                 let mut rows: Vec<(&str, Vec<Round>)> = vec![("off (max_batch 1)", Vec::new()), ("on (max_batch 128)", Vec::new())];
-                for r in 0..3 {
+                for r in 0..rounds {
                     for (i, max_batch) in [1, 128].into_iter().enumerate() {
                         let store = RedisStore::builder(url.as_str())
                             .key_prefix(format!("rl{r}{max_batch}"))
@@ -298,15 +303,15 @@ mod run {
                     }
                 }
                 let off = median(rows[0].1.iter().map(|r| r.per_sec).collect());
-                for (name, rounds) in &rows {
-                    let per_sec = median(rounds.iter().map(|r| r.per_sec).collect());
+                for (name, runs) in &rows {
+                    let per_sec = median(runs.iter().map(|r| r.per_sec).collect());
                     println!(
                         "| {rules} | {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |",
                         per_sec,
-                        median(rounds.iter().map(|r| r.p50_us).collect()),
-                        median(rounds.iter().map(|r| r.p99_us).collect()),
-                        median(rounds.iter().map(|r| r.scripts_per_check).collect()),
-                        median(rounds.iter().map(|r| r.redis_us_per_check).collect()),
+                        median(runs.iter().map(|r| r.p50_us).collect()),
+                        median(runs.iter().map(|r| r.p99_us).collect()),
+                        median(runs.iter().map(|r| r.scripts_per_check).collect()),
+                        median(runs.iter().map(|r| r.redis_us_per_check).collect()),
                         per_sec / off,
                     );
                 }

@@ -268,3 +268,55 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
         "a value tollgate did not write is never overwritten"
     );
 }
+
+/// A write Redis refuses fails every request counted at that key, whichever of its keys
+/// the key is (the script finds them by walking the batch again), and only those: a
+/// request refused before the write, and the requests on other keys, answer as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_write_fails_each_request_counted_there_and_no_other() {
+    let Some(server) = RedisServer::private("a_refused_write_fails_each_request_counted") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let redis = store(&server, &prefix, 128);
+    let rate = Rate::per_minute(2);
+    let key =
+        |kind, id: &'static [u8]| Key::new(kind, Subject::Named(id), rate, Algorithm::FixedWindow);
+    let listed = key(RuleKind::Tenant, b"listed");
+    let (alice, bob, carol) = (
+        key(RuleKind::User, b"alice"),
+        key(RuleKind::User, b"bob"),
+        key(RuleKind::User, b"carol"),
+    );
+    let mut conn = server.conn().await;
+    // The tenant's key is a list: MGET reads it as missing, and its write (SET ... GET)
+    // is refused with WRONGTYPE.
+    let _: () = redis::cmd("RPUSH")
+        .arg(listed.encode(&prefix))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // carol is already at her limit: her request with the tenant is refused before any
+    // write, so it counted nowhere and answers as refused.
+    for _ in 0..2 {
+        let one = redis.check_batch(&[StoreRequest::new(&[carol], T0)]).await;
+        assert!(one[0].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    }
+    let (a, b, c, l) = ([alice, listed], [bob], [carol, listed], [listed]);
+    let answers = redis
+        .check_batch(&[
+            StoreRequest::new(&a, T0),
+            StoreRequest::new(&b, T0),
+            StoreRequest::new(&c, T0),
+            StoreRequest::new(&l, T0),
+        ])
+        .await;
+    assert!(answers[0].is_err(), "alice + tenant: {answers:?}");
+    assert!(answers[1].as_ref().unwrap().iter().all(|o| o.is_allowed()));
+    let refused = answers[2]
+        .as_ref()
+        .expect("carol's request was never written");
+    assert!(!refused.iter().next().unwrap().is_allowed(), "{answers:?}");
+    assert!(answers[3].is_err(), "the tenant alone: {answers:?}");
+}

@@ -114,31 +114,21 @@ for r = 1, requests do
   end
 end
 
--- Fails the requests counted under key `i`: the allowed ones among those naming it,
--- found by a second walk over the packed requests (only when a write fails, so the
--- decisions above keep no list per key).
-local function fail_counted_at(i)
-  local from = 1
-  for r = 1, requests do
-    local _, n, index
-    _, n, from = unpack_at('<BB', packed, from)
-    local names = false
-    for _ = 1, n do
-      index, _, _, from = unpack_at('<HId', packed, from)
-      if index == i then names = true end
-    end
-    if names and counted[r] then out[status_at[r]] = FAILED end
-  end
-end
+-- Keys whose write Redis refused. The requests counted there fail; they are found after
+-- the writes, in one more walk over the packed requests, so the decisions keep no list
+-- per key and a batch whose every write fails (out of memory) costs one walk, not one
+-- per key.
+local refused = nil
 
 for i, expires_at in pairs(expires) do
   local value = format('%d:%d:%d', st[i], sc[i], sp[i])
   local written
   if min_ttl == 1 and read_t[i] == st[i] then
     -- The same t: the same window as the counter read (a token bucket's t moves on every
-    -- allowed request, so it never comes here), so the same expiry, already set on the key; KEEPTTL spares Redis the expiry update (a
-    -- third of a write). Only on Redis's clock: deciding on the caller's clock, every
-    -- write renews the floor of min_ttl in Redis time.
+    -- allowed request, so it never comes here), so the same expiry, already set on the
+    -- key; KEEPTTL spares Redis the expiry update (a third of a write). Only on Redis's
+    -- clock: deciding on the caller's clock, every write renews the floor of min_ttl in
+    -- Redis time.
     written = redis.pcall('SET', KEYS[i], value, 'KEEPTTL')
   else
     local ttl = math.max(min_ttl, math.ceil((expires_at - now) / 1000))
@@ -157,7 +147,21 @@ for i, expires_at in pairs(expires) do
     -- the connection.
     local code = string.match(written.err, '^(%u+)')
     if code ~= 'WRONGTYPE' and code ~= 'OOM' then return redis.error_reply(written.err) end
-    fail_counted_at(i)
+    refused = refused or {}
+    refused[i] = true
+  end
+end
+if refused then
+  local from = 1
+  for r = 1, requests do
+    local _, n, index
+    _, n, from = unpack_at('<BB', packed, from)
+    local hit = false
+    for _k = 1, n do
+      index, _, _, from = unpack_at('<HId', packed, from)
+      if refused[index] then hit = true end
+    end
+    if hit and counted[r] then out[status_at[r]] = FAILED end
   end
 end
 out[#out + 1] = pack('<I8', now)

@@ -302,3 +302,64 @@ async fn every_algorithm_is_exact_across_masters() {
         assert_eq!(layer.stats().store_errors, 0, "{algorithm}");
     }
 }
+
+/// A reservation given back is reported as given back: the refund script answers a
+/// number, which the store once tried to read as a list, so every refund that worked was
+/// logged as a failure ("could not be given back") and cost the connection.
+#[tokio::test]
+async fn a_refund_that_works_logs_nothing() {
+    let Some(cluster) = RedisCluster::start("a_refund_that_works_logs_nothing") else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let user_rate = Rate::per_minute(1000);
+    let tenant_rate = Rate::per_minute(2);
+    let tenant_master =
+        cluster.master_for_key(&key_name(&prefix, RuleKind::Tenant, "acme", tenant_rate));
+    // Users whose keys sit on another master than the tenant's: each request reserves on
+    // two slots, and the user's reservation is given back when the tenant refuses.
+    let users: Vec<String> = (0..200)
+        .map(|i| format!("user-{i}"))
+        .filter(|u| {
+            cluster.master_for_key(&key_name(&prefix, RuleKind::User, u, user_rate))
+                != tenant_master
+        })
+        .take(5)
+        .collect();
+    assert_eq!(users.len(), 5);
+    let cfg = RateLimitConfig::from_toml_str("by_user = \"1000/m\"\nby_tenant = \"2/m\"").unwrap();
+    let layer = RateLimitLayer::with_store(cfg, store(&cluster, &prefix));
+    let (svc, _) = counting_service(layer.clone());
+
+    let logs = common::CapturedLogs::start(tracing::Level::WARN);
+    let mut statuses = Vec::new();
+    for user in &users {
+        statuses.push(
+            svc.clone()
+                .oneshot(req(user, Some("acme")))
+                .await
+                .unwrap()
+                .status(),
+        );
+    }
+    let ok = StatusCode::OK;
+    let limited = StatusCode::TOO_MANY_REQUESTS;
+    assert_eq!(statuses, [ok, ok, limited, limited, limited]);
+    let text = logs.text();
+    assert!(!text.contains("could not be given back"), "{text}");
+    assert_eq!(layer.stats().store_errors, 0, "{:?}", layer.stats());
+
+    let mut conn = cluster.cluster_conn().await;
+    for (user, status) in users.iter().zip(&statuses) {
+        let counted: Option<String> = conn
+            .get(key_name(&prefix, RuleKind::User, user, user_rate))
+            .await
+            .unwrap();
+        let expected = u64::from(*status == ok);
+        assert_eq!(
+            counted.as_deref().and_then(count_of).unwrap_or(0),
+            expected,
+            "{user}"
+        );
+    }
+}

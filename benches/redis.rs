@@ -153,22 +153,24 @@ fn bench(c: &mut Criterion) {
                     let key = keys[(t * 7919 + n) % USERS].clone();
                     let (script, mut conn) = (script.clone(), conn.clone());
                     async move {
-                        // One request of one fixed-window key: time, 1 request, algorithm
-                        // 1, 1 key, key index 1, its count and period.
-                        let values: Vec<i64> = script
+                        // One request of one fixed-window key, as the store packs it:
+                        // Redis TIME, one request, then algorithm 1 with 1 key (u8 each),
+                        // the key's index 1 (u16), its count (u32) and period in µs (f64).
+                        let mut packed = vec![1u8, 1];
+                        packed.extend(1u16.to_le_bytes());
+                        packed.extend((RATE.count() as u32).to_le_bytes());
+                        packed.extend((RATE.period().as_micros() as f64).to_le_bytes());
+                        // The answer: the request's status, then the key's allowed flag.
+                        let answer: Vec<u8> = script
                             .key(key)
                             .arg(-1i64)
                             .arg(1i64)
-                            .arg(1i64)
-                            .arg(1i64)
-                            .arg(1i64)
-                            .arg(RATE.count() as i64)
-                            .arg(RATE.period().as_micros() as i64)
+                            .arg(packed)
                             .invoke_async(&mut conn)
                             .await
                             .expect("redis answered");
-                        assert_eq!(values.first(), Some(&1), "rejected");
-                        black_box(values);
+                        assert_eq!(answer.get(..2), Some(&[1u8, 1][..]), "rejected");
+                        black_box(answer);
                     }
                 }))
             })

@@ -1,27 +1,33 @@
 -- tollgate: gives back a count a Redis Cluster request reserved on one hash slot when
 -- another slot refused the request (ARCHITECTURE.md, "Redis Cluster": reserve, then
--- refund). Each key is changed only while it still holds the reservation, so a refund
--- never gives back more than was taken: a window that has since ended, or a key that
--- expired, is left alone (the request then stays counted there: it errs strict). The
--- key's expiry is kept (SET ... KEEPTTL).
+-- refund). Each key is changed only while it still holds the reservation and taking it
+-- out is exact, so a refund never gives back more than was taken: a window that has
+-- since ended, a key that expired, or a token bucket others have since queued behind
+-- is left alone (the request then stays counted there: it errs strict). The key's expiry
+-- is kept (SET ... KEEPTTL).
 -- KEYS[i]: the keys the reservation counted under (on one hash slot).
 -- ARGV[1]: the algorithm: 1 fixed window, 2 sliding window, 3 token bucket.
 -- ARGV[2]: when the reservation was decided, µs (the time its script returned).
 -- ARGV[3]: now in µs, or -1 to read Redis TIME.
--- ARGV[2i+2], ARGV[2i+3]: key i's count and period in µs.
--- Returns the number of keys given back.
+-- ARGV[3i+1], ARGV[3i+2], ARGV[3i+3]: key i's count, period in µs, and (token bucket)
+-- the arrival time the reservation wrote, µs.
+-- Returns the number of keys given back (the caller logs the others).
 
 local algorithm = tonumber(ARGV[1])
 local at = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
-if now < 0 then
+-- On Redis's clock `now` is read here, after every request decided since the
+-- reservation; a caller's time is the reservation's own, which says nothing of them.
+local fresh = now < 0
+if fresh then
   local time = redis.call('TIME')
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 local given = 0
 for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i + 2])
-  local period = tonumber(ARGV[2 * i + 3])
+  local limit = tonumber(ARGV[3 * i + 1])
+  local period = tonumber(ARGV[3 * i + 2])
+  local reserved = tonumber(ARGV[3 * i + 3])
   local v = redis.call('GET', KEYS[i])
   local t, c, p
   if v then
@@ -48,12 +54,20 @@ for i = 1, #KEYS do
         changed = true
       end
     else
-      -- GCRA: the reservation moved the arrival time on by one interval, to at least
-      -- `at` + interval; moving it back is the same as never having counted — unless a
-      -- later request found the bucket idle and re-based the arrival time on its own
-      -- clock, which needs a time past `at` + interval: after that, nothing is given back.
+      -- GCRA: the reservation wrote the arrival time `reserved` = max(t before, at) +
+      -- interval. Moving the arrival time back one interval is exactly "never counted"
+      -- in two cases only:
+      -- - nobody counted since (t is still `reserved`): the bucket is as before, or idle
+      --   from `at`, which no later request can tell apart;
+      -- - the reservation queued behind a busy bucket (`reserved` - interval > `at`), and
+      --   no request since found the bucket idle, which needs a time past `reserved`
+      --   (known only on Redis's clock, read now, after them all).
+      -- Otherwise (the reservation found the bucket idle and others queued behind it, so
+      -- each would have started from its own time instead) nothing is given back: the
+      -- request stays counted there, strict, and the caller logs it.
       local interval = math.ceil(period / limit)
-      if now <= at + interval and t - interval >= at then
+      if t == reserved or (fresh and reserved - interval > at and t > reserved
+          and now <= reserved) then
         t = t - interval
         changed = true
       end

@@ -657,23 +657,49 @@ impl Inner {
             }
         }
         if error.is_some() || !all {
-            // A deadline of their own: the request's may be nearly spent, and a refund
-            // that does not happen leaves a refused request counted.
-            let refund_deadline = tokio::time::Instant::now() + self.timeout;
-            let refunds = parts.iter().zip(&answers).filter_map(|(part, answer)| {
-                let (outcomes, decided_at) = answer.as_ref().ok()?;
-                outcomes
-                    .iter()
-                    .all(|o| o.allowed)
-                    .then(|| self.refund(part, *decided_at, refund_deadline))
-            });
-            for given in futures_join(refunds).await {
-                if let Err(error) = given {
-                    if let Some(suppressed) = self.refund_log.may_log() {
-                        tracing::warn!(%error, suppressed, "tollgate: a reservation on one redis cluster slot could not be given back; that key counts one refused request");
+            // The slots that reserved, each with what its keys answered.
+            let reserved: Vec<(Job, Outcomes, u64)> = parts
+                .iter()
+                .zip(&answers)
+                .filter_map(|(part, answer)| {
+                    let (outcomes, decided_at) = answer.as_ref().ok()?;
+                    outcomes
+                        .iter()
+                        .all(|o| o.allowed)
+                        .then(|| (part.clone(), *outcomes, *decided_at))
+                })
+                .collect();
+            // In a task of its own, so a caller that stops waiting (a client gone, an
+            // outer timeout) cannot cancel it half-way and leave a refused request
+            // counted; with a deadline of its own, as the request's may be nearly spent.
+            let store = Arc::clone(self);
+            let refunds = tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + store.timeout;
+                let given = futures_join(
+                    reserved
+                        .iter()
+                        .map(|(part, outcomes, at)| store.refund(part, outcomes, *at, deadline)),
+                )
+                .await;
+                for (given, (part, ..)) in given.into_iter().zip(&reserved) {
+                    let kept = match given {
+                        Ok(n) => part.keys.len().saturating_sub(n),
+                        Err(_) => part.keys.len(),
+                    };
+                    if kept > 0 {
+                        if let Some(suppressed) = store.refund_log.may_log() {
+                            tracing::warn!(
+                                kept,
+                                suppressed,
+                                "tollgate: a reservation on one redis cluster slot could not be given back (the node failed, the window ended, or others have since queued behind it in a token bucket); those keys count one refused request"
+                            );
+                        }
                     }
                 }
-            }
+            });
+            // Waited for here too, so a request answers only once its refunds are done
+            // (a caller that goes on at once would see its own reservation).
+            let _ = refunds.await;
         }
         if let Some(error) = error {
             return Err(error);
@@ -685,26 +711,36 @@ impl Inner {
         Ok(out)
     }
 
-    /// Gives back what `part`'s reservation, decided at `decided_at`, took.
+    /// Gives back what `part`'s reservation, decided at `decided_at` with `outcomes`,
+    /// took; the number of its keys given back (`refund.lua` leaves a key alone when
+    /// taking the reservation out would not be exact).
     async fn refund(
         &self,
         part: &Job,
+        outcomes: &Outcomes,
         decided_at: u64,
         deadline: tokio::time::Instant,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let mut invocation = self.refund.prepare_invoke();
         invocation.arg(i64::from(batch::algorithm_code(part.algorithm)));
         invocation.arg(decided_at as i64);
         invocation.arg(part.now.map_or(-1, |now| now as i64));
-        for key in part.keys.iter() {
+        for (key, outcome) in part.keys.iter().zip(outcomes.iter()) {
+            // A token bucket's reservation wrote its arrival time `reset_after` past the
+            // time it was decided at (unused by the windows).
+            let reserved = decided_at.saturating_add(outcome.reset_after);
             invocation.key(key.name.as_str());
-            invocation.arg(key.count).arg(key.period);
+            invocation
+                .arg(key.count)
+                .arg(key.period)
+                .arg(reserved as i64);
         }
         let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        self.connector()?
-            .invoke::<redis::Value>(&invocation, lane, self.timeout, deadline)
-            .await
-            .map(|_| ())
+        let given: i64 = self
+            .connector()?
+            .invoke(&invocation, lane, self.timeout, deadline)
+            .await?;
+        Ok(usize::try_from(given).unwrap_or(0))
     }
 }
 

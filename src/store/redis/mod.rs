@@ -241,7 +241,12 @@ impl RedisStoreBuilder {
                 let builder = ClusterClient::builder(urls.iter().map(String::as_str))
                     .connection_timeout(self.timeout)
                     .response_timeout(self.timeout)
-                    .retries(2);
+                    // No retries: redis-rs re-sends a command whose connection failed
+                    // after sending it, and a script Redis already ran would then count
+                    // twice (a refund would give back twice). A redirect (MOVED, ASK)
+                    // is a retry too: it fails this request (the fallback answers it)
+                    // and the slot map is rebuilt for the next.
+                    .retries(0);
                 let builder = tls::cluster(builder, tls, self.tls_ca.as_deref(), self.tls_insecure);
                 let client = builder
                     .build()

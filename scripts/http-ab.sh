@@ -29,21 +29,10 @@ done
 ((rounds <= 50 && seconds <= 60)) || { echo "http-ab: at most 50 rounds of 60 s" >&2; exit 2; }
 [[ " ${modes[*]} " == *" bare "* ]] || { echo "http-ab: MODES must include bare" >&2; exit 2; }
 
-cargo build --release --quiet --example bench_server --example loadgen
-bin=${CARGO_TARGET_DIR:-target}/release/examples
-work=$(mktemp -d)
-server=""
-stop_server() {
-  [[ -n $server ]] || return 0
-  kill -TERM "$server" 2>/dev/null || true
-  # Graceful shutdown takes milliseconds once loadgen has closed its connections.
-  for _ in $(seq 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
-  server=""
-}
-trap 'stop_server; rm -rf "$work"' EXIT
-trap 'exit 130' INT TERM
+# Graceful shutdown takes milliseconds once loadgen has closed its connections.
+grace=50
+# shellcheck source=scripts/lib/bench-server.sh
+source scripts/lib/bench-server.sh
 # One run's loadgen report and the server's CPU ticks -> "mode req/s p50 p99 cpu_us/req";
 # fails unless every answer was 2xx.
 cat >"$work/check.py" <<'EOF'

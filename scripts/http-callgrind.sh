@@ -27,21 +27,10 @@ read -r -a modes <<<"${MODES:-bare governor governor_headers tollgate tollgate_l
 [[ " ${modes[*]} " == *" bare "* ]] || { echo "http-callgrind: MODES must include bare" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "http-callgrind: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 
-cargo build --release --quiet --example bench_server --example loadgen
-bin=${CARGO_TARGET_DIR:-target}/release/examples
-work=$(mktemp -d)
-server=""
-stop_server() {
-  [[ -n $server ]] || return 0
-  kill -TERM "$server" 2>/dev/null || true
-  # callgrind writes its counts on exit; under valgrind that takes a moment.
-  for _ in $(seq 300); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
-  server=""
-}
-trap 'stop_server; rm -rf "$work"' EXIT
-trap 'exit 130' INT TERM
+# callgrind writes its counts on exit; under valgrind that takes a moment.
+grace=300
+# shellcheck source=scripts/lib/bench-server.sh
+source scripts/lib/bench-server.sh
 
 # Instructions the server ran to serve `$2` requests in mode `$1`.
 count() {

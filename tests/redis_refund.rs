@@ -54,6 +54,15 @@ async fn set_arrival(conn: &mut MultiplexedConnection, key: &str, t: i64) {
         .unwrap();
 }
 
+/// A private server (kept alive by the caller), a connection to it and a fresh key name;
+/// `None` where no redis-server can be started (the test then passes vacuously unless
+/// Redis is required).
+async fn bucket(test: &str) -> Option<(RedisServer, MultiplexedConnection, String)> {
+    let server = RedisServer::private(test)?;
+    let conn = server.conn().await;
+    Some((server, conn, format!("{}:tb", fresh_prefix())))
+}
+
 async fn redis_now(conn: &mut MultiplexedConnection) -> i64 {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.unwrap();
     secs * 1_000_000 + micros
@@ -63,11 +72,9 @@ async fn redis_now(conn: &mut MultiplexedConnection) -> i64 {
 /// idle from the reservation's time, which no later request can tell apart).
 #[tokio::test]
 async fn a_token_bucket_nobody_used_since_is_given_back() {
-    let Some(server) = RedisServer::private("a_token_bucket_nobody_used_since") else {
+    let Some((_server, mut conn, key)) = bucket("a_token_bucket_nobody_used_since").await else {
         return;
     };
-    let mut conn = server.conn().await;
-    let key = format!("{}:tb", fresh_prefix());
     let at = 1_700_000_000_000_000;
     // The bucket was idle: the reservation wrote at + one interval.
     set_arrival(&mut conn, &key, at + INTERVAL).await;
@@ -82,11 +89,9 @@ async fn a_token_bucket_nobody_used_since_is_given_back() {
 /// interval would give back more than the reservation took. Nothing is given back.
 #[tokio::test]
 async fn a_token_bucket_others_queued_behind_an_idle_reservation_keeps_it() {
-    let Some(server) = RedisServer::private("a_token_bucket_others_queued_behind") else {
+    let Some((_server, mut conn, key)) = bucket("a_token_bucket_others_queued_behind").await else {
         return;
     };
-    let mut conn = server.conn().await;
-    let key = format!("{}:tb", fresh_prefix());
     let at = redis_now(&mut conn).await;
     let reserved = at + INTERVAL;
     // A second request half a second later queued behind the reservation.
@@ -106,11 +111,9 @@ async fn a_token_bucket_others_queued_behind_an_idle_reservation_keeps_it() {
 /// the refund cannot know what came since, and keeps it.
 #[tokio::test]
 async fn a_token_bucket_busy_before_the_reservation_is_given_back_on_redis_time() {
-    let Some(server) = RedisServer::private("a_token_bucket_busy_before") else {
+    let Some((_server, mut conn, key)) = bucket("a_token_bucket_busy_before").await else {
         return;
     };
-    let mut conn = server.conn().await;
-    let key = format!("{}:tb", fresh_prefix());
     let at = redis_now(&mut conn).await;
     // The bucket was busy until at + 5 s: the reservation wrote at + 6 s, a request since
     // at + 7 s. Without the reservation that request would have written at + 6 s.
@@ -132,11 +135,9 @@ async fn a_token_bucket_busy_before_the_reservation_is_given_back_on_redis_time(
 /// bucket idle and started afresh: nothing is given back.
 #[tokio::test]
 async fn a_token_bucket_past_its_reservation_keeps_it() {
-    let Some(server) = RedisServer::private("a_token_bucket_past_its_reservation") else {
+    let Some((_server, mut conn, key)) = bucket("a_token_bucket_past_its_reservation").await else {
         return;
     };
-    let mut conn = server.conn().await;
-    let key = format!("{}:tb", fresh_prefix());
     let now = redis_now(&mut conn).await;
     // Reserved 10 s ago behind a busy bucket; a request since wrote a later time.
     let at = now - 10 * INTERVAL;

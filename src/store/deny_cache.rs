@@ -8,6 +8,11 @@
 //! know is the state of the request's other keys: a locally refused request reports only
 //! the cached keys as refused, and the others as allowing with nothing known of their
 //! quota.
+//!
+//! On a Redis Cluster a refusal can be transient: a request whose keys span slots holds a
+//! reservation on one slot until another slot's refusal gives it back (a round trip), and
+//! a request refused meanwhile would be allowed right after. There the cache refuses
+//! locally for at most [`CLUSTER_HOLD`], still stating the wait Redis gave.
 
 use std::cell::RefCell;
 use std::hash::BuildHasher;
@@ -21,6 +26,11 @@ use crate::Key;
 
 const SHARDS: usize = 16;
 
+/// How long a Redis Cluster store's cache refuses locally (µs), whatever wait Redis
+/// stated: an abusive caller costs one round trip a second per key and instance, and a
+/// refusal another request's passing reservation caused is not repeated for long.
+pub(crate) const CLUSTER_HOLD: u64 = 1_000_000;
+
 /// Keys refused by Redis, with when they allow again; bounded.
 pub(crate) struct DenyCache {
     shards: Box<[Shard]>,
@@ -29,6 +39,8 @@ pub(crate) struct DenyCache {
     capacity: usize,
     /// Entries held, so an empty cache costs one load per request.
     held: AtomicUsize,
+    /// The longest a key is refused locally (µs); `u64::MAX` for no bound.
+    hold: u64,
     hasher: DefaultHashBuilder,
 }
 
@@ -36,8 +48,10 @@ type Shard = Mutex<HashMap<Box<str>, Deny>>;
 
 #[derive(Clone, Copy)]
 struct Deny {
-    /// Caller's clock, µs: the key refuses until then.
+    /// Caller's clock, µs: the key is refused here until then.
     until: u64,
+    /// Caller's clock, µs: when Redis said the key allows again.
+    allows: u64,
     /// Caller's clock, µs: when the key resets.
     resets: u64,
     /// The store's clock, µs: when the key resets (as Redis stated it).
@@ -56,8 +70,9 @@ thread_local! {
 }
 
 impl DenyCache {
-    /// A cache of at most `capacity` keys (0: never caches).
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A cache of at most `capacity` keys (0: never caches), each refused locally for at
+    /// most `hold` µs (`u64::MAX`: as long as Redis said).
+    pub(crate) fn new(capacity: usize, hold: u64) -> Self {
         DenyCache {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             // Rounded up, so a capacity below the number of shards still caches; the
@@ -65,6 +80,7 @@ impl DenyCache {
             per_shard: capacity.div_ceil(SHARDS),
             capacity,
             held: AtomicUsize::new(0),
+            hold,
             hasher: DefaultHashBuilder::default(),
         }
     }
@@ -90,7 +106,7 @@ impl DenyCache {
                             allowed: false,
                             remaining: 0,
                             reset_after: deny.reset_after_from(now),
-                            retry_after: deny.until - now,
+                            retry_after: deny.allows.saturating_sub(now),
                             reset_at: deny.reset_at,
                         });
                     }
@@ -124,7 +140,8 @@ impl DenyCache {
                 continue;
             }
             let deny = Deny {
-                until: now.saturating_add(outcome.retry_after),
+                until: now.saturating_add(outcome.retry_after.min(self.hold)),
+                allows: now.saturating_add(outcome.retry_after),
                 resets: now.saturating_add(outcome.reset_after),
                 reset_at: outcome.reset_at,
             };
@@ -196,7 +213,7 @@ mod tests {
 
     #[test]
     fn refuses_exactly_until_redis_said() {
-        let cache = DenyCache::new(100);
+        let cache = DenyCache::new(100, u64::MAX);
         assert!(cache.check("rl", &[key(b"a")], 0).is_none());
         cache.record([key(b"a").encode("rl").as_str()], &refused(5_000), 1_000);
         let hit = cache.check("rl", &[key(b"a"), key(b"b")], 2_000).unwrap();
@@ -216,8 +233,29 @@ mod tests {
     }
 
     #[test]
+    fn a_bounded_hold_refuses_briefly_but_states_redis_wait() {
+        let cache = DenyCache::new(100, CLUSTER_HOLD);
+        let minute = 60_000_000;
+        cache.record([key(b"a").encode("rl").as_str()], &refused(minute), 0);
+        let hit = cache.check("rl", &[key(b"a")], CLUSTER_HOLD - 1).unwrap();
+        assert_eq!(
+            hit.iter().next().unwrap().retry_after,
+            minute - CLUSTER_HOLD + 1,
+            "the wait Redis stated"
+        );
+        assert!(
+            cache.check("rl", &[key(b"a")], CLUSTER_HOLD).is_none(),
+            "Redis decides again after the hold"
+        );
+        // A wait shorter than the hold is kept as it is.
+        cache.record([key(b"b").encode("rl").as_str()], &refused(500), 0);
+        assert!(cache.check("rl", &[key(b"b")], 499).is_some());
+        assert!(cache.check("rl", &[key(b"b")], 500).is_none());
+    }
+
+    #[test]
     fn stays_within_its_capacity() {
-        let cache = DenyCache::new(32);
+        let cache = DenyCache::new(32, u64::MAX);
         for i in 0..1_000u32 {
             let id = i.to_be_bytes();
             cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);
@@ -230,14 +268,14 @@ mod tests {
             2_000_000,
         );
         assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
-        assert_eq!(DenyCache::new(0).per_shard, 0);
+        assert_eq!(DenyCache::new(0, u64::MAX).per_shard, 0);
     }
 
     /// A request's four keys (user, tenant, tool, user×tool): the answer holds four
     /// outcomes, the refused ones as Redis said.
     #[test]
     fn answers_for_all_four_keys_of_a_request() {
-        let cache = DenyCache::new(100);
+        let cache = DenyCache::new(100, u64::MAX);
         let rate = Rate::per_minute(1);
         let alg = Algorithm::FixedWindow;
         let keys = [
@@ -274,7 +312,7 @@ mod tests {
     #[test]
     fn a_capacity_below_the_shard_count_is_honoured() {
         for capacity in [1, 5, 15] {
-            let cache = DenyCache::new(capacity);
+            let cache = DenyCache::new(capacity, u64::MAX);
             for i in 0..100u32 {
                 let id = i.to_be_bytes();
                 cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);

@@ -361,6 +361,12 @@ impl RedisStore {
             )),
             _ => None,
         };
+        // A cluster refusal may come from another request's passing reservation: cached
+        // only briefly (see the deny cache's docs).
+        let deny_hold = match &connector {
+            Some(Connector::Cluster { .. }) => super::deny_cache::CLUSTER_HOLD,
+            _ => u64::MAX,
+        };
         RedisStore {
             inner: Arc::new(Inner {
                 connector,
@@ -375,7 +381,7 @@ impl RedisStore {
                 )),
                 refund: Script::new(include_str!("../lua/refund.lua")),
                 coalescer,
-                deny: DenyCache::new(b.deny_cache),
+                deny: DenyCache::new(b.deny_cache, deny_hold),
                 refund_log: RefundLog::new(),
             }),
         }

@@ -204,6 +204,16 @@ fn a_batch_decides_as_one_call_per_request_would() {
         .unwrap();
 }
 
+/// Makes `key` a list: the script reads it as missing (MGET) and its write is refused.
+async fn make_list(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: () = redis::cmd("RPUSH")
+        .arg(key)
+        .arg("x")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 /// One request whose key Redis cannot use (here: someone else's value under the prefix)
 /// fails alone; the requests batched with it are decided as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,12 +242,7 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
         .await
         .unwrap();
     // A key of another type reads as missing; the write (SET ... GET) refuses it.
-    let _: () = redis::cmd("RPUSH")
-        .arg(listed[0].encode(&prefix))
-        .arg("x")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    make_list(&mut conn, &listed[0].encode(&prefix)).await;
     let answers = redis
         .check_batch(&[
             StoreRequest::new(&alice, T0),
@@ -291,12 +296,7 @@ async fn a_refused_write_fails_each_request_counted_there_and_no_other() {
     let mut conn = server.conn().await;
     // The tenant's key is a list: MGET reads it as missing, and its write (SET ... GET)
     // is refused with WRONGTYPE.
-    let _: () = redis::cmd("RPUSH")
-        .arg(listed.encode(&prefix))
-        .arg("x")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    make_list(&mut conn, &listed.encode(&prefix)).await;
     // carol is already at her limit: her request with the tenant is refused before any
     // write, so it counted nowhere and answers as refused.
     for _ in 0..2 {

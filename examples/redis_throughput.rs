@@ -16,9 +16,10 @@
 //! calls per check (from `INFO commandstats`), medians of the rounds.
 //!
 //! Then memory per key at 1 000 000 keys, from `INFO memory` and `MEMORY USAGE`: a key as
-//! the previous release wrote it (a hash of `t`, `c`, `p` with `PEXPIRE`) against a key as
-//! now (`SET key "t:c:p" PX ttl`), each filled by a server-side script with realistic
-//! names (`rl:fw:u:60:{=user-0000001}`).
+//! the previous release wrote it (a hash of `t`, `c`, `p` with `PEXPIRE`), as text
+//! (`SET key "t:c:p" PX ttl`, an earlier form of this release) and as now (`SET key
+//! <16-byte state> PX ttl`), each filled by a server-side script with realistic names
+//! (`rl:fw:u:60:{=user-0000001}`).
 //!
 //! Every load is bounded in time and count; the server is killed at the end.
 
@@ -131,12 +132,29 @@ mod run {
         (field("calls="), field("usec="))
     }
 
+    /// CPU seconds Redis has used so far (user and system), from `INFO cpu`: everything
+    /// it does, its network reads and writes included, where commandstats time only the
+    /// commands.
+    async fn redis_cpu(conn: &mut MultiplexedConnection) -> f64 {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(conn)
+            .await
+            .expect("INFO");
+        ["used_cpu_user:", "used_cpu_sys:"]
+            .iter()
+            .filter_map(|name| info.lines().find_map(|l| l.strip_prefix(name)))
+            .filter_map(|n| n.trim().parse::<f64>().ok())
+            .sum()
+    }
+
     struct Round {
         per_sec: f64,
         p50_us: f64,
         p99_us: f64,
         scripts_per_check: f64,
         redis_us_per_check: f64,
+        redis_cpu_us_per_check: f64,
     }
 
     /// `callers` callers checking for `secs`; each check carries `rules` keys: a user's
@@ -153,6 +171,7 @@ mod run {
         let rate = Rate::per_second(1_000_000_000);
         let stop = Arc::new(AtomicBool::new(false));
         let before = evalsha_calls(conn).await;
+        let cpu_before = redis_cpu(conn).await;
         let began = Instant::now();
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
@@ -199,6 +218,7 @@ mod run {
         }
         let elapsed = began.elapsed().as_secs_f64();
         let after = evalsha_calls(conn).await;
+        let cpu = redis_cpu(conn).await - cpu_before;
         let (scripts, usec) = (after.0 - before.0, after.1 - before.1);
         latencies.sort_unstable();
         let at =
@@ -209,6 +229,7 @@ mod run {
             p99_us: at(0.99),
             scripts_per_check: scripts as f64 / latencies.len() as f64,
             redis_us_per_check: usec as f64 / latencies.len() as f64,
+            redis_cpu_us_per_check: cpu * 1e6 / latencies.len() as f64,
         }
     }
 
@@ -285,8 +306,8 @@ mod run {
                 "`taskset -c 1 cargo run --release --example redis_throughput{}` — redis-server on core 0, the store's runtime on core 1; medians of {rounds} interleaved rounds of {secs} s\n",
                 if secs == 2.0 && rounds == 3 { String::new() } else { format!(" -- {secs} {rounds}") }
             );
-            println!("| rules | callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | Redis µs per check | ratio on/off |");
-            println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+            println!("| rules | callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | script µs per check | Redis CPU µs per check | ratio on/off |");
+            println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
             for (rules, callers) in [(1, 1), (1, 64), (1, 512), (3, 1), (3, 64), (3, 512)] {
                 let mut rows: Vec<(&str, Vec<Round>)> = vec![("off (max_batch 1)", Vec::new()), ("on (max_batch 128)", Vec::new())];
                 for r in 0..rounds {
@@ -306,12 +327,13 @@ mod run {
                 for (name, runs) in &rows {
                     let per_sec = median(runs.iter().map(|r| r.per_sec).collect());
                     println!(
-                        "| {rules} | {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} |",
+                        "| {rules} | {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} |",
                         per_sec,
                         median(runs.iter().map(|r| r.p50_us).collect()),
                         median(runs.iter().map(|r| r.p99_us).collect()),
                         median(runs.iter().map(|r| r.scripts_per_check).collect()),
                         median(runs.iter().map(|r| r.redis_us_per_check).collect()),
+                        median(runs.iter().map(|r| r.redis_cpu_us_per_check).collect()),
                         per_sec / off,
                     );
                 }
@@ -330,11 +352,18 @@ mod run {
                    redis.call('SET', string.format('rl:fw:u:60:{{=user-%07d}}', i), '{now}:1:0', 'PX', 3600000) \
                  end"
             );
+            let packed = format!(
+                "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do \
+                   redis.call('SET', string.format('rl:fw:u:60:{{=user-%07d}}', i), \
+                     struct.pack('<I8I4I4', {now}, 1, 0), 'PX', 3600000) \
+                 end"
+            );
             println!("\n| key layout | bytes per key (INFO memory, 1 000 000 keys) | MEMORY USAGE of one key |");
             println!("|---|---:|---:|");
             for (name, fill) in [
-                ("before: hash t/c/p + PEXPIRE", hash.as_str()),
-                ("now: SET \"t:c:p\" PX", string.as_str()),
+                ("release 0.1: hash t/c/p + PEXPIRE", hash.as_str()),
+                ("text: SET \"t:c:p\" PX", string.as_str()),
+                ("now: SET <16-byte state> PX", packed.as_str()),
             ] {
                 let (per_key, sample) = memory_per_key(&mut conn, fill).await;
                 println!("| {name} | {per_key:.1} | {sample} |");

@@ -103,7 +103,7 @@ async fn exactly_the_limit_passes_when_a_requests_keys_span_masters() {
     assert_eq!(layer.stats().store_errors, 0, "{:?}", layer.stats());
 
     let mut conn = cluster.cluster_conn().await;
-    let tenant: Option<String> = conn
+    let tenant: Option<Vec<u8>> = conn
         .get(key_name(&prefix, RuleKind::Tenant, "acme", tenant_rate))
         .await
         .unwrap();
@@ -113,7 +113,7 @@ async fn exactly_the_limit_passes_when_a_requests_keys_span_masters() {
         "the tenant counted only what passed"
     );
     for user in &users {
-        let counted: Option<String> = conn
+        let counted: Option<Vec<u8>> = conn
             .get(key_name(&prefix, RuleKind::User, user, user_rate))
             .await
             .unwrap();
@@ -351,7 +351,7 @@ async fn a_refund_that_works_logs_nothing() {
 
     let mut conn = cluster.cluster_conn().await;
     for (user, status) in users.iter().zip(&statuses) {
-        let counted: Option<String> = conn
+        let counted: Option<Vec<u8>> = conn
             .get(key_name(&prefix, RuleKind::User, user, user_rate))
             .await
             .unwrap();

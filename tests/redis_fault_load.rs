@@ -456,7 +456,7 @@ async fn assert_enforced_by_redis(gw: &Gateway, user: &str) {
         allowed += u32::from(send(fallback, user).await.status() == StatusCode::OK);
     }
     assert_eq!(allowed, LIMIT, "the limit holds exactly after recovery");
-    let state: Option<String> =
+    let state: Option<Vec<u8>> =
         admin_cmd(&gw.url, redis::cmd("GET").arg(user_key(&gw.prefix, user))).await;
     assert_eq!(
         state.as_deref().and_then(common::redis::count_of),

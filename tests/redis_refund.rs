@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::redis::{fresh_prefix, RedisServer};
+use common::redis::{fresh_prefix, packed_state, state_of, RedisServer};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 
@@ -38,15 +38,15 @@ async fn refund(
         .invoke_async(conn)
         .await
         .unwrap();
-    let value: String = conn.get(key).await.unwrap();
-    let t = value.split(':').next().unwrap().parse().unwrap();
-    (given, t)
+    let value: Vec<u8> = conn.get(key).await.unwrap();
+    let (t, _, _) = state_of(&value).expect("a state");
+    (given, t as i64)
 }
 
 async fn set_arrival(conn: &mut MultiplexedConnection, key: &str, t: i64) {
     let _: () = redis::cmd("SET")
         .arg(key)
-        .arg(format!("{t}:0:{LIMIT}"))
+        .arg(packed_state(t as u64, 0, LIMIT as u32))
         .arg("PX")
         .arg(60_000)
         .query_async(conn)

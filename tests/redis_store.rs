@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::redis::{command_calls, keys_under, RedisBackend, RedisServer};
 use common::{counting_service, Backend, Body};
 use http::{Request, StatusCode};
-use tollgate::{Decision, Identity, ManualClock, RateLimitConfig, RateLimitLayer, ToolName};
+use tollgate::{Clock, Decision, Identity, ManualClock, RateLimitConfig, RateLimitLayer, ToolName};
 use tower::ServiceExt;
 
 fn req(user: &str, tenant: Option<&str>, tool: Option<&str>) -> Request<Body> {
@@ -115,12 +115,12 @@ async fn an_over_limit_user_leaves_tenant_tool_and_user_tool_counters_untouched(
         let mut conn = backend.server().conn().await;
         let mut out = Vec::new();
         for k in keys {
-            let fields: Option<String> = redis::cmd("GET")
+            let state: Option<Vec<u8>> = redis::cmd("GET")
                 .arg(&k)
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            out.push((k, fields));
+            out.push((k, state));
         }
         out.sort();
         out
@@ -547,4 +547,36 @@ async fn a_write_in_the_same_window_keeps_the_expiry_on_redis_clock() {
         (1..=2_000).contains(&set),
         "a new window sets its expiry: {set}"
     );
+}
+
+/// The README's one-liner for reading a counter by hand (`redis-cli EVAL "…"`), run as
+/// written on a key the store wrote: it answers the window start, the count and the
+/// previous count.
+#[tokio::test]
+async fn the_readme_one_liner_reads_a_counter() {
+    let readme = include_str!("../README.md");
+    let script = readme
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis-cli EVAL \""))
+        .and_then(|rest| rest.split_once("\" 1 "))
+        .map(|(script, _)| script)
+        .expect("the README shows how to read a counter with redis-cli EVAL");
+    let Some(backend) = RedisBackend::start("the_readme_one_liner_reads_a_counter") else {
+        return;
+    };
+    let clock = ManualClock::new();
+    let (svc, _) = counting_service(backend.layer(cfg("by_user = \"30/m\""), &clock));
+    for _ in 0..3 {
+        let resp = svc.clone().oneshot(req("alice", None, None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let mut conn = backend.server().conn().await;
+    let keys = keys_under(&mut conn, backend.prefix()).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let state: Vec<u64> = redis::Script::new(script)
+        .key(&keys[0])
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(state, [clock.now_micros(), 3, 0, 17], "t, c, p and 17");
 }

@@ -411,7 +411,25 @@ pub async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> u
         .unwrap_or(0)
 }
 
-/// The count `c` of a key's state as the scripts store it (`"t:c:p"`).
-pub fn count_of(state: &str) -> Option<u64> {
-    state.split(':').nth(1)?.parse().ok()
+/// A key's state as the scripts store it: t (u64), c and p (u32), little-endian, 16
+/// bytes; `None` for anything else.
+pub fn state_of(state: &[u8]) -> Option<(u64, u32, u32)> {
+    let state: &[u8; 16] = state.try_into().ok()?;
+    let (t, rest) = state.split_at(8);
+    let (c, p) = rest.split_at(4);
+    Some((
+        u64::from_le_bytes(t.try_into().ok()?),
+        u32::from_le_bytes(c.try_into().ok()?),
+        u32::from_le_bytes(p.try_into().ok()?),
+    ))
+}
+
+/// A state as the scripts store it (see [`state_of`]).
+pub fn packed_state(t: u64, c: u32, p: u32) -> Vec<u8> {
+    [&t.to_le_bytes()[..], &c.to_le_bytes(), &p.to_le_bytes()].concat()
+}
+
+/// The count `c` of a key's state as the scripts store it.
+pub fn count_of(state: &[u8]) -> Option<u64> {
+    state_of(state).map(|(_, c, _)| u64::from(c))
 }

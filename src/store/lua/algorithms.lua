@@ -4,7 +4,7 @@
 -- where a sliding window's count × period in ms exceeds it), so Lua's doubles compute
 -- exactly what Rust's integers do.
 --
--- A key's state is one string "t:c:p" (see `load` and `save` in batch.lua): t a time
+-- A key's state is t, c, p, stored as 16 bytes (`STATE` in batch.lua): t a time
 -- (window start, or the bucket's theoretical arrival time), c and p counts.
 --
 -- Each function takes the key's state as t, c, p (t nil when it holds none), now, the

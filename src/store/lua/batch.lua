@@ -10,7 +10,8 @@
 -- Each key is read once, the requests are decided in order on the states as the earlier
 -- requests left them — a request allowed only if every one of its keys allows, and then
 -- counted under every one (all-or-nothing) — and each changed key is written once, as
--- `SET key "t:c:p" PX ttl` (or KEEPTTL, when its expiry is the one it already has).
+-- `SET key state PX ttl` (or KEEPTTL, when its expiry is the one it already has); the
+-- state is 16 bytes, `STATE` below.
 -- Returns one string, little-endian (Redis turns every element of an array reply into a
 -- protocol integer and the client parses each back: one string is cheaper on both
 -- sides): per request a status byte, 1, or 0 when one of its keys cannot be used (a key
@@ -33,7 +34,11 @@ if now < 0 then
 end
 
 -- Library functions called per key, as locals (a global is a table lookup per call).
-local pack, unpack_at, format = struct.pack, struct.unpack, string.format
+local pack, unpack_at = struct.pack, struct.unpack
+-- A key's state: t (u64), c and p (u32), little-endian, 16 bytes. Packed and unpacked in
+-- one library call each; as text ("t:c:p") parsing and formatting it cost Redis about a
+-- fifth of a batched check.
+local STATE = '<I8I4I4'
 
 -- Per key index: its state as t, c, p (t false when the key holds none); t as read (a
 -- counter string was read: the key is a string with this script's TTL); whether it
@@ -48,9 +53,8 @@ for i = 1, #KEYS do
   st[i] = false
   local v = values[i]
   if v then
-    local t, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
-    if t then
-      st[i], sc[i], sp[i] = tonumber(t), tonumber(c), tonumber(p)
+    if #v == 16 then
+      st[i], sc[i], sp[i] = unpack_at(STATE, v)
       read_t[i] = st[i]
     else
       -- Not a counter (someone else's value under our prefix): refuse to guess.
@@ -121,7 +125,7 @@ end
 local refused = nil
 
 for i, expires_at in pairs(expires) do
-  local value = format('%d:%d:%d', st[i], sc[i], sp[i])
+  local value = pack(STATE, st[i], sc[i], sp[i])
   local written
   if min_ttl == 1 and read_t[i] == st[i] then
     -- The same t: the same window as the counter read (a token bucket's t moves on every

@@ -29,12 +29,10 @@ for i = 1, #KEYS do
   local period = tonumber(ARGV[3 * i + 2])
   local reserved = tonumber(ARGV[3 * i + 3])
   local v = redis.call('GET', KEYS[i])
-  local t, c, p
-  if v then
-    t, c, p = string.match(v, '^(%d+):(%d+):(%d+)$')
-  end
-  if t then
-    t, c, p = tonumber(t), tonumber(c), tonumber(p)
+  -- The state as batch.lua writes it: t (u64), c and p (u32), 16 bytes; anything else
+  -- is not a counter, and nothing is given back there.
+  if v and #v == 16 then
+    local t, c, p = struct.unpack('<I8I4I4', v)
     local changed = false
     if algorithm == 1 then
       -- The reservation counted in the window holding `at`; a key's windows never overlap.
@@ -73,7 +71,7 @@ for i = 1, #KEYS do
       end
     end
     if changed then
-      redis.call('SET', KEYS[i], string.format('%d:%d:%d', t, c, p), 'KEEPTTL')
+      redis.call('SET', KEYS[i], struct.pack('<I8I4I4', t, c, p), 'KEEPTTL')
       given = given + 1
     end
   end

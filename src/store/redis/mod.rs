@@ -2,8 +2,9 @@
 //!
 //! One script (`src/store/lua/algorithms.lua` + `batch.lua`) decides one request or a
 //! batch of them: it reads each key once, decides the requests in order (each
-//! all-or-nothing across its keys), and writes each changed key once as `SET key "t:c:p"
-//! PX ttl` (`KEEPTTL` when its expiry stays). Concurrent requests are coalesced into one
+//! all-or-nothing across its keys), and writes each changed key once as `SET key state PX
+//! ttl` (16 bytes: `t` u64, `c` and `p` u32, little-endian; `KEEPTTL` when its expiry
+//! stays). Concurrent requests are coalesced into one
 //! call per batch over two lanes (`batch.rs`).
 //! Time comes from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!

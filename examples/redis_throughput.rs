@@ -12,8 +12,10 @@
 //! steady the medians on a noisy machine) of SECONDS (default 2): each
 //! caller checks one request after another through `RedisStore`, on Redis's clock, never
 //! refused: with one rule, a user's fixed-window key (1 000 users); with three rules, also
-//! its tenant's (10 tenants) and a tool's (3 tools). Reported: checks/s, p50 and p99 latency, and EVALSHA
-//! calls per check (from `INFO commandstats`), medians of the rounds.
+//! its tenant's (10 tenants) and a tool's (3 tools). Reported: checks/s, p50 and p99
+//! latency, EVALSHA calls and their time per check (from `INFO commandstats`), and all of
+//! Redis's CPU time per check (`INFO cpu`: network reads and writes too), medians of the
+//! rounds.
 //!
 //! Then memory per key at 1 000 000 keys, from `INFO memory` and `MEMORY USAGE`: a key as
 //! the previous release wrote it (a hash of `t`, `c`, `p` with `PEXPIRE`), as text

@@ -214,8 +214,9 @@ async fn make_list(conn: &mut redis::aio::MultiplexedConnection, key: &str) {
         .unwrap();
 }
 
-/// One request whose key Redis cannot use (here: someone else's value under the prefix)
-/// fails alone; the requests batched with it are decided as usual.
+/// One request whose key Redis cannot use (here: someone else's value under the prefix,
+/// of another length than a state or of a state's 16 bytes but out of its range) fails
+/// alone; the requests batched with it are decided as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
     let Some(server) = RedisServer::private("a_request_with_an_unusable_key_fails_alone") else {
@@ -233,14 +234,18 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
         )]
     };
     let (alice, victim, bob) = (key(b"alice"), key(b"victim"), key(b"bob"));
-    let listed = key(b"listed");
+    let (listed, stamped) = (key(b"listed"), key(b"stamped"));
     let mut conn = server.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(victim[0].encode(&prefix))
-        .arg("junk")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // Read as a state, these 16 bytes would start its window about 2^59 µs from now.
+    let stamp = "2026-12-06T15:00";
+    for (victim, value) in [(&victim, "junk"), (&stamped, stamp)] {
+        let _: () = redis::cmd("SET")
+            .arg(victim[0].encode(&prefix))
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
     // A key of another type reads as missing; the write (SET ... GET) refuses it.
     make_list(&mut conn, &listed[0].encode(&prefix)).await;
     let answers = redis
@@ -250,6 +255,7 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
             StoreRequest::new(&listed, T0),
             StoreRequest::new(&bob, T0),
             StoreRequest::new(&listed, T0),
+            StoreRequest::new(&stamped, T0),
         ])
         .await;
     assert!(answers[0].as_ref().unwrap().iter().all(|o| o.is_allowed()));
@@ -257,21 +263,24 @@ async fn a_request_with_an_unusable_key_fails_alone_in_its_batch() {
     assert!(answers[2].is_err(), "{answers:?}");
     assert!(answers[3].as_ref().unwrap().iter().all(|o| o.is_allowed()));
     assert!(answers[4].is_err(), "{answers:?}");
+    assert!(answers[5].is_err(), "{answers:?}");
     let kind: String = redis::cmd("TYPE")
         .arg(listed[0].encode(&prefix))
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_eq!(kind, "list");
-    let junk: String = redis::cmd("GET")
-        .arg(victim[0].encode(&prefix))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        junk, "junk",
-        "a value tollgate did not write is never overwritten"
-    );
+    for (victim, value) in [(&victim, "junk"), (&stamped, stamp)] {
+        let kept: String = redis::cmd("GET")
+            .arg(victim[0].encode(&prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            kept, value,
+            "a value tollgate did not write is never overwritten"
+        );
+    }
 }
 
 /// A write Redis refuses fails every request counted at that key, whichever of its keys

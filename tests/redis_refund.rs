@@ -148,3 +148,30 @@ async fn a_token_bucket_past_its_reservation_keeps_it() {
         (0, now + INTERVAL)
     );
 }
+
+/// Sixteen bytes the store never writes (a count above 10^9) are not a counter: nothing
+/// is given back there, and the value stays as it was.
+#[tokio::test]
+async fn a_value_the_store_did_not_write_is_left_alone() {
+    let Some((_server, mut conn, key)) = bucket("a_value_the_store_did_not_write").await else {
+        return;
+    };
+    let at = redis_now(&mut conn).await;
+    // Read as a fixed window, this would hold the reservation's window with a count.
+    let foreign = packed_state(at as u64 - 1, u32::MAX, 0);
+    let _: () = conn.set(&key, &foreign).await.unwrap();
+    let given: i64 = redis::Script::new(REFUND)
+        .key(&key)
+        .arg(1)
+        .arg(at)
+        .arg(-1)
+        .arg(LIMIT)
+        .arg(PERIOD)
+        .arg(0)
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(given, 0);
+    let kept: Vec<u8> = conn.get(&key).await.unwrap();
+    assert_eq!(kept, foreign);
+}

@@ -555,11 +555,11 @@ async fn a_write_in_the_same_window_keeps_the_expiry_on_redis_clock() {
 #[tokio::test]
 async fn the_readme_one_liner_reads_a_counter() {
     let readme = include_str!("../README.md");
-    let script = readme
+    let (script, key) = readme
         .lines()
         .find_map(|l| l.trim().strip_prefix("redis-cli EVAL \""))
-        .and_then(|rest| rest.split_once("\" 1 "))
-        .map(|(script, _)| script)
+        .and_then(|rest| rest.split_once("\" 1 '"))
+        .and_then(|(script, key)| Some((script, key.strip_suffix('\'')?)))
         .expect("the README shows how to read a counter with redis-cli EVAL");
     let Some(backend) = RedisBackend::start("the_readme_one_liner_reads_a_counter") else {
         return;
@@ -573,6 +573,12 @@ async fn the_readme_one_liner_reads_a_counter() {
     let mut conn = backend.server().conn().await;
     let keys = keys_under(&mut conn, backend.prefix()).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
+    // The README's key is alice's under the default prefix `rl`, as the store names it.
+    assert_eq!(
+        keys[0].strip_prefix(backend.prefix()),
+        key.strip_prefix("rl"),
+        "the README's example key"
+    );
     let state: Vec<u64> = redis::Script::new(script)
         .key(&keys[0])
         .invoke_async(&mut conn)

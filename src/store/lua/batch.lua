@@ -39,6 +39,9 @@ local pack, unpack_at = struct.pack, struct.unpack
 -- one library call each; as text ("t:c:p") parsing and formatting it cost Redis about a
 -- fifth of a batched check.
 local STATE = '<I8I4I4'
+-- Every state this script writes has t below 2^53 µs and counts at most 10^9 (a rate's
+-- count is checked at start-up): 16 bytes outside that are someone else's.
+local MAX_T, MAX_COUNT = 9007199254740992, 1000000000
 
 -- Per key index: its state as t, c, p (t false when the key holds none); t as read (a
 -- counter string was read: the key is a string with this script's TTL); whether it
@@ -53,9 +56,10 @@ for i = 1, #KEYS do
   st[i] = false
   local v = values[i]
   if v then
-    if #v == 16 then
-      st[i], sc[i], sp[i] = unpack_at(STATE, v)
-      read_t[i] = st[i]
+    local t, c, p
+    if #v == 16 then t, c, p = unpack_at(STATE, v) end
+    if t and t < MAX_T and c <= MAX_COUNT and p <= MAX_COUNT then
+      st[i], sc[i], sp[i], read_t[i] = t, c, p, t
     else
       -- Not a counter (someone else's value under our prefix): refuse to guess.
       broken[i] = true

@@ -29,10 +29,12 @@ for i = 1, #KEYS do
   local period = tonumber(ARGV[3 * i + 2])
   local reserved = tonumber(ARGV[3 * i + 3])
   local v = redis.call('GET', KEYS[i])
-  -- The state as batch.lua writes it: t (u64), c and p (u32), 16 bytes; anything else
-  -- is not a counter, and nothing is given back there.
-  if v and #v == 16 then
-    local t, c, p = struct.unpack('<I8I4I4', v)
+  -- The state as batch.lua writes it (its `STATE`): t (u64, below 2^53), c and p (u32,
+  -- at most 10^9), 16 bytes; anything else is not a counter, and nothing is given back
+  -- there.
+  local t, c, p
+  if v and #v == 16 then t, c, p = struct.unpack('<I8I4I4', v) end
+  if t and t < 9007199254740992 and c <= 1000000000 and p <= 1000000000 then
     local changed = false
     if algorithm == 1 then
       -- The reservation counted in the window holding `at`; a key's windows never overlap.

@@ -10,7 +10,11 @@ use common::redis::{fresh_prefix, packed_state, state_of, RedisServer};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 
-const REFUND: &str = include_str!("../src/store/lua/refund.lua");
+/// As the store sends it: the state and the algorithms, then the refund.
+const REFUND: &str = concat!(
+    include_str!("../src/store/lua/algorithms.lua"),
+    include_str!("../src/store/lua/refund.lua")
+);
 
 /// A token bucket of 2 per 2 s: one token every second, a burst of two.
 const LIMIT: i64 = 2;

@@ -11,7 +11,7 @@
 -- requests left them — a request allowed only if every one of its keys allows, and then
 -- counted under every one (all-or-nothing) — and each changed key is written once, as
 -- `SET key state PX ttl` (or KEEPTTL, when its expiry is the one it already has); the
--- state is 16 bytes, `STATE` below.
+-- state is 16 bytes (`STATE` in algorithms.lua).
 -- Returns one string, little-endian (Redis turns every element of an array reply into a
 -- protocol integer and the client parses each back: one string is cheaper on both
 -- sides): per request a status byte, 1, or 0 when one of its keys cannot be used (a key
@@ -35,13 +35,6 @@ end
 
 -- Library functions called per key, as locals (a global is a table lookup per call).
 local pack, unpack_at = struct.pack, struct.unpack
--- A key's state: t (u64), c and p (u32), little-endian, 16 bytes. Packed and unpacked in
--- one library call each; as text ("t:c:p") parsing and formatting it cost Redis about a
--- fifth of a batched check.
-local STATE = '<I8I4I4'
--- Every state this script writes has t below 2^53 µs and counts at most 10^9 (a rate's
--- count is checked at start-up): 16 bytes outside that are someone else's.
-local MAX_T, MAX_COUNT = 9007199254740992, 1000000000
 
 -- Per key index: its state as t, c, p (t false when the key holds none); t as read (a
 -- counter string was read: the key is a string with this script's TTL); whether it

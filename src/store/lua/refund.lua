@@ -4,7 +4,7 @@
 -- out is exact, so a refund never gives back more than was taken: a window that has
 -- since ended, a key that expired, or a token bucket others have since queued behind
 -- is left alone (the request then stays counted there: it errs strict). The key's expiry
--- is kept (SET ... KEEPTTL).
+-- is kept (SET ... KEEPTTL). algorithms.lua is prepended (it defines the stored state).
 -- KEYS[i]: the keys the reservation counted under (on one hash slot).
 -- ARGV[1]: the algorithm: 1 fixed window, 2 sliding window, 3 token bucket.
 -- ARGV[2]: when the reservation was decided, µs (the time its script returned).
@@ -29,12 +29,11 @@ for i = 1, #KEYS do
   local period = tonumber(ARGV[3 * i + 2])
   local reserved = tonumber(ARGV[3 * i + 3])
   local v = redis.call('GET', KEYS[i])
-  -- The state as batch.lua writes it (its `STATE`): t (u64, below 2^53), c and p (u32,
-  -- at most 10^9), 16 bytes; anything else is not a counter, and nothing is given back
-  -- there.
+  -- Anything but a state as algorithms.lua defines it (`STATE`, in range) is not a
+  -- counter, and nothing is given back there.
   local t, c, p
-  if v and #v == 16 then t, c, p = struct.unpack('<I8I4I4', v) end
-  if t and t < 9007199254740992 and c <= 1000000000 and p <= 1000000000 then
+  if v and #v == 16 then t, c, p = struct.unpack(STATE, v) end
+  if t and t < MAX_T and c <= MAX_COUNT and p <= MAX_COUNT then
     local changed = false
     if algorithm == 1 then
       -- The reservation counted in the window holding `at`; a key's windows never overlap.
@@ -73,7 +72,7 @@ for i = 1, #KEYS do
       end
     end
     if changed then
-      redis.call('SET', KEYS[i], struct.pack('<I8I4I4', t, c, p), 'KEEPTTL')
+      redis.call('SET', KEYS[i], struct.pack(STATE, t, c, p), 'KEEPTTL')
       given = given + 1
     end
   end

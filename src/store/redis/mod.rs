@@ -380,7 +380,10 @@ impl RedisStore {
                     include_str!("../lua/algorithms.lua"),
                     include_str!("../lua/batch.lua")
                 )),
-                refund: Script::new(include_str!("../lua/refund.lua")),
+                refund: Script::new(concat!(
+                    include_str!("../lua/algorithms.lua"),
+                    include_str!("../lua/refund.lua")
+                )),
                 coalescer,
                 deny: DenyCache::new(b.deny_cache, deny_hold),
                 refund_log: RefundLog::new(),

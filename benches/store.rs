@@ -23,6 +23,9 @@
 //! - `store/rules`: one rule (user) vs three (user + tenant + tool) per request.
 //! - `clock`: the time reads alone.
 
+#[path = "../examples/common/store_check.rs"]
+mod store_check;
+
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Barrier;
@@ -32,10 +35,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Thro
 use governor::clock::{Clock as _, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use tollgate::{
-    Algorithm, Clock, Key, MemoryStore, Rate, RuleKind, Store, StoreFuture, StoreRequest, Subject,
-    SystemClock,
-};
+use store_check::check;
+use tollgate::{Algorithm, Clock, Key, MemoryStore, Rate, RuleKind, Subject, SystemClock};
 
 /// Every check is accepted at this rate, in both limiters.
 const PER_SECOND: u32 = 1_000_000_000;
@@ -61,19 +62,6 @@ fn user(id: &[u8]) -> Key<'_> {
         rate(),
         Algorithm::FixedWindow,
     )
-}
-
-/// One tollgate check as the layer makes it; panics if the check is not accepted, so a
-/// benchmark can never quietly measure the reject path.
-#[inline]
-fn check(store: &MemoryStore, keys: &[Key<'_>], now: u64) {
-    match store.check(&StoreRequest::new(keys, now)) {
-        StoreFuture::Ready(Ok(outcomes)) => {
-            assert!(outcomes.iter().all(|o| o.is_allowed()), "rejected");
-            black_box(outcomes);
-        }
-        other => panic!("the memory store answers synchronously: {other:?}"),
-    }
 }
 
 #[inline]

@@ -16,12 +16,13 @@
 //! are the store's alone. Differencing two counts cancels start-up and the first insert of
 //! each key.
 
-use std::hint::black_box;
+#[path = "common/store_check.rs"]
+mod store_check;
+
 use std::process::ExitCode;
 
-use tollgate::{
-    Algorithm, Key, MemoryStore, Rate, RuleKind, Store, StoreFuture, StoreRequest, Subject,
-};
+use store_check::check;
+use tollgate::{Algorithm, Key, MemoryStore, Rate, RuleKind, Subject};
 
 fn key(kind: RuleKind, id: &[u8]) -> Key<'_> {
     Key::new(
@@ -30,16 +31,6 @@ fn key(kind: RuleKind, id: &[u8]) -> Key<'_> {
         Rate::per_second(1_000_000_000),
         Algorithm::FixedWindow,
     )
-}
-
-fn check(store: &MemoryStore, keys: &[Key<'_>], now: u64) {
-    match store.check(&StoreRequest::new(keys, now)) {
-        StoreFuture::Ready(Ok(outcomes)) => {
-            assert!(outcomes.iter().all(|o| o.is_allowed()), "rejected");
-            black_box(outcomes);
-        }
-        other => panic!("the memory store answers synchronously: {other:?}"),
-    }
 }
 
 fn main() -> ExitCode {

@@ -6,7 +6,8 @@ use crate::key::MAX_KEYS;
 use crate::store::Outcome;
 use crate::{Rate, RuleKind};
 
-/// One applicable rule and what its counter said.
+/// One applicable rule and what its counter said (tests build decisions from these).
+#[cfg(test)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Verdict {
     pub(crate) kind: RuleKind,
@@ -66,39 +67,49 @@ pub(crate) struct Speaker {
 }
 
 impl Decision {
-    /// `verdicts` in rule order (user, tenant, tool, user×tool); `now` in µs since the
-    /// epoch.
-    pub(crate) fn new(verdicts: &[Option<Verdict>; MAX_KEYS], now: u64) -> Decision {
-        let allowed = verdicts.iter().flatten().all(|v| v.outcome.allowed);
+    /// Slot `i` of `rules` answered by slot `i` of `outcomes` (a rule applies where both
+    /// are present), in rule order (user, tenant, tool, user×tool); `now` in µs since
+    /// the epoch. The two arrays are read in place: the layer's plan and the store's
+    /// answer, with no per-rule copy between them.
+    pub(crate) fn new(
+        rules: &[Option<(RuleKind, Rate)>; MAX_KEYS],
+        outcomes: &[Option<Outcome>; MAX_KEYS],
+        now: u64,
+    ) -> Decision {
         // Allowed: the fewest remaining speaks. Refused: the longest wait among the
         // refusing rules (ARCHITECTURE.md, behaviour contract item 7). Only a strictly
-        // better rank replaces the speaker, so rule order breaks ties. Plain loops over
-        // the four slots: this runs on every request.
-        let mut speaker: Option<(usize, &Outcome)> = None;
+        // better rank replaces a candidate, so rule order breaks ties. One plain pass
+        // over the four slots, ranking both ways: this runs on every request.
+        let mut allowed = true;
+        let mut fewest: Option<(usize, &Outcome)> = None;
+        let mut longest: Option<(usize, &Outcome)> = None;
         let mut retry_after = 0;
-        let mut rules = [None; MAX_KEYS];
-        for (i, (slot, v)) in rules.iter_mut().zip(verdicts).enumerate() {
-            let Some(v) = v else { continue };
-            let o = &v.outcome;
-            *slot = Some(Rule {
-                kind: v.kind,
+        let mut kept = [None; MAX_KEYS];
+        for i in 0..MAX_KEYS {
+            let (Some((kind, rate)), Some(o)) = (rules[i], &outcomes[i]) else {
+                continue;
+            };
+            kept[i] = Some(Rule {
+                kind,
                 allowed: o.allowed,
-                rate: v.rate,
+                rate,
             });
-            if allowed {
-                if speaker.map_or(true, |(_, s)| o.remaining < s.remaining) {
-                    speaker = Some((i, o));
+            if o.allowed {
+                if fewest.map_or(true, |(_, s)| o.remaining < s.remaining) {
+                    fewest = Some((i, o));
                 }
-            } else if !o.allowed {
-                if speaker.map_or(true, |(_, s)| o.retry_after > s.retry_after) {
-                    speaker = Some((i, o));
+            } else {
+                allowed = false;
+                if longest.map_or(true, |(_, s)| o.retry_after > s.retry_after) {
+                    longest = Some((i, o));
                 }
                 // A client that waits this long is allowed by every rejecting rule.
                 retry_after = retry_after.max(o.retry_after);
             }
         }
+        let speaker = if allowed { fewest } else { longest };
         let mut decision = Decision {
-            rules,
+            rules: kept,
             speaker: NO_SPEAKER,
             allowed,
             remaining: 0,
@@ -120,9 +131,17 @@ impl Decision {
         decision
     }
 
+    /// A decision from whole verdicts, slot by slot (tests).
+    #[cfg(test)]
+    pub(crate) fn of_verdicts(verdicts: &[Option<Verdict>; MAX_KEYS], now: u64) -> Decision {
+        let rules = verdicts.map(|v| v.map(|v| (v.kind, v.rate)));
+        let outcomes = verdicts.map(|v| v.map(|v| v.outcome));
+        Decision::new(&rules, &outcomes, now)
+    }
+
     /// A decision with no applicable rule: allowed, no rate headers.
     pub(crate) fn unlimited(now: u64) -> Decision {
-        Decision::new(&[None; MAX_KEYS], now)
+        Decision::new(&[None; MAX_KEYS], &[None; MAX_KEYS], now)
     }
 
     fn speaking_rule(&self) -> Option<&Rule> {
@@ -221,7 +240,7 @@ mod tests {
     /// wait, so a client following Reset came back too early.
     #[test]
     fn rejecting_rule_with_the_longest_wait_speaks() {
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[
                 v(User, true, 5, 1),
                 v(Tenant, false, 0, 30_000_000),
@@ -241,7 +260,7 @@ mod tests {
         // is full again in 50 s speaks over a window refusing for 10 s.
         let mut bucket = v(User, false, 0, 50_000_000).unwrap();
         bucket.outcome.retry_after = 2_000_000;
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[Some(bucket), None, None, v(UserTool, false, 0, 10_000_000)],
             0,
         );
@@ -252,7 +271,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_user_then_tenant_then_tool() {
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[
                 v(User, false, 0, 9),
                 v(Tenant, false, 0, 9),
@@ -262,7 +281,7 @@ mod tests {
             0,
         );
         assert_eq!(d.rule(), Some(User));
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[
                 v(User, true, 0, 9),
                 v(Tenant, false, 0, 9),
@@ -272,7 +291,7 @@ mod tests {
             0,
         );
         assert_eq!(d.rule(), Some(Tenant));
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[
                 v(User, true, 3, 9),
                 v(Tenant, true, 3, 1),
@@ -282,9 +301,9 @@ mod tests {
             0,
         );
         assert_eq!(d.rule(), Some(User));
-        let d = Decision::new(&[None, v(Tenant, true, 2, 9), v(Tool, true, 2, 1), None], 0);
+        let d = Decision::of_verdicts(&[None, v(Tenant, true, 2, 9), v(Tool, true, 2, 1), None], 0);
         assert_eq!(d.rule(), Some(Tenant));
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[None, None, v(Tool, false, 0, 4), v(UserTool, false, 0, 4)],
             0,
         );
@@ -293,7 +312,7 @@ mod tests {
 
     #[test]
     fn fewest_remaining_speaks_when_all_allow() {
-        let d = Decision::new(
+        let d = Decision::of_verdicts(
             &[
                 v(User, true, 7, 1),
                 v(Tenant, true, 2, 50),
@@ -344,7 +363,7 @@ mod tests {
             verdicts in proptest::array::uniform4(any_verdict()),
             now in 0u64..3_000_000,
         ) {
-            let d = Decision::new(&verdicts, now);
+            let d = Decision::of_verdicts(&verdicts, now);
             let present: Vec<(usize, Verdict)> = verdicts
                 .iter()
                 .enumerate()

@@ -389,7 +389,7 @@ mod tests {
                 outcome: Outcome::allowed(count - 1, std::time::Duration::from_secs(30))
                     .with_reset_at_micros(reset_secs * 1_000_000),
             };
-            Decision::new(&[Some(verdict), None, None, None], 0)
+            Decision::of_verdicts(&[Some(verdict), None, None, None], 0)
         };
         for (count, reset) in [
             (10_000, 7_000),
@@ -424,7 +424,7 @@ mod tests {
             rate: Rate::per_minute(10),
             outcome: rejected,
         };
-        let decision = Decision::new(&[None, None, Some(verdict), None], 1_000_000);
+        let decision = Decision::of_verdicts(&[None, None, Some(verdict), None], 1_000_000);
         let resp = too_many_requests(
             HeaderStyle::Legacy,
             &decision,

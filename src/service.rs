@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::decision::{Decision, Verdict};
+use crate::decision::Decision;
 use crate::future::{Checking, ResponseFuture};
 use crate::identity::{self, Target};
 use crate::key::MAX_KEYS;
@@ -236,22 +236,10 @@ pub(crate) fn act<B>(
         Err(error) => return store_failed(shared, policy, plan, error),
     };
     // One answer per key, in key order, or the store is broken.
-    let mut answers = outcomes.iter();
-    let mut verdicts = [None; MAX_KEYS];
-    for (slot, rule) in verdicts.iter_mut().zip(plan.rules.iter().flatten()) {
-        let Some(outcome) = answers.next() else {
-            return store_failed(shared, policy, plan, &miscounted());
-        };
-        *slot = Some(Verdict {
-            kind: rule.0,
-            rate: rule.1,
-            outcome: *outcome,
-        });
-    }
-    if answers.next().is_some() {
+    if outcomes.len() != plan.rules.iter().flatten().count() {
         return store_failed(shared, policy, plan, &miscounted());
     }
-    let decision = Decision::new(&verdicts, plan.now);
+    let decision = Decision::new(&plan.rules, outcomes.slots(), plan.now);
     let count = |decided| policy.count(decided, decision.rule(), plan.tool);
     if decision.is_allowed() {
         count(Decided::Allowed);

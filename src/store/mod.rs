@@ -148,6 +148,11 @@ impl Outcomes {
         }
     }
 
+    /// The answers in key order, then `None`.
+    pub(crate) fn slots(&self) -> &[Option<Outcome>; crate::key::MAX_KEYS] {
+        &self.items
+    }
+
     /// How many answers there are.
     pub fn len(&self) -> usize {
         self.items.iter().flatten().count()

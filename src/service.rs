@@ -178,9 +178,10 @@ impl<S> RateLimit<S> {
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
         match answer {
-            StoreFuture::Ready(result) => {
+            // Read in place: the answer is a few hundred bytes.
+            StoreFuture::Ready(ref result) => {
                 started.answered(&policy.metrics);
-                match act(shared, &policy, &plan, &result, &req, call) {
+                match act(shared, &policy, &plan, result, &req, call) {
                     Action::Respond(resp) => ResponseFuture::respond(resp),
                     Action::Forward(decision) => ResponseFuture::calling(
                         self.inner.call(req),

@@ -10,18 +10,26 @@
 # so two modes compare exactly on a shared, noisy machine. It does not see cache misses
 # or bytes on the wire: use it beside scripts/http-ab.sh, not instead of it.
 #
-#   scripts/http-callgrind.sh [N]                     (default 4000; needs valgrind)
+#   scripts/http-callgrind.sh [N] [ROUNDS]            (defaults 4000 and 1; needs valgrind)
 #   MODES="bare tollgate_none" scripts/http-callgrind.sh
 #
-# Prints per mode the instructions per request and their excess over bare. Every process
-# it starts has a deadline and is stopped by its pid; a run whose answers are not all 2xx
-# fails the script.
+# Prints per mode the instructions per request and their excess over bare. tollgate's
+# counts repeat within 1 %, but tower_governor's move by up to 3 % between runs of one
+# build, so to rank the two run several ROUNDS (every mode once a round): each mode's
+# median is printed with the range of its rounds, and the excess is over bare's median.
+# Every process it starts has a deadline and is stopped by its pid; a run whose answers
+# are not all 2xx fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-4000}
+rounds=${2:-1}
 read -r -a modes <<<"${MODES:-bare governor governor_headers tollgate tollgate_lean tollgate_none}"
 [[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= 100000)) || {
   echo "http-callgrind: N must be a whole number up to 100000, got '$n'" >&2
+  exit 2
+}
+[[ $rounds =~ ^[1-9][0-9]*$ ]] && ((rounds <= 20)) || {
+  echo "http-callgrind: ROUNDS must be a whole number from 1 to 20, got '$rounds'" >&2
   exit 2
 }
 [[ " ${modes[*]} " == *" bare "* ]] || { echo "http-callgrind: MODES must include bare" >&2; exit 2; }
@@ -61,15 +69,25 @@ EOF
   grep -m1 '^summary:' "$out" | awk '{print $2}'
 }
 
-printf '%-17s %14s %14s\n' mode 'instr/request' 'over bare'
-base=""
-for mode in "${modes[@]}"; do
-  small=$(count "$mode" "$n")
-  large=$(count "$mode" "$((6 * n))")
-  per=$(((large - small) / (5 * n)))
-  [[ $mode == bare ]] && base=$per
-  echo "$mode $per" >>"$work/results"
+for ((round = 1; round <= rounds; round++)); do
+  for mode in "${modes[@]}"; do
+    small=$(count "$mode" "$n")
+    large=$(count "$mode" "$((6 * n))")
+    echo "$mode $(((large - small) / (5 * n)))" >>"$work/results"
+  done
 done
-while read -r mode per; do
-  printf '%-17s %14d %14d\n' "$mode" "$per" "$((per - base))"
-done <"$work/results"
+python3 - "$work/results" "${modes[@]}" <<'EOF'
+import statistics, sys
+path, modes = sys.argv[1], sys.argv[2:]
+counts = {mode: [] for mode in modes}
+for line in open(path):
+    mode, per = line.split()
+    counts[mode].append(int(per))
+median = {mode: int(statistics.median(per)) for mode, per in counts.items()}
+several = len(counts["bare"]) > 1
+print("%-17s %14s %14s%s" % ("mode", "instr/request", "over bare", "   range" if several else ""))
+for mode in modes:
+    per = counts[mode]
+    spread = "   %d-%d" % (min(per), max(per)) if several else ""
+    print("%-17s %14d %14d%s" % (mode, median[mode], median[mode] - median["bare"], spread))
+EOF

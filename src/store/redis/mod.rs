@@ -4,8 +4,8 @@
 //! batch of them: it reads each key once, decides the requests in order (each
 //! all-or-nothing across its keys), and writes each changed key once as `SET key state PX
 //! ttl` (16 bytes: `t` u64, `c` and `p` u32, little-endian; `KEEPTTL` when its expiry
-//! stays). Concurrent requests are coalesced into one
-//! call per batch over two lanes (`batch.rs`).
+//! stays). Concurrent requests are coalesced into one call per batch over two lanes
+//! (`batch.rs`).
 //! Time comes from Redis `TIME` unless [`RedisStoreBuilder::caller_time`] is set.
 //!
 //! Connections (`conn.rs`): to one server, up to four multiplexed sockets (the two

@@ -14,8 +14,17 @@ use crate::store::StoreError;
 pub(super) fn prepare(insecure: bool) {
     #[cfg(feature = "redis-tls")]
     {
-        // Err: a provider is installed already (the application's); that one is used.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // An application's own provider (installed before the store is built) wins:
+        // installing ours then fails, and the application's is used.
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // rustls 0.23.48 deprecated ring's provider because ring has no post-quantum
+            // key exchange. It is kept on purpose: it builds with nothing but a C
+            // compiler. An application that wants post-quantum key exchange installs the
+            // aws-lc-rs provider itself, and this line then never runs.
+            #[allow(deprecated)]
+            let provider = rustls::crypto::ring::default_provider();
+            let _ = provider.install_default();
+        }
     }
     if insecure {
         tracing::warn!(

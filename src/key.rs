@@ -10,7 +10,8 @@ use std::fmt;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use crate::{Algorithm, Rate};
+use crate::algorithm::Algorithm;
+use crate::rate::Rate;
 
 /// Which rule a counter belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -63,43 +63,49 @@
     rust_2018_idioms
 )]
 
-mod algorithm;
-mod client_ip;
-mod clock;
-mod config;
-mod decision;
-mod future;
-mod identity;
-mod key;
-mod layer;
-mod log_gate;
-mod mcp;
-mod plan;
-mod rate;
-mod response;
-mod service;
+// The layers, each importing only those below it (ARCHITECTURE.md, "The layers"):
+// the tower surface; the answers; the compiled policy; reading a request; the stores;
+// the configuration; and the ground floor (rates, algorithms, keys, the clock).
+mod middleware;
+
+mod answer;
+
+mod policy;
+
+mod request;
+
 mod store;
-mod telemetry;
-mod tier;
+
+mod config;
+
+mod algorithm;
+mod clock;
+mod key;
+mod log_gate;
+mod rate;
 mod tool_path;
 
 pub use algorithm::Algorithm;
+pub use answer::body::ResponseBody;
+pub use answer::decision::Decision;
+pub use answer::mcp::RATE_LIMIT_ERROR_CODE;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::settings::MAX_IDENTITY_LEN;
 pub use config::{
     Anonymous, BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle,
     IdentityConfig, McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
+    TierConfig,
 };
-pub use decision::Decision;
-pub use future::ResponseFuture;
-pub use identity::{Identity, ToolName, MAX_IDENTITY_LEN};
 pub use key::{Key, RuleKind, Subject};
-pub use layer::{RateLimitHandle, RateLimitLayer, Stats};
-pub use mcp::body::McpBody;
-pub use mcp::layer::{McpFuture, McpLayer, McpService};
-pub use mcp::refusal::RATE_LIMIT_ERROR_CODE;
+pub use middleware::future::ResponseFuture;
+pub use middleware::handle::RateLimitHandle;
+pub use middleware::layer::RateLimitLayer;
+pub use middleware::mcp::{McpFuture, McpLayer, McpService};
+pub use middleware::service::RateLimit;
+pub use middleware::shared::Stats;
 pub use rate::{Rate, RateError};
-pub use response::ResponseBody;
-pub use service::RateLimit;
+pub use request::extensions::{Identity, Tier, ToolName};
+pub use request::mcp_body::McpBody;
 #[cfg(feature = "redis")]
 pub use store::fallback::FallbackStore;
 pub use store::memory::MemoryStore;
@@ -108,7 +114,13 @@ pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{
     Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
 };
-pub use tier::{Tier, TierConfig};
+
+/// The reference and the guides, rendered from the repository's `docs/` folder (each
+/// page's code blocks are compiled and run as doc tests).
+pub mod docs {
+    #[doc = include_str!("../docs/configuration.md")]
+    pub mod configuration {}
+}
 
 /// The README's Rust code blocks, compiled and run as doc tests, so the documented
 /// examples stay true.

@@ -1,8 +1,8 @@
 //! Fixed window: a window opens at a key's first counted request and lasts one period.
 //! Mirrored by `src/store/lua/fixed_window.lua`.
 
-use super::{State, Step};
-use crate::Rate;
+use super::state::{State, Step};
+use crate::rate::Rate;
 
 pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let period = rate.period_micros();

@@ -4,8 +4,8 @@
 //! `src/store/lua/sliding_window.lua`, which computes in doubles: every product here stays
 //! below 2^53 (see [`supports`]), so both agree exactly.
 
-use super::{State, Step};
-use crate::Rate;
+use super::state::{State, Step};
+use crate::rate::Rate;
 
 /// Products of a count and a period in ms must stay exact in a double.
 pub(super) fn supports(rate: Rate) -> bool {

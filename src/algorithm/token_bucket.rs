@@ -4,8 +4,8 @@
 //! keeps the sustained rate at or below `count / period` when the period does not divide
 //! evenly. Mirrored by `src/store/lua/token_bucket.lua`.
 
-use super::{State, Step};
-use crate::Rate;
+use super::state::{State, Step};
+use crate::rate::Rate;
 
 pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let period = rate.period_micros();

@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use hashbrown::{DefaultHashBuilder, HashMap};
 
 use super::{Outcome, Outcomes};
-use crate::Key;
+use crate::key::Key;
 
 const SHARDS: usize = 16;
 
@@ -188,7 +188,9 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Algorithm, Rate, RuleKind, Subject};
+    use crate::algorithm::Algorithm;
+    use crate::key::{RuleKind, Subject};
+    use crate::rate::Rate;
 
     fn key(id: &[u8]) -> Key<'_> {
         Key::new(

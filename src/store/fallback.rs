@@ -13,11 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::memory::MemoryStore;
+use super::primary::Primary;
 use super::redis::RedisStore;
 use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats};
-use crate::key::{Key, RuleKind, Subject};
+use crate::algorithm::Algorithm;
+use crate::key::{Key, RuleKind, Subject, MAX_KEYS};
 use crate::log_gate::LogGate;
-use crate::{Algorithm, Rate};
+use crate::rate::Rate;
 
 /// Consecutive failures that open the circuit.
 pub(crate) const FAILURES_TO_OPEN: u32 = 3;
@@ -47,19 +49,6 @@ pub(crate) const COOL_DOWN: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct FallbackStore {
     inner: Arc<Inner<RedisStore>>,
-}
-
-/// What the breaker needs of the store it guards beyond [`Store::check`]: the answers it
-/// gives without its backend (the Redis deny cache), kept apart so a cached answer is
-/// never taken as a sign that the backend is healthy. Crate-private: only the crate's
-/// own stores have a local answer, so it is not part of the public [`Store`] trait.
-pub(crate) trait Primary: Store {
-    /// The answer this store can give without asking its backend, if any. `check` must
-    /// consult it too.
-    fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes>;
-
-    /// [`Store::check`] without [`Primary::answer_locally`]: always asks the backend.
-    fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture;
 }
 
 struct Inner<P> {
@@ -367,8 +356,8 @@ impl OwnedRequest {
             Rate::per_second(1),
             Algorithm::FixedWindow,
         );
-        let mut keys = [placeholder; crate::key::MAX_KEYS];
-        let n = self.keys.len().min(crate::key::MAX_KEYS);
+        let mut keys = [placeholder; MAX_KEYS];
+        let n = self.keys.len().min(MAX_KEYS);
         for (slot, k) in keys.iter_mut().zip(&self.keys) {
             let subject = match &k.subject {
                 OwnedSubject::Anonymous => Subject::Anonymous,

@@ -23,9 +23,9 @@ use std::sync::OnceLock;
 use portable_atomic::AtomicU128;
 
 use super::{Outcome, Outcomes, Store, StoreFuture, StoreRequest, StoreStats};
-use crate::algorithm::{State, Step};
+use crate::algorithm::{Algorithm, State, Step};
+use crate::config::settings;
 use crate::key::{with_memory_ids, Key, MAX_KEYS};
-use crate::Algorithm;
 
 /// Slots a key may live in: one window, scanned from the slot its digest picks.
 const WINDOW: usize = 16;
@@ -95,7 +95,7 @@ struct Slot {
 impl MemoryStore {
     /// A store holding at most 1 000 000 keys.
     pub fn new() -> Self {
-        Self::with_max_keys(1_000_000)
+        Self::with_max_keys(settings::MAX_KEYS.default as usize)
     }
 
     /// A store holding at most `max_keys` keys (at least 1).
@@ -960,7 +960,8 @@ fn refused(keys: &[Key<'_>], now: u64) -> Outcomes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Rate, RuleKind, Subject};
+    use crate::key::{RuleKind, Subject};
+    use crate::rate::Rate;
     use std::sync::atomic::AtomicU64;
     use std::sync::{Arc, Barrier};
 

@@ -2,13 +2,18 @@
 //! request is counted under; the store allows the request only if every key allows it,
 //! and then counts it under every key (all-or-nothing).
 
+mod configured;
 #[cfg(feature = "redis")]
 mod deny_cache;
 #[cfg(feature = "redis")]
 pub(crate) mod fallback;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
+mod primary;
+#[cfg(feature = "redis")]
 pub(crate) mod redis;
+
+pub(crate) use configured::for_config;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -16,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::Key;
+use crate::key::{Key, MAX_KEYS};
 
 /// What a store is asked for one request.
 #[derive(Clone, Copy, Debug)]
@@ -121,7 +126,7 @@ impl Outcome {
 /// The answers for one request, one per key, in the order of the request's keys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcomes {
-    items: [Option<Outcome>; crate::key::MAX_KEYS],
+    items: [Option<Outcome>; MAX_KEYS],
 }
 
 impl Outcomes {
@@ -149,7 +154,7 @@ impl Outcomes {
     }
 
     /// The answers in key order, then `None`.
-    pub(crate) fn slots(&self) -> &[Option<Outcome>; crate::key::MAX_KEYS] {
+    pub(crate) fn slots(&self) -> &[Option<Outcome>; MAX_KEYS] {
         &self.items
     }
 
@@ -362,33 +367,3 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
-
-/// The store a config's `[backend]` names.
-pub(crate) fn for_config(cfg: &crate::RateLimitConfig) -> std::sync::Arc<dyn Store> {
-    use crate::config::BackendKind;
-    match cfg.backend().kind() {
-        BackendKind::Memory => {
-            std::sync::Arc::new(memory::MemoryStore::with_max_keys(cfg.backend().max_keys()))
-        }
-        // Redis behind a circuit breaker; the fallback (if any) answers while it fails.
-        #[cfg(feature = "redis")]
-        BackendKind::Redis | BackendKind::RedisCluster => {
-            let backend = cfg.backend();
-            let fallback = match backend.fallback() {
-                crate::Fallback::Memory => {
-                    Some(memory::MemoryStore::with_max_keys(backend.max_keys()))
-                }
-                crate::Fallback::None => None,
-            };
-            std::sync::Arc::new(fallback::FallbackStore::new(
-                redis::RedisStore::from_config(backend),
-                fallback,
-            ))
-        }
-        // Validation refuses the Redis kinds unless the feature is on.
-        #[cfg(not(feature = "redis"))]
-        BackendKind::Redis | BackendKind::RedisCluster => {
-            std::sync::Arc::new(memory::MemoryStore::with_max_keys(cfg.backend().max_keys()))
-        }
-    }
-}

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Inner, Outcome, Outcomes, StoreError, StoreErrorKind};
-use crate::Algorithm;
+use super::script::{Answer, Caller, Job};
+use crate::store::{StoreError, StoreErrorKind};
 
 /// Lanes per store. Redis runs one script at a time, so coalescing wants the fewest,
 /// largest batches that still keep it busy: with two lanes one batch runs while the other
@@ -29,159 +29,6 @@ use crate::Algorithm;
 /// `cargo run --release --example redis_throughput` at 64 callers, one rule, gave
 /// 1.44× coalescing off with one lane, 2.10× with two, 1.95× with three, 1.74× with four.
 pub(super) const LANES: usize = 2;
-
-/// One request (or, on a cluster, its keys on one hash slot) as the script takes it.
-#[derive(Clone)]
-pub(super) struct Job {
-    pub(super) algorithm: Algorithm,
-    /// The caller's time, when the store decides on it (else Redis `TIME`).
-    pub(super) now: Option<u64>,
-    /// Shared, so handing a job to a lane copies no key.
-    pub(super) keys: std::sync::Arc<[CallKey]>,
-}
-
-impl Job {
-    /// The job's key names, in order.
-    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| k.name.as_str())
-    }
-}
-
-/// A key's name and its rate.
-#[derive(Clone)]
-pub(super) struct CallKey {
-    pub(super) name: String,
-    /// At most 10^9 (a rate's count is checked at start-up).
-    pub(super) count: u32,
-    /// µs.
-    pub(super) period: i64,
-}
-
-/// A job's answer: its keys' outcomes and the time the script decided at.
-pub(super) type Answer = Result<(Outcomes, u64), StoreError>;
-
-/// The script's number for `algorithm`.
-pub(super) fn algorithm_code(algorithm: Algorithm) -> u8 {
-    match algorithm {
-        Algorithm::FixedWindow => 1,
-        Algorithm::SlidingWindow => 2,
-        Algorithm::TokenBucket => 3,
-    }
-}
-
-/// `lua/batch.lua`'s KEYS (each key once) and ARGV for `jobs`, which share one time.
-pub(super) struct Encoded<'a> {
-    pub(super) keys: Vec<&'a str>,
-    /// ARGV[1]: the caller's time, or -1 for Redis `TIME`.
-    pub(super) now: i64,
-    /// ARGV[2]: how many requests.
-    pub(super) requests: i64,
-    /// ARGV[3]: the requests, packed (see the script's header): per request its
-    /// algorithm and number of keys (u8 each), then per key its index into KEYS (u16),
-    /// count (u32) and period in µs (f64, exact: periods are far below 2^53 µs),
-    /// little-endian. One argument instead of 2 + 3n numbers, each of which Redis would
-    /// parse and Lua convert.
-    pub(super) packed: Vec<u8>,
-}
-
-pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> Encoded<'a> {
-    let mut keys: Vec<&str> = Vec::new();
-    let mut index: hashbrown::HashMap<&str, u16> = hashbrown::HashMap::new();
-    let now = jobs
-        .clone()
-        .next()
-        .and_then(|j| j.now)
-        .map_or(-1, |n| n as i64);
-    let mut requests = 0;
-    let mut packed = Vec::new();
-    for job in jobs {
-        requests += 1;
-        packed.push(algorithm_code(job.algorithm));
-        packed.push(job.keys.len() as u8);
-        for key in job.keys.iter() {
-            // At most max_batch (≤ 1 024, clamped by the builder and the config) requests
-            // of four keys: far below u16::MAX.
-            let i = *index.entry(key.name.as_str()).or_insert_with(|| {
-                keys.push(key.name.as_str());
-                keys.len() as u16
-            });
-            packed.extend_from_slice(&i.to_le_bytes());
-            packed.extend_from_slice(&key.count.to_le_bytes());
-            packed.extend_from_slice(&(key.period as f64).to_le_bytes());
-        }
-    }
-    Encoded {
-        keys,
-        now,
-        requests,
-        packed,
-    }
-}
-
-/// Bytes of the script's answer per key: allowed (u8), remaining (u32), reset_after and
-/// retry_after µs (u64 each).
-const KEY_BYTES: usize = 1 + 4 + 8 + 8;
-
-/// Splits the script's packed answer (per job a status byte, then [`KEY_BYTES`] per key;
-/// last the time it decided at, all little-endian) back into one answer per job. A
-/// status of 0 means Redis refused one of the job's keys (a key of another type, a write
-/// refused for lack of memory): that job alone fails, as it would have in a call of its
-/// own.
-pub(super) fn parse<'a>(
-    answer: &[u8],
-    jobs: impl Iterator<Item = &'a Job> + Clone,
-) -> Result<Vec<Answer>, StoreError> {
-    let shape = || {
-        StoreError::new(
-            StoreErrorKind::Protocol,
-            "the redis script answered an unexpected shape",
-        )
-    };
-    let (count, keys) = jobs
-        .clone()
-        .fold((0, 0), |(n, k), job| (n + 1, k + job.keys.len()));
-    if answer.len() != count + KEY_BYTES * keys + 8 {
-        return Err(shape());
-    }
-    let u64_at = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("eight bytes"));
-    let (mut rest, at) = answer.split_at(answer.len() - 8);
-    let decided_at = u64_at(at);
-    // Every time the script states is below 2^53 µs (it computes in doubles): anything
-    // larger is a negative number packed unsigned, or a broken script.
-    const MAX: u64 = 1 << 53;
-    let mut answers = Vec::with_capacity(count);
-    for job in jobs {
-        let (status, tail) = rest.split_at(1);
-        let (mine, tail) = tail.split_at(KEY_BYTES * job.keys.len());
-        rest = tail;
-        let mut out = Outcomes::new();
-        for key in mine.chunks_exact(KEY_BYTES) {
-            let reset_after = u64_at(&key[5..13]);
-            let retry_after = u64_at(&key[13..21]);
-            if key[0] > 1 || reset_after > MAX || retry_after > MAX || decided_at > MAX {
-                return Err(shape());
-            }
-            out.push(Outcome {
-                allowed: key[0] == 1,
-                remaining: u64::from(u32::from_le_bytes(
-                    key[1..5].try_into().expect("four bytes"),
-                )),
-                reset_after,
-                retry_after,
-                reset_at: decided_at.saturating_add(reset_after),
-            });
-        }
-        answers.push(match status[0] {
-            1 => Ok((out, decided_at)),
-            0 => Err(StoreError::new(
-                StoreErrorKind::Protocol,
-                "redis refused a key of this request (another type, or out of memory)",
-            )),
-            _ => return Err(shape()),
-        });
-    }
-    Ok(answers)
-}
 
 /// A job waiting in a lane.
 struct Queued {
@@ -234,7 +81,7 @@ impl Coalescer {
     }
 
     /// `job`'s answer, decided in a batch on one of the lanes, by `deadline`.
-    pub(super) async fn submit(&self, store: &Arc<Inner>, job: Job, deadline: Instant) -> Answer {
+    pub(super) async fn submit(&self, store: &Arc<Caller>, job: Job, deadline: Instant) -> Answer {
         let lane = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let waiting = &self.lanes[lane].waiting;
         // Nobody waits on this lane: the request is alone, and goes at once from this task
@@ -296,7 +143,7 @@ fn still_wanted(batch: Vec<Queued>, now: Instant) -> (Vec<Queued>, Vec<Queued>) 
 
 /// A lane's task: sends what has queued as one batch at a time, until the store is gone.
 async fn run_lane(
-    store: Weak<Inner>,
+    store: Weak<Caller>,
     lane: usize,
     max_batch: usize,
     mut queue: mpsc::UnboundedReceiver<Queued>,
@@ -358,6 +205,7 @@ async fn run_lane(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::Algorithm;
     use std::time::Duration;
 
     fn queued(deadline: Instant) -> (Queued, oneshot::Receiver<Answer>) {

@@ -19,11 +19,8 @@ use redis::{
 };
 use tokio::time::Instant;
 
+use crate::config::settings;
 use crate::store::{StoreError, StoreErrorKind};
-
-/// Most multiplexed connections requests to one server are spread over (each one is
-/// auto-pipelined, so a few suffice for any concurrency).
-const MAX_SHARED_CONNECTIONS: u32 = 4;
 
 /// How Redis is reached.
 pub(super) enum Connector {
@@ -111,7 +108,8 @@ impl<C: Clone> Slot<C> {
 impl Connector {
     /// Up to `pool_size` (at most four) sockets to the server `client` names.
     pub(super) fn single(client: Client, pool_size: u32) -> Self {
-        let shared = pool_size.clamp(1, MAX_SHARED_CONNECTIONS);
+        // Each socket is auto-pipelined, so a few suffice for any concurrency.
+        let shared = pool_size.clamp(1, settings::MAX_SOCKETS);
         Connector::Single {
             client,
             slots: (0..shared).map(|_| Slot::new()).collect(),
@@ -279,6 +277,12 @@ pub(super) fn redis_error(e: &RedisError) -> StoreError {
             format!("redis answered an error ({})", e.category()),
         )
     }
+}
+
+/// An `Unavailable` error: a store that cannot be used as built (a URL, a CA), so every
+/// call fails to its fallback.
+pub(super) fn invalid(message: &'static str) -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, message)
 }
 
 pub(super) fn timed_out(message: &'static str) -> StoreError {

@@ -29,32 +29,27 @@ use std::time::Duration;
 
 use redis::cluster::ClusterClient;
 use redis::cluster_routing::Slot as HashSlot;
-use redis::{Client, IntoConnectionInfo, Script};
+use redis::{Client, Script};
 
 use super::deny_cache::DenyCache;
-use super::fallback::Primary;
+use super::primary::Primary;
 use super::{
     Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
 };
+use crate::algorithm::Algorithm;
+use crate::config::{self, settings, BackendConfig, BackendKind};
+use crate::key::MAX_KEYS;
 use crate::log_gate::LogGate;
-#[cfg(test)]
-use crate::Algorithm;
 
 mod batch;
 mod conn;
+mod script;
 pub(crate) mod tls;
 
-use batch::{Answer, CallKey, Coalescer, Job};
+use batch::Coalescer;
+use conn::invalid;
 use conn::Connector;
-
-/// Keys the deny cache holds by default.
-const DENY_CACHE: usize = 10_000;
-
-/// Requests one script call decides at most, by default. A batch of 128 keeps Redis busy
-/// for a fraction of a millisecond (each request costs it about a microsecond of Lua), so
-/// other clients of the server do not wait on it, while at 512 concurrent callers over
-/// the two lanes it already takes under one call per hundred checks.
-pub(crate) const MAX_BATCH: usize = 128;
+use script::{Answer, CallKey, Caller, Job};
 
 /// Counters in Redis, shared by every instance pointed at the same server (or cluster)
 /// and prefix.
@@ -86,15 +81,12 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    /// `None` when the store could not be built from a config (every call fails).
-    connector: Option<Connector>,
+    /// The connections, the script and the timeout (shared with the coalescing lanes).
+    caller: Arc<Caller>,
     prefix: String,
     pool_size: u32,
-    timeout: Duration,
     caller_time: bool,
     next_socket: AtomicUsize,
-    /// `lua/algorithms.lua` + `lua/batch.lua`: decides one request or a batch.
-    script: Script,
     refund: Script,
     /// `None` when coalescing is off (`max_batch = 1`) or on a cluster.
     coalescer: Option<Coalescer>,
@@ -148,9 +140,10 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Most connections to open to one server (default 16, at least 1); requests share
-    /// up to four of them, multiplexed (more sockets add nothing against one
-    /// single-threaded Redis), and coalesced batches go over two. A cluster connection keeps one socket per node.
+    /// The most sockets to open to one server (default 4, at least 1; more than 4 act as
+    /// 4): each is multiplexed and auto-pipelined, so requests share them round-robin
+    /// and more add nothing against one single-threaded Redis; coalesced batches go over
+    /// two. A cluster connection keeps one socket per node.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size.max(1);
         self
@@ -258,34 +251,10 @@ impl RedisStoreBuilder {
     }
 }
 
-/// Refuses a URL whose scheme this build or this kind of store cannot serve.
+/// Refuses a URL whose scheme this build or this kind of store cannot serve: the check a
+/// config's URLs pass at start-up, for a builder's URLs too.
 fn check_url(url: &str, cluster: bool) -> Result<(), StoreError> {
-    let url = url.trim();
-    if url.starts_with("rediss://") && !cfg!(feature = "redis-tls") {
-        return Err(invalid(
-            "rediss:// needs tollgate built with its `redis-tls` feature",
-        ));
-    }
-    if cluster && !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(invalid(
-            "a redis cluster is reached by redis:// or rediss:// URLs",
-        ));
-    }
-    url.into_connection_info()
-        .map(|_| ())
-        .map_err(|_| invalid("the redis URL is invalid"))
-}
-
-/// Checks a `[backend]` URL at configuration time: the message for `backend.url` (or an
-/// entry of `backend.urls`) when this build cannot serve it.
-pub(crate) fn url_problem(url: &str, cluster: bool) -> Option<String> {
-    check_url(url, cluster)
-        .err()
-        .map(|e| e.message().to_owned())
-}
-
-fn invalid(message: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, message)
+    config::check_url(url, cluster).map_err(invalid)
 }
 
 impl RedisStore {
@@ -317,12 +286,12 @@ impl RedisStore {
     fn for_target(target: Target) -> RedisStoreBuilder {
         RedisStoreBuilder {
             target,
-            prefix: "rl".into(),
-            pool_size: 16,
-            timeout: Duration::from_millis(50),
+            prefix: settings::KEY_PREFIX.into(),
+            pool_size: settings::POOL_SIZE.default as u32,
+            timeout: Duration::from_millis(settings::TIMEOUT_MS.default),
             caller_time: false,
-            deny_cache: DENY_CACHE,
-            max_batch: MAX_BATCH,
+            deny_cache: settings::DENY_CACHE.default as usize,
+            max_batch: settings::MAX_BATCH.default as usize,
             tls_ca: None,
             tls_insecure: false,
         }
@@ -331,9 +300,9 @@ impl RedisStore {
     /// The store a config's `[backend]` describes. The config has checked its URLs, so
     /// this does not fail; should the client still refuse them, every call fails (the
     /// fallback answers) and the reason is logged.
-    pub(crate) fn from_config(backend: &crate::BackendConfig) -> RedisStore {
+    pub(crate) fn from_config(backend: &BackendConfig) -> RedisStore {
         let builder = match backend.kind() {
-            crate::BackendKind::RedisCluster => RedisStore::cluster(backend.urls().iter().cloned()),
+            BackendKind::RedisCluster => RedisStore::cluster(backend.urls().iter().cloned()),
             _ => RedisStore::builder(backend.url().unwrap_or_default()),
         };
         let mut builder = builder
@@ -370,16 +339,11 @@ impl RedisStore {
         };
         RedisStore {
             inner: Arc::new(Inner {
-                connector,
+                caller: Arc::new(Caller::new(connector, b.timeout)),
                 prefix: b.prefix,
                 pool_size: b.pool_size,
-                timeout: b.timeout,
                 caller_time: b.caller_time,
                 next_socket: AtomicUsize::new(0),
-                script: Script::new(concat!(
-                    include_str!("../lua/algorithms.lua"),
-                    include_str!("../lua/batch.lua")
-                )),
                 refund: Script::new(concat!(
                     include_str!("../lua/algorithms.lua"),
                     include_str!("../lua/refund.lua")
@@ -420,7 +384,7 @@ impl RedisStore {
         let jobs: Vec<Result<Job, StoreError>> = requests.iter().map(|r| inner.job(r)).collect();
         let times: Vec<u64> = requests.iter().map(|r| r.now_micros()).collect();
         async move {
-            let deadline = tokio::time::Instant::now() + inner.timeout;
+            let deadline = tokio::time::Instant::now() + inner.caller.timeout;
             let mut out: Vec<Result<Outcomes, StoreError>> = Vec::with_capacity(jobs.len());
             let max_batch = inner.coalescer.as_ref().map_or(1, |c| c.max_batch());
             let mut i = 0;
@@ -433,7 +397,7 @@ impl RedisStore {
                     }
                     Ok(job) => job,
                 };
-                if matches!(inner.connector, Some(Connector::Cluster { .. })) {
+                if matches!(inner.caller.connector, Some(Connector::Cluster { .. })) {
                     out.push(inner.decide_across_slots(job, deadline).await);
                     i += 1;
                     continue;
@@ -448,7 +412,7 @@ impl RedisStore {
                 }
                 let run = jobs[i..end].iter().flatten();
                 let lane = inner.next_socket.fetch_add(1, Ordering::Relaxed);
-                match inner.run(run, lane, deadline).await {
+                match inner.caller.run(run, lane, deadline).await {
                     Ok(answers) => out.extend(answers.into_iter().map(|a| a.map(|(o, _)| o))),
                     Err(e) => out.extend((i..end).map(|_| Err(e.clone()))),
                 }
@@ -470,7 +434,7 @@ impl RedisStore {
 
     /// The bound on every call.
     pub fn timeout(&self) -> Duration {
-        self.inner.timeout
+        self.inner.caller.timeout
     }
 }
 
@@ -480,17 +444,18 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field(
                 "cluster",
-                &matches!(i.connector, Some(Connector::Cluster { .. })),
+                &matches!(i.caller.connector, Some(Connector::Cluster { .. })),
             )
             .field("key_prefix", &i.prefix)
             .field("pool_size", &i.pool_size)
             .field(
                 "shared_connections",
-                &i.connector
+                &i.caller
+                    .connector
                     .as_ref()
                     .map_or(0, Connector::shared_connections),
             )
-            .field("timeout", &i.timeout)
+            .field("timeout", &i.caller.timeout)
             .field("caller_time", &i.caller_time)
             .finish_non_exhaustive()
     }
@@ -514,7 +479,7 @@ impl Store for RedisStore {
 }
 
 /// The deny cache is Redis's local answer: the breaker asks it apart from Redis itself.
-impl super::fallback::Primary for RedisStore {
+impl Primary for RedisStore {
     fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
         self.inner
             .deny
@@ -530,10 +495,10 @@ impl super::fallback::Primary for RedisStore {
             Err(e) => return StoreFuture::Ready(Err(e)),
         };
         let now = request.now_micros();
-        let cluster = matches!(self.inner.connector, Some(Connector::Cluster { .. }));
+        let cluster = matches!(self.inner.caller.connector, Some(Connector::Cluster { .. }));
         let inner = self.inner.clone();
         StoreFuture::Pending(Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + inner.timeout;
+            let deadline = tokio::time::Instant::now() + inner.caller.timeout;
             let outcomes = if cluster {
                 inner.decide_across_slots(&job, deadline).await?
             } else {
@@ -548,15 +513,15 @@ impl super::fallback::Primary for RedisStore {
 impl Inner {
     /// The job a request is for the script: its keys encoded, with their rates.
     fn job(&self, request: &StoreRequest<'_>) -> Result<Job, StoreError> {
-        if self.connector.is_none() {
+        if self.caller.connector.is_none() {
             return Err(invalid("the redis backend could not be built"));
         }
         let keys = request.keys();
         // The layer uses one algorithm for every rule of a request.
         let algorithm = keys
             .first()
-            .map_or(crate::Algorithm::FixedWindow, |k| k.algorithm());
-        if keys.len() > crate::key::MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
+            .map_or(Algorithm::FixedWindow, |k| k.algorithm());
+        if keys.len() > MAX_KEYS || keys.iter().any(|k| k.algorithm() != algorithm) {
             return Err(StoreError::new(
                 StoreErrorKind::Internal,
                 "a request must carry at most four keys of one algorithm",
@@ -578,61 +543,19 @@ impl Inner {
     }
 
     fn connector(&self) -> Result<&Connector, StoreError> {
-        self.connector
-            .as_ref()
-            .ok_or_else(|| invalid("the redis backend could not be built"))
+        self.caller.connector()
     }
 
     /// One job's answer: coalesced with concurrent ones when coalescing is on, else one
     /// script call of its own.
     async fn decide(self: &Arc<Self>, job: &Job, deadline: tokio::time::Instant) -> Answer {
         match &self.coalescer {
-            Some(coalescer) => coalescer.submit(self, job.clone(), deadline).await,
+            Some(coalescer) => coalescer.submit(&self.caller, job.clone(), deadline).await,
             None => {
                 let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
-                self.run_one(job, lane, deadline).await
+                self.caller.run_one(job, lane, deadline).await
             }
         }
-    }
-
-    /// One script call deciding `job` alone.
-    pub(super) async fn run_one(
-        &self,
-        job: &Job,
-        lane: usize,
-        deadline: tokio::time::Instant,
-    ) -> Answer {
-        let mut answers = self.run(std::iter::once(job), lane, deadline).await?;
-        answers.pop().unwrap_or_else(|| {
-            Err(StoreError::new(
-                StoreErrorKind::Protocol,
-                "the redis script answered nothing",
-            ))
-        })
-    }
-
-    /// One script call deciding `jobs` in order (they share one caller time), on socket
-    /// `lane` (to one server; a cluster routes by the first key): one answer per job.
-    async fn run<'a>(
-        &self,
-        jobs: impl Iterator<Item = &'a Job> + Clone,
-        lane: usize,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<Answer>, StoreError> {
-        let encoded = batch::encode(jobs.clone());
-        let mut invocation = self.script.prepare_invoke();
-        for key in &encoded.keys {
-            invocation.key(*key);
-        }
-        invocation
-            .arg(encoded.now)
-            .arg(encoded.requests)
-            .arg(&encoded.packed[..]);
-        let answer: Vec<u8> = self
-            .connector()?
-            .invoke(&invocation, lane, self.timeout, deadline)
-            .await?;
-        batch::parse(&answer, jobs)
     }
 
     /// A cluster request's outcomes. Keys on one slot: one atomic script. Keys on several
@@ -657,7 +580,7 @@ impl Inner {
             })
             .collect();
         let answers = futures_join(parts.iter().map(|part| self.decide(part, deadline))).await;
-        let mut per_key: [Option<Outcome>; crate::key::MAX_KEYS] = [None; crate::key::MAX_KEYS];
+        let mut per_key: [Option<Outcome>; MAX_KEYS] = [None; MAX_KEYS];
         let mut error = None;
         let mut all = true;
         for (group, answer) in groups.iter().zip(&answers) {
@@ -689,7 +612,7 @@ impl Inner {
             // counted; with a deadline of its own, as the request's may be nearly spent.
             let store = Arc::clone(self);
             let refunds = tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + store.timeout;
+                let deadline = tokio::time::Instant::now() + store.caller.timeout;
                 let given = futures_join(
                     reserved
                         .iter()
@@ -737,7 +660,7 @@ impl Inner {
         deadline: tokio::time::Instant,
     ) -> Result<usize, StoreError> {
         let mut invocation = self.refund.prepare_invoke();
-        invocation.arg(i64::from(batch::algorithm_code(part.algorithm)));
+        invocation.arg(i64::from(script::algorithm_code(part.algorithm)));
         invocation.arg(decided_at as i64);
         invocation.arg(part.now.map_or(-1, |now| now as i64));
         for (key, outcome) in part.keys.iter().zip(outcomes.iter()) {
@@ -753,7 +676,7 @@ impl Inner {
         let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let given: i64 = self
             .connector()?
-            .invoke(&invocation, lane, self.timeout, deadline)
+            .invoke(&invocation, lane, self.caller.timeout, deadline)
             .await?;
         Ok(usize::try_from(given).unwrap_or(0))
     }
@@ -831,7 +754,7 @@ mod tests {
         let store = RedisStore::builder("redis://127.0.0.1:1/0")
             .build()
             .unwrap();
-        assert!(store.inner.connector.as_ref().unwrap().is_idle());
+        assert!(store.inner.caller.connector.as_ref().unwrap().is_idle());
         assert!(RedisStore::builder("not a url").build().is_err());
         assert!(RedisStore::cluster(["unix:///tmp/redis.sock"])
             .build()
@@ -841,103 +764,5 @@ mod tests {
                 .build()
                 .is_ok()
         );
-    }
-
-    fn job(keys: &[&str]) -> Job {
-        Job {
-            algorithm: Algorithm::FixedWindow,
-            now: Some(7),
-            keys: keys
-                .iter()
-                .map(|k| CallKey {
-                    name: (*k).to_owned(),
-                    count: 5,
-                    period: 60_000_000,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn a_batch_sends_each_key_once_and_splits_the_answer_per_request() {
-        let jobs = [job(&["a", "b"]), job(&["b"]), job(&["c", "a"])];
-        let encoded = batch::encode(jobs.iter());
-        assert_eq!(encoded.keys, ["a", "b", "c"]);
-        assert_eq!((encoded.now, encoded.requests), (7, 3));
-        let mut expected = Vec::new();
-        for (n, indices) in [(2u8, vec![1u16, 2]), (1, vec![2]), (2, vec![3, 1])] {
-            expected.extend([1, n]);
-            for i in indices {
-                expected.extend(i.to_le_bytes());
-                expected.extend(5u32.to_le_bytes());
-                expected.extend(60_000_000f64.to_le_bytes());
-            }
-        }
-        assert_eq!(encoded.packed, expected);
-
-        // Per job a status byte, then per key allowed, remaining, reset_after and
-        // retry_after; last the time decided at. The second job's key was refused.
-        let key = |k: u32| {
-            let mut bytes = vec![1];
-            bytes.extend(k.to_le_bytes());
-            bytes.extend((10 + u64::from(k)).to_le_bytes());
-            bytes.extend(0u64.to_le_bytes());
-            bytes
-        };
-        let mut values = vec![1];
-        values.extend(key(0));
-        values.extend(key(1));
-        values.push(0);
-        values.extend([0; 21]);
-        values.push(1);
-        values.extend(key(3));
-        values.extend(key(4));
-        values.extend(100u64.to_le_bytes());
-        let answers = batch::parse(&values, jobs.iter()).unwrap();
-        let remaining: Vec<Option<Vec<u64>>> = answers
-            .iter()
-            .map(|a| {
-                a.as_ref()
-                    .ok()
-                    .map(|(o, _)| o.iter().map(|o| o.remaining).collect())
-            })
-            .collect();
-        assert_eq!(remaining, [Some(vec![0, 1]), None, Some(vec![3, 4])]);
-        assert_eq!(
-            answers[1].as_ref().unwrap_err().kind(),
-            StoreErrorKind::Protocol
-        );
-        let (last, at) = answers[2].as_ref().unwrap();
-        assert_eq!(*at, 100);
-        assert_eq!(last.iter().last().unwrap().reset_at, 114);
-    }
-
-    #[test]
-    fn unexpected_answers_are_protocol_errors() {
-        let one = [job(&["a"])];
-        let answer = |status: u8, allowed: u8, reset_after: u64| {
-            let mut bytes = vec![status, allowed];
-            bytes.extend(1u32.to_le_bytes());
-            bytes.extend(reset_after.to_le_bytes());
-            bytes.extend(0u64.to_le_bytes());
-            bytes.extend(9u64.to_le_bytes());
-            bytes
-        };
-        assert!(batch::parse(&answer(1, 1, 2), one.iter()).is_ok());
-        let bad = [
-            // Too short: the time is missing.
-            answer(1, 1, 2)[..22].to_vec(),
-            // A status or an allowed flag other than 0 and 1.
-            answer(2, 1, 2),
-            answer(1, 7, 2),
-            // A negative wait, packed unsigned.
-            answer(1, 1, (-2i64) as u64),
-        ];
-        for bytes in bad {
-            assert_eq!(
-                batch::parse(&bytes, one.iter()).unwrap_err().kind(),
-                StoreErrorKind::Protocol
-            );
-        }
     }
 }

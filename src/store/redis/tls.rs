@@ -6,7 +6,7 @@
 use redis::cluster::ClusterClientBuilder;
 use redis::{Client, ConnectionInfo, IntoConnectionInfo};
 
-use super::invalid;
+use super::conn::invalid;
 use crate::store::StoreError;
 
 /// Makes rustls usable (its process-wide provider, unless the application installed one)
@@ -102,20 +102,4 @@ pub(super) fn cluster(
     }
     let _ = (tls, ca, insecure);
     builder
-}
-
-/// Whether `pem` holds at least one certificate rustls can read (checked at start-up,
-/// so a wrong `tls_ca` file is a config error, not a store that never connects).
-#[cfg(feature = "redis-tls")]
-pub(crate) fn pem_has_certificates(pem: &[u8]) -> bool {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut any = false;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        if cert.is_err() {
-            return false;
-        }
-        any = true;
-    }
-    any
 }

@@ -10,8 +10,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::identity::Target;
-use crate::mcp::headers::target_of;
+use super::mcp_headers::target_of;
+use super::target::Target;
 
 /// What [`McpLayer`](crate::McpLayer) found in a body: one JSON-RPC request or
 /// notification, as positions in the body it was parsed from.

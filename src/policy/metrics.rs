@@ -9,9 +9,9 @@ use std::sync::Arc;
 #[cfg(feature = "metrics")]
 use std::sync::{OnceLock, PoisonError};
 
-use crate::identity::Target;
-use crate::layer::Rules;
-use crate::{RuleKind, Store};
+use crate::key::RuleKind;
+use crate::request::target::Target;
+use crate::store::Store;
 
 /// What happened to a request, as the `decision` label says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,12 @@ pub(crate) struct Metrics {
     /// By tool slot (0: none; then each tool; then each prompt), filled on first use.
     #[cfg(feature = "metrics")]
     by_tool: Box<[OnceLock<Handles>]>,
+    /// The `tool` label of each slot past 0: the configured tools, then the prompts.
+    #[cfg(feature = "metrics")]
+    names: Box<[Arc<str>]>,
+    /// How many of `names` are tools.
+    #[cfg(feature = "metrics")]
+    tools: usize,
     /// `tollgate_store_latency_seconds{backend}`, registered on first use.
     #[cfg(feature = "metrics")]
     latency: OnceLock<metrics::Histogram>,
@@ -73,13 +79,22 @@ const DECISIONS: usize = 6;
 const _: () = assert!(Decided::InvalidIdentity as usize + 1 == DECISIONS);
 
 impl Metrics {
-    /// Handles for `rules`' tools and prompts, and the latency of a `backend` store.
-    pub(crate) fn new(_rules: &Rules, backend: &'static str) -> Metrics {
+    /// Handles for the configured tools and prompts (their names, by number), and the
+    /// latency of a `backend` store.
+    pub(crate) fn new(
+        _tools: &[Arc<str>],
+        _prompts: &[Arc<str>],
+        backend: &'static str,
+    ) -> Metrics {
         Metrics {
             #[cfg(feature = "metrics")]
-            by_tool: (0..1 + _rules.tool_count() + _rules.prompt_count())
+            by_tool: (0..1 + _tools.len() + _prompts.len())
                 .map(|_| OnceLock::new())
                 .collect(),
+            #[cfg(feature = "metrics")]
+            names: _tools.iter().chain(_prompts).cloned().collect(),
+            #[cfg(feature = "metrics")]
+            tools: _tools.len(),
             #[cfg(feature = "metrics")]
             latency: OnceLock::new(),
             backend,
@@ -93,10 +108,9 @@ impl Metrics {
         _decided: Decided,
         _rule: Option<RuleKind>,
         _tool: Option<(Target, u32)>,
-        _rules: &Rules,
     ) {
         #[cfg(feature = "metrics")]
-        self.handle(_decided, _rule, _tool, _rules).increment(1);
+        self.handle(_decided, _rule, _tool).increment(1);
     }
 
     #[cfg(feature = "metrics")]
@@ -105,21 +119,21 @@ impl Metrics {
         decided: Decided,
         rule: Option<RuleKind>,
         tool: Option<(Target, u32)>,
-        rules: &Rules,
     ) -> &metrics::Counter {
         let slot = match tool {
             None => 0,
             Some((Target::Tool, i)) => 1 + i as usize,
-            Some((Target::Prompt, i)) => 1 + rules.tool_count() + i as usize,
+            Some((Target::Prompt, i)) => 1 + self.tools + i as usize,
         };
         let rule_index = rule.map_or(0, |r| 1 + r as usize);
         let cells = self.by_tool[slot]
             .get_or_init(|| (0..DECISIONS * RULES).map(|_| OnceLock::new()).collect());
         cells[decided as usize * RULES + rule_index].get_or_init(|| {
             use metrics::{Key, Label, SharedString};
-            let name = tool.map_or(SharedString::const_str(""), |(target, i)| {
-                SharedString::from_shared(rules.named(target, i).clone())
-            });
+            let name = match slot {
+                0 => SharedString::const_str(""),
+                slot => SharedString::from_shared(self.names[slot - 1].clone()),
+            };
             let labels = vec![
                 Label::from_static_parts("decision", decided.as_str()),
                 Label::from_static_parts("rule", rule.map_or("none", RuleKind::as_str)),

@@ -5,16 +5,41 @@
 
 use http::Request;
 
-use crate::identity::{Target, Who};
-use crate::key::MAX_KEYS;
-use crate::layer::{Policy, Shared};
-use crate::{Anonymous, Key, Rate, RuleKind, Subject, Tier};
+use super::Policy;
+use crate::config::Anonymous;
+use crate::key::{Key, RuleKind, Subject, MAX_KEYS};
+use crate::log_gate::LogGate;
+use crate::rate::Rate;
+use crate::request::client_ip;
+use crate::request::extensions::Tier;
+use crate::request::identity::Who;
+use crate::request::target::Target;
+
+/// Which rules a request is counted under: at most one each of user, tenant, tool and
+/// user×tool.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    pub(crate) rules: [Option<(RuleKind, Rate)>; MAX_KEYS],
+    /// The tool or prompt whose rule applies (for the refusal's detail).
+    pub(crate) tool: Option<(Target, u32)>,
+    pub(crate) now: u64,
+}
+
+/// The warnings building a plan may log, each kept to about a line a second: a client can
+/// cause both (ARCHITECTURE.md, behaviour contract item 13).
+#[derive(Debug, Default)]
+pub(crate) struct Warnings {
+    /// `Tier` extensions naming no configured tier.
+    pub(crate) unknown_tier: LogGate,
+    /// `anonymous = "by_ip"` requests without a peer address.
+    pub(crate) no_peer: LogGate,
+}
 
 /// Fills `keys` and `rules_out` (the first `n` slots) for `req`; returns `n` and the tool
 /// or MCP prompt whose rule applies (for the refusal's detail), if any. A prompt
 /// (`[by_prompt]`) takes the tool's place: one shared counter per prompt, no tiers.
 pub(crate) fn keys<'r, B>(
-    shared: &Shared,
+    warnings: &Warnings,
     policy: &'r Policy,
     req: &'r Request<B>,
     who: &Who<'r>,
@@ -28,7 +53,7 @@ pub(crate) fn keys<'r, B>(
     // the base rules and their counters.
     let tier = match req.extensions().get::<Tier>() {
         Some(t) => rules.tier_named(t.as_str()).or_else(|| {
-            if let Some(suppressed) = shared.health.tier_log.may_log(now) {
+            if let Some(suppressed) = warnings.unknown_tier.may_log(now) {
                 tracing::warn!(
                     suppressed,
                     "tollgate: a Tier extension names no configured tier; the base rules apply"
@@ -67,8 +92,8 @@ pub(crate) fn keys<'r, B>(
             if policy.identity.anonymous == Anonymous::ByIp
                 && (user_rule.is_some() || user_tool_rule.is_some()) =>
         {
-            crate::client_ip::subject(req, &policy.identity).unwrap_or_else(|| {
-                if let Some(suppressed) = shared.health.peer_log.may_log(now) {
+            client_ip::subject(req, &policy.identity).unwrap_or_else(|| {
+                if let Some(suppressed) = warnings.no_peer.may_log(now) {
                     tracing::warn!(
                         suppressed,
                         "tollgate: anonymous = \"by_ip\" but the request carries no peer address, so it counts in the shared anonymous bucket: serve axum with `into_make_service_with_connect_info::<SocketAddr>()` (tollgate's `axum` feature, on by default), or insert the peer's `SocketAddr` into the request extensions (plain hyper)"

@@ -16,10 +16,13 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::layer::Policy;
-use crate::mcp::body::McpBody;
-use crate::mcp::jsonrpc::{self, McpCall};
-use crate::{Mode, RateLimit, RateLimitConfig, ResponseBody, ResponseFuture};
+use super::future::ResponseFuture;
+use super::service::RateLimit;
+use crate::answer::body::ResponseBody;
+use crate::config::{McpConfig, Mode, RateLimitConfig};
+use crate::policy::Policy;
+use crate::request::jsonrpc::{self, McpCall};
+use crate::request::mcp_body::McpBody;
 
 /// Most bytes reserved before they arrive, whatever `Content-Length` says.
 const INITIAL_CAPACITY: usize = 64 * 1024;
@@ -119,7 +122,7 @@ impl McpLayer {
         McpLayer {
             max_body: cfg
                 .mcp()
-                .map_or_else(|| crate::McpConfig::default().max_body(), |m| m.max_body()),
+                .map_or_else(|| McpConfig::default().max_body(), |m| m.max_body()),
         }
     }
 

@@ -2,122 +2,16 @@
 //! normalised per ARCHITECTURE.md, behaviour contract item 2.
 
 use std::borrow::Cow;
-use std::fmt;
 
 use http::{HeaderMap, HeaderName, Request};
 
+use super::extensions::{Identity, ToolName};
+use super::jsonrpc::McpCall;
+use super::mcp_headers::{decode_name, server_validates, target_of, McpHeaders};
+use super::target::{BadIdentity, Named, Target};
+use crate::config::settings::MAX_IDENTITY_LEN;
 use crate::config::IdentityConfig;
-use crate::mcp::headers::{decode_name, server_validates, target_of, McpHeaders};
-use crate::mcp::jsonrpc::McpCall;
-use crate::Subject;
-
-/// Longest user or tenant id accepted, in bytes. Longer ids are refused (400), never
-/// truncated: truncation would merge distinct identities.
-pub const MAX_IDENTITY_LEN: usize = 256;
-
-/// The caller, as an upstream auth layer established it. Insert it into the request's
-/// extensions; tollgate reads it before any header. `Debug` redacts both ids. Build it
-/// with [`Identity::new`], [`Identity::user`] or [`Identity::anonymous`] (it may gain
-/// fields, so it cannot be written as a struct literal outside tollgate).
-///
-/// ```
-/// use tollgate::Identity;
-/// let who = Identity::user("alice").with_tenant("acme");
-/// assert_eq!(who.user.as_deref(), Some("alice"));
-/// assert_eq!(format!("{who:?}"), "Identity { user: Some(<redacted>), tenant: Some(<redacted>) }");
-/// ```
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct Identity {
-    /// The user id; `None`, empty or all-whitespace → the shared `anonymous` bucket.
-    pub user: Option<String>,
-    /// The tenant id; `None` or empty → no tenant rule applies.
-    pub tenant: Option<String>,
-}
-
-impl Identity {
-    /// An identity from what an auth layer found, either part possibly absent (an absent
-    /// user is anonymous; an absent tenant applies no tenant rule).
-    ///
-    /// ```
-    /// use tollgate::Identity;
-    /// let from_token: Option<String> = None;
-    /// let who = Identity::new(from_token, Some("acme".to_owned()));
-    /// assert_eq!(who, Identity::anonymous().with_tenant("acme"));
-    /// ```
-    pub fn new(user: Option<String>, tenant: Option<String>) -> Self {
-        Identity { user, tenant }
-    }
-
-    /// An identity for `user`, without a tenant.
-    pub fn user(user: impl Into<String>) -> Self {
-        Identity {
-            user: Some(user.into()),
-            tenant: None,
-        }
-    }
-
-    /// An anonymous caller.
-    pub fn anonymous() -> Self {
-        Identity::default()
-    }
-
-    /// The same identity within `tenant`.
-    pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
-        self.tenant = Some(tenant.into());
-        self
-    }
-}
-
-impl fmt::Debug for Identity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redact = |v: &Option<String>| v.as_ref().map(|_| Redacted);
-        f.debug_struct("Identity")
-            .field("user", &redact(&self.user))
-            .field("tenant", &redact(&self.tenant))
-            .finish()
-    }
-}
-
-struct Redacted;
-impl fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// The tool a request calls, as an upstream routing layer established it. Names are
-/// trimmed and lower-cased before they are matched against `by_tool`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ToolName(pub String);
-
-impl ToolName {
-    /// A tool name.
-    pub fn new(name: impl Into<String>) -> Self {
-        ToolName(name.into())
-    }
-
-    /// The name as given.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Which rule table a called name is matched against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    /// `by_tool`: a `ToolName`, the tool header, or an MCP `tools/call`.
-    Tool,
-    /// `by_prompt`: an MCP `prompts/get`.
-    Prompt,
-}
-
-/// The tool or prompt a request calls: trimmed, not yet lower-cased. Borrowed from the
-/// request except for a base64-encoded `Mcp-Name`, which is decoded.
-pub(crate) struct Named<'r> {
-    pub(crate) target: Target,
-    pub(crate) name: Cow<'r, [u8]>,
-}
+use crate::key::Subject;
 
 /// A request's identity, borrowed from it and normalised (trimmed; empty → absent).
 pub(crate) struct Who<'r> {
@@ -126,47 +20,6 @@ pub(crate) struct Who<'r> {
     pub(crate) tool: Option<Named<'r>>,
     /// The tool came from the path (`[identity] tool_path`): still percent-encoded.
     pub(crate) tool_from_path: bool,
-}
-
-/// An identity tollgate refuses to count rather than guess at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum BadIdentity {
-    /// An identity header appears more than once.
-    Repeated(&'static str),
-    /// A user or tenant id is longer than [`MAX_IDENTITY_LEN`].
-    TooLong(&'static str),
-    /// `Mcp-Name` is `=?base64?…?=` around something that is not base64 of UTF-8 text.
-    MalformedName,
-    /// `Mcp-Method` or `Mcp-Name` disagrees with the JSON-RPC body tollgate read.
-    HeaderMismatch,
-    /// `Mcp-Method` / `Mcp-Name` name a tool or prompt, but the request declares no
-    /// protocol revision whose servers must check them against the body.
-    Unvalidated,
-}
-
-impl BadIdentity {
-    /// What to tell the caller: names the field, never the value.
-    pub(crate) fn detail(self) -> &'static str {
-        match self {
-            BadIdentity::Repeated("user") => "the user identity header appears more than once",
-            BadIdentity::Repeated("tenant") => "the tenant identity header appears more than once",
-            BadIdentity::Repeated("mcp-method") => "the Mcp-Method header appears more than once",
-            BadIdentity::Repeated("mcp-name") => "the Mcp-Name header appears more than once",
-            BadIdentity::Repeated(_) => "the tool header appears more than once",
-            BadIdentity::MalformedName => {
-                "the Mcp-Name header's =?base64?...?= value is not base64 of UTF-8 text"
-            }
-            BadIdentity::HeaderMismatch => {
-                "the Mcp-Method or Mcp-Name header does not match the JSON-RPC body"
-            }
-            BadIdentity::Unvalidated => {
-                "Mcp-Method and Mcp-Name are trusted only with an MCP-Protocol-Version of \
-                 2026-07-28 or later, whose servers check them against the body"
-            }
-            BadIdentity::TooLong("user") => "the user id is longer than 256 bytes",
-            BadIdentity::TooLong(_) => "the tenant id is longer than 256 bytes",
-        }
-    }
 }
 
 /// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read); `call`: the

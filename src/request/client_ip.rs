@@ -13,8 +13,8 @@ use http::header::{HeaderName, FORWARDED};
 use http::{HeaderMap, Request};
 use ipnet::IpNet;
 
-use crate::config::{Check, IdentityConfig, Loose, Scalar};
-use crate::Subject;
+use crate::config::IdentityConfig;
+use crate::key::Subject;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -127,62 +127,10 @@ fn parse_node(node: &str) -> Option<IpAddr> {
     inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
-/// `[identity] trusted_proxies`: CIDR networks or single addresses.
-pub(crate) fn check_networks(
-    c: &mut Check,
-    field: &str,
-    value: &Option<Loose<Vec<Scalar>>>,
-) -> Vec<IpNet> {
-    let items = match value {
-        None => return Vec::new(),
-        Some(Loose::Found(what)) => {
-            c.err.push(
-                field,
-                format!("expected an array of networks like \"10.0.0.0/8\", found {what}"),
-            );
-            return Vec::new();
-        }
-        Some(Loose::Ok(items)) => items,
-    };
-    let mut nets = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let entry = format!("{field}[{i}]");
-        let item = Some(item.clone());
-        let Some(text) = c.text(&entry, &item) else {
-            continue;
-        };
-        let text = text.trim();
-        let net = text
-            .parse::<IpNet>()
-            .ok()
-            .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from));
-        match net {
-            // A mapped IPv4 network is the IPv4 network: peers are compared canonically.
-            Some(net) => nets.push(canonical(net.trunc())),
-            None => c.err.push(
-                entry,
-                format!("{text:?} is not an IP address or a CIDR network such as \"10.0.0.0/8\" or \"fd00::/8\""),
-            ),
-        }
-    }
-    nets
-}
-
-fn canonical(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
-                .map(IpNet::V4)
-                .unwrap_or(net),
-            None => net,
-        },
-        net => net,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::canonical;
     use http::HeaderValue;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {

@@ -7,10 +7,13 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::mcp::headers::server_validates;
-use crate::mcp::jsonrpc::McpCall;
-use crate::response::{cut, detail_into, violated_into, write_headers};
-use crate::{Decision, HeaderStyle, Refusal, RuleKind};
+use super::decision::Decision;
+use super::headers::{cut, write_headers};
+use super::problem::{detail_into, json_escape_into, violated_into};
+use crate::config::{HeaderStyle, Refusal};
+use crate::key::RuleKind;
+use crate::request::jsonrpc::McpCall;
+use crate::request::mcp_headers::server_validates;
 
 /// The JSON-RPC error code of a rate-limit refusal. JSON-RPC reserves -32768 to -32000,
 /// and MCP keeps -32020 to -32099 of it for codes its specification defines (emitting
@@ -68,7 +71,7 @@ pub(crate) fn refuse(
             violated_into(buf, decision);
             if let Some((kind, name)) = named {
                 let _ = write!(buf, ",\"{kind}\":\"");
-                crate::response::json_escape_into(buf, name);
+                json_escape_into(buf, name);
                 buf.extend_from_slice(b"\"");
             }
             buf.extend_from_slice(b"}}}");

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use crate::key::MAX_KEYS;
+use crate::key::{RuleKind, MAX_KEYS};
+use crate::rate::Rate;
 use crate::store::Outcome;
-use crate::{Rate, RuleKind};
 
 /// One applicable rule and what its counter said (tests build decisions from these).
 #[cfg(test)]

@@ -13,7 +13,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::mcp::jsonrpc::{McpCall, Parsed};
+use super::jsonrpc::{McpCall, Parsed};
 
 pin_project! {
     /// A request body passed on by [`McpLayer`](crate::McpLayer): byte for byte the body

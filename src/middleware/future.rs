@@ -12,27 +12,16 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::layer::{Policy, Shared};
-use crate::mcp::jsonrpc::FindCall;
-use crate::response::{self, ResponseBody};
-use crate::service::{act, panicked, Action, Plan};
+use super::act::{act, panicked, Action};
+use super::shared::{Decorate, Shared};
+use crate::answer::body::ResponseBody;
+use crate::answer::decision::Decision;
+use crate::answer::headers;
+use crate::policy::metrics::Started;
+use crate::policy::plan::Plan;
+use crate::policy::Policy;
+use crate::request::jsonrpc::FindCall;
 use crate::store::{Outcomes, StoreError};
-use crate::telemetry::Started;
-use crate::{Decision, HeaderStyle};
-
-/// How a forwarded response is decorated.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Decorate {
-    pub(crate) style: HeaderStyle,
-    pub(crate) insert_decision: bool,
-}
-
-impl Decorate {
-    /// Whether a forwarded response gets anything from its decision.
-    fn writes(self) -> bool {
-        self.insert_decision || self.style != HeaderStyle::None
-    }
-}
 
 pub(crate) type Check =
     Pin<Box<dyn Future<Output = Result<Outcomes, StoreError>> + Send + 'static>>;
@@ -173,12 +162,7 @@ where
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
                     if let Some(decision) = decision {
-                        response::write_headers(
-                            decorate.style,
-                            decision,
-                            resp.headers_mut(),
-                            false,
-                        );
+                        headers::write_headers(decorate.style, decision, resp.headers_mut(), false);
                         if decorate.insert_decision {
                             resp.extensions_mut().insert(*decision);
                         }

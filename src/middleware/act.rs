@@ -1,0 +1,145 @@
+//! What happens to a request once the store has answered: forwarded with its decision,
+//! answered here (429, or 503 when failing closed), or forwarded undecided (fail-open)
+//! (ARCHITECTURE.md, behaviour contract items 7–11).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Request, Response};
+
+use super::shared::Shared;
+use crate::answer::decision::Decision;
+use crate::answer::{mcp, problem};
+use crate::config::{FailMode, Mode};
+use crate::key::RuleKind;
+use crate::policy::metrics::Decided;
+use crate::policy::plan::Plan;
+use crate::policy::Policy;
+use crate::request::jsonrpc::McpCall;
+use crate::request::target::Target;
+use crate::store::{Outcomes, StoreError, StoreErrorKind};
+
+/// What to do with a request once the store has answered.
+pub(crate) enum Action {
+    /// Answer without calling the inner service.
+    Respond(Response<Bytes>),
+    /// Call the inner service; add the decision's headers to its response, if any.
+    Forward(Option<Decision>),
+}
+
+fn miscounted() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Protocol,
+        "the store answered for a different number of keys",
+    )
+}
+
+pub(super) fn panicked() -> StoreError {
+    StoreError::new(StoreErrorKind::Internal, "the store panicked")
+}
+
+/// Turns the store's answer into what happens to the request (ARCHITECTURE.md, behaviour
+/// contract items 7–11).
+pub(crate) fn act<B>(
+    shared: &Shared,
+    policy: &Policy,
+    plan: &Plan,
+    result: &Result<Outcomes, StoreError>,
+    req: &Request<B>,
+    call: Option<McpCall<'_>>,
+) -> Action {
+    let outcomes = match result {
+        Ok(outcomes) => outcomes,
+        Err(error) => return store_failed(shared, policy, plan, error),
+    };
+    // One answer per key, in key order, or the store is broken.
+    if outcomes.len() != plan.rules.iter().flatten().count() {
+        return store_failed(shared, policy, plan, &miscounted());
+    }
+    let decision = Decision::new(&plan.rules, outcomes.slots(), plan.now);
+    let count = |decided| policy.count(decided, decision.rule(), plan.tool);
+    if decision.is_allowed() {
+        count(Decided::Allowed);
+        return Action::Forward(Some(decision));
+    }
+    let named = plan.tool.map(|(target, i)| match target {
+        Target::Tool => (RuleKind::Tool, policy.rules.tool_name(i)),
+        Target::Prompt => (RuleKind::Prompt, policy.rules.prompt_name(i)),
+    });
+    let tool = named.map(|(_, name)| name);
+    let rule = decision.rule().map_or("", RuleKind::as_str);
+    match policy.mode {
+        Mode::Permissive => {
+            count(Decided::ShadowLimited);
+            // A client triggers this line: rate-limited like every other (ARCHITECTURE.md,
+            // behaviour contract item 13).
+            if let Some(suppressed) = shared.health.permissive_log.may_log(plan.now) {
+                tracing::warn!(
+                    rule,
+                    tool = tool.unwrap_or(""),
+                    suppressed,
+                    "tollgate: rate limit exceeded; request forwarded (permissive mode)"
+                );
+            }
+            Action::Forward(Some(decision))
+        }
+        _ => {
+            count(Decided::Limited);
+            if let Some(suppressed) = shared.health.refusal_log.may_log(plan.now) {
+                tracing::debug!(
+                    rule,
+                    tool = tool.unwrap_or(""),
+                    suppressed,
+                    "tollgate: rate limit exceeded"
+                );
+            }
+            // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
+            let mut resp = call
+                .and_then(|call| {
+                    mcp::refuse(
+                        policy.refusal,
+                        policy.headers,
+                        &decision,
+                        call,
+                        named,
+                        req.headers(),
+                    )
+                })
+                .unwrap_or_else(|| problem::too_many_requests(policy.headers, &decision, named));
+            if shared.insert_decision {
+                resp.extensions_mut().insert(decision);
+            }
+            Action::Respond(resp)
+        }
+    }
+}
+
+fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreError) -> Action {
+    let health = &shared.health;
+    health.store_errors.fetch_add(1, Ordering::Relaxed);
+    let closed = policy.fail_mode == FailMode::Closed;
+    let decided = if closed {
+        Decided::FailClosed
+    } else {
+        Decided::FailOpen
+    };
+    policy.count(decided, None, plan.tool);
+    if closed {
+        health.fail_closed.fetch_add(1, Ordering::Relaxed);
+    } else {
+        health.fail_open.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(suppressed) = health.log.may_log(plan.now) {
+        tracing::error!(
+            %error,
+            suppressed,
+            action = if closed { "503" } else { "forwarded" },
+            "tollgate: rate-limit store failed"
+        );
+    }
+    if closed {
+        Action::Respond(problem::backend_unavailable())
+    } else {
+        Action::Forward(None)
+    }
+}

@@ -1,0 +1,107 @@
+//! `RateLimitHandle`: changes a layer's rules while it serves (ARCHITECTURE.md, "Hot
+//! reload").
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::shared::Live;
+use crate::config::{ConfigError, RateLimitConfig};
+use crate::policy::Policy;
+
+/// Changes a [`RateLimitLayer`](crate::RateLimitLayer)'s rules while it serves, from
+/// [`RateLimitLayer::handle`](crate::RateLimitLayer::handle).
+/// Clones share the layer; the handle is `Send + Sync`.
+///
+/// [`update`](RateLimitHandle::update) swaps the whole policy at once: a request already
+/// under way finishes on the rules it started with, and the next request sees the new
+/// ones. Counters live in the store, which a reload keeps, so a rule whose counter key is
+/// unchanged keeps counting where it was:
+///
+/// - a changed **count** keeps the memory store's counter (`30/m` → `60/m`: the 30 already
+///   used stay used; a token bucket keeps how full it is as a share of its burst). In
+///   Redis the count is part of the key name (ARCHITECTURE.md, behaviour contract item
+///   15), so a changed count starts a fresh counter there.
+/// - a changed **period** or **algorithm**, a rule moved into or out of a tier, or a
+///   renamed tool starts a fresh counter;
+/// - every other setting (`mode`, `fail_mode`, `headers`, `[identity]`, `[mcp]`,
+///   `[tenants]`) applies from the next request, except `[mcp] max_body`, which
+///   [`McpLayer`](crate::McpLayer) reads when it is built.
+///
+/// `[backend]` cannot change: the store is built once, so `update` refuses a config whose
+/// `[backend]` differs (naming each changed field) and changes nothing; that needs a
+/// restart. A layer built by [`RateLimitLayer::with_store`](crate::RateLimitLayer::with_store) ignores `[backend]`, on reload
+/// too.
+///
+/// ```
+/// use http::{Request, StatusCode};
+/// use std::convert::Infallible;
+/// use tollgate::{ManualClock, RateLimitConfig, RateLimitLayer};
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let layer = RateLimitLayer::new(RateLimitConfig::builder().by_user("1/m").build().unwrap())
+///     .with_clock(ManualClock::new());
+/// let handle = layer.handle();
+/// let svc = ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|_req: Request<()>| async {
+///         Ok::<_, Infallible>(http::Response::new(()))
+///     }));
+/// let call = || svc.clone().oneshot(Request::new(()));
+/// assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+///
+/// // Two a minute from now on; the request already counted stays counted.
+/// handle.update(RateLimitConfig::builder().by_user("2/m").build().unwrap()).unwrap();
+/// assert_eq!(call().await.unwrap().status(), StatusCode::OK);
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+///
+/// // A new [backend] needs a restart: refused, and nothing changes.
+/// let redis = RateLimitConfig::from_toml_str(
+///     "by_user = \"100/m\"\n[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"",
+/// )
+/// .unwrap();
+/// let refused = handle.update(redis).unwrap_err();
+/// assert_eq!(refused.problems().next().unwrap().0, "backend.kind");
+/// assert_eq!(call().await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct RateLimitHandle {
+    live: Arc<Live>,
+}
+
+impl RateLimitHandle {
+    pub(crate) fn new(live: Arc<Live>) -> Self {
+        RateLimitHandle { live }
+    }
+
+    /// Applies `cfg` to the layer from the next request on (see the type's docs for what
+    /// counters survive). Refuses, changing nothing, a config whose `[backend]` differs
+    /// from the one the layer was built with: each changed field is named.
+    pub fn update(&self, cfg: RateLimitConfig) -> Result<(), ConfigError> {
+        if let Some(backend) = &self.live.backend {
+            let changed = backend.changed_fields(cfg.backend());
+            if !changed.is_empty() {
+                let mut err = ConfigError::default();
+                for field in changed {
+                    err.push(
+                        field,
+                        "changed, but the store is built once: a new [backend] needs a \
+                         restart (nothing was applied)",
+                    );
+                }
+                return Err(err);
+            }
+        }
+        let policy = Policy::new(&cfg, self.live.kind);
+        self.live.policy.store(Arc::new(policy));
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RateLimitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitHandle").finish_non_exhaustive()
+    }
+}

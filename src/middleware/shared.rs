@@ -1,0 +1,92 @@
+//! What every clone of a layer and its services shares: the policy in force (swapped by a
+//! reload), the store, the clock, and the health counters with their log gates.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::clock::Clock;
+use crate::config::{BackendConfig, HeaderStyle};
+use crate::log_gate::LogGate;
+use crate::policy::plan::Warnings;
+use crate::policy::Policy;
+use crate::store::Store;
+
+/// Everything a request needs, shared by every clone of the layer and its services.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    /// The rules and settings a reload replaces (ARCHITECTURE.md, "Hot reload").
+    pub(crate) live: Arc<Live>,
+    pub(crate) insert_decision: bool,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) health: Arc<Health>,
+}
+
+impl Shared {
+    pub(crate) fn decorate(&self, policy: &Policy) -> Decorate {
+        Decorate {
+            style: policy.headers,
+            insert_decision: self.insert_decision,
+        }
+    }
+}
+
+/// The policy in force, swapped whole by [`RateLimitHandle::update`](crate::RateLimitHandle::update): a request loads it
+/// once (no lock, no shared write) and keeps that version to the end.
+pub(crate) struct Live {
+    pub(crate) policy: ArcSwap<Policy>,
+    /// The `[backend]` the store was built from; `None` for a store given to
+    /// [`RateLimitLayer::with_store`](crate::RateLimitLayer::with_store) (whose `[backend]` is ignored, on reload too).
+    pub(crate) backend: Option<BackendConfig>,
+    /// The store's kind, as the latency metric labels it.
+    pub(crate) kind: &'static str,
+}
+
+/// How a forwarded response is decorated.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Decorate {
+    pub(crate) style: HeaderStyle,
+    pub(crate) insert_decision: bool,
+}
+
+impl Decorate {
+    /// Whether a forwarded response gets anything from its decision.
+    pub(crate) fn writes(self) -> bool {
+        self.insert_decision || self.style != HeaderStyle::None
+    }
+}
+
+/// Failure counters, and the gate that keeps failure logs to one line a second.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) fail_open: AtomicU64,
+    pub(crate) fail_closed: AtomicU64,
+    /// Store failures.
+    pub(crate) log: LogGate,
+    /// Refused identities (400s), and identities counted as anonymous in permissive mode.
+    pub(crate) identity_log: LogGate,
+    /// Refusals (429s): a client decides how often they happen.
+    pub(crate) refusal_log: LogGate,
+    /// Would-be refusals in permissive mode.
+    pub(crate) permissive_log: LogGate,
+    /// What building a request's plan warns of.
+    pub(crate) plan: Warnings,
+}
+
+/// Failure counts since the layer was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Store calls that failed (error, timeout or panic).
+    pub store_errors: u64,
+    /// Requests forwarded without a decision because the store failed (fail_mode open).
+    pub fail_open: u64,
+    /// Requests answered 503 because the store failed (fail_mode closed).
+    pub fail_closed: u64,
+    /// Requests a fallback store answered while Redis was failing (limits then held per
+    /// instance).
+    pub fallback_answers: u64,
+}

@@ -1,0 +1,59 @@
+//! The compiled policy: everything a config says about requests (the rules, algorithm,
+//! mode, fail mode, header style, `[identity]`, `[mcp]`), built in one piece and swapped
+//! whole on reload; and a request's plan of keys under it.
+
+pub(crate) mod metrics;
+pub(crate) mod plan;
+pub(crate) mod rules;
+
+use crate::algorithm::Algorithm;
+use crate::config::{FailMode, HeaderStyle, IdentityConfig, Mode, RateLimitConfig, Refusal};
+use crate::key::RuleKind;
+use crate::request::target::Target;
+use metrics::{Decided, Metrics};
+use rules::Rules;
+
+/// What a config says about requests: everything but `[backend]`.
+pub(crate) struct Policy {
+    pub(crate) rules: Rules,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) mode: Mode,
+    pub(crate) fail_mode: FailMode,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) identity: IdentityConfig,
+    /// `[mcp]` is configured: the `Mcp-Method` / `Mcp-Name` headers are read.
+    pub(crate) mcp_headers: bool,
+    /// How a refused MCP call (one [`McpLayer`](crate::McpLayer) read) is answered.
+    pub(crate) refusal: Refusal,
+    /// This policy's metric handles (feature `metrics`).
+    pub(crate) metrics: Metrics,
+}
+
+impl Policy {
+    /// `backend`: the store's kind, as the latency metric labels it.
+    pub(crate) fn new(cfg: &RateLimitConfig, backend: &'static str) -> Policy {
+        let rules = Rules::new(cfg);
+        Policy {
+            metrics: Metrics::new(rules.tool_names(), rules.prompt_names(), backend),
+            rules,
+            algorithm: cfg.algorithm(),
+            mode: cfg.mode(),
+            fail_mode: cfg.fail_mode(),
+            headers: cfg.headers(),
+            identity: cfg.identity().clone(),
+            mcp_headers: cfg.mcp().is_some(),
+            refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
+        }
+    }
+
+    /// Counts one request in `tollgate_requests_total` (feature `metrics`).
+    #[inline(always)]
+    pub(crate) fn count(
+        &self,
+        decided: Decided,
+        rule: Option<RuleKind>,
+        tool: Option<(Target, u32)>,
+    ) {
+        self.metrics.count(decided, rule, tool);
+    }
+}

@@ -10,13 +10,16 @@
 #
 #   scripts/http-ab.sh [ROUNDS] [SECONDS] [CONCURRENCY]      (defaults: 5 3 64)
 #   MODES="bare tollgate" scripts/http-ab.sh 3 2             (a subset; bare is the base)
+#   CSV=benchmarks/http-ab.csv scripts/http-ab.sh 7 3 64     (the summary also as CSV)
 #
 # Prints one line per run, then per mode the median req/s, the ratio of medians to bare
 # and the range of per-round ratios, and the server's CPU time per request (user + system,
 # from /proc, over the load only) with its ratio to bare: on a machine shared with other
 # work, throughput follows whoever else is running, while CPU per request stays close to
 # what the server itself spends. Every process it starts has a deadline and is stopped by
-# its pid; a run whose answers are not all 2xx fails the script.
+# its pid; a run whose answers are not all 2xx fails the script. With CSV=PATH, the
+# summary's ratios and CPU times are also written to PATH (one row per mode, the columns
+# scripts/charts.py reads); what is measured does not change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
@@ -84,8 +87,9 @@ for round in $(seq "$rounds"); do
   done
 done
 
-python3 - "$work/runs" "${modes[@]}" <<'EOF'
-import statistics, sys
+CSV=${CSV:-} COMMAND="scripts/http-ab.sh $rounds $seconds $concurrency" \
+  python3 - "$work/runs" "${modes[@]}" <<'EOF'
+import datetime, os, statistics, sys
 runs, p50s, cpus = {}, {}, {}
 for line in open(sys.argv[1]):
     rnd, mode, rps, p50, _, cpu = line.split()
@@ -104,4 +108,13 @@ for mode in sys.argv[2:]:
           f" {med(p50s[mode]):5.0f}us"
           f"  {med(cpus[mode].values()):7.2f}us"
           f" {med(cpus[mode].values()) / med(base_cpu.values()):6.3f}")
+if os.environ["CSV"]:
+    with open(os.environ["CSV"], "w") as out:
+        out.write(f"# {datetime.date.today()}: {os.environ['COMMAND']}\n")
+        out.write("mode,ratio_to_bare,cpu_us_per_request,cpu_ratio_to_bare\n")
+        for mode in sys.argv[2:]:
+            out.write(f"{mode},{med(runs[mode].values()) / med(base.values()):.3f},"
+                      f"{med(cpus[mode].values()):.2f},"
+                      f"{med(cpus[mode].values()) / med(base_cpu.values()):.3f}\n")
+    print(f"wrote {os.environ['CSV']}")
 EOF

@@ -23,6 +23,10 @@
 //! <16-byte state> PX ttl`), each filled by a server-side script with realistic names
 //! (`rl:fw:u:60:{=user-0000001}`).
 //!
+//! With `CSV=PATH` in the environment, the throughput table's rows are also written to
+//! PATH as comma-separated values (`benchmarks/redis-throughput.csv` is one such file, read
+//! by `scripts/charts.py`); what is measured does not change.
+//!
 //! Every load is bounded in time and count; the server is killed at the end.
 
 #[cfg(feature = "redis")]
@@ -304,12 +308,18 @@ mod run {
         let (_server, url) = start_server();
         rt.block_on(async {
             let mut conn = connect(&url).await;
-            println!(
-                "`taskset -c 1 cargo run --release --example redis_throughput{}` — redis-server on core 0, the store's runtime on core 1; medians of {rounds} interleaved rounds of {secs} s\n",
+            let command = format!(
+                "taskset -c 1 cargo run --release --example redis_throughput{}",
                 if secs == 2.0 && rounds == 3 { String::new() } else { format!(" -- {secs} {rounds}") }
+            );
+            println!(
+                "`{command}` — redis-server on core 0, the store's runtime on core 1; medians of {rounds} interleaved rounds of {secs} s\n"
             );
             println!("| rules | callers | coalescing | checks/s | p50 µs | p99 µs | EVALSHA per check | script µs per check | Redis CPU µs per check | ratio on/off |");
             println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+            let mut csv = std::env::var_os("CSV").map(|_| {
+                format!("# {command}\nrules,callers,coalescing,checks_per_s,p50_us,p99_us,evalsha_per_check,script_us_per_check,redis_cpu_us_per_check,ratio_on_off\n")
+            });
             for (rules, callers) in [(1, 1), (1, 64), (1, 512), (3, 1), (3, 64), (3, 512)] {
                 let mut rows: Vec<(&str, Vec<Round>)> = vec![("off (max_batch 1)", Vec::new()), ("on (max_batch 128)", Vec::new())];
                 for r in 0..rounds {
@@ -326,10 +336,10 @@ mod run {
                     }
                 }
                 let off = median(rows[0].1.iter().map(|r| r.per_sec).collect());
-                for (name, runs) in &rows {
+                for ((name, runs), short) in rows.iter().zip(["off", "on"]) {
                     let per_sec = median(runs.iter().map(|r| r.per_sec).collect());
-                    println!(
-                        "| {rules} | {callers} | {name} | {:.0} | {:.0} | {:.0} | {:.3} | {:.2} | {:.2} | {:.2} |",
+                    let figures = format!(
+                        "{:.0}|{:.0}|{:.0}|{:.3}|{:.2}|{:.2}|{:.2}",
                         per_sec,
                         median(runs.iter().map(|r| r.p50_us).collect()),
                         median(runs.iter().map(|r| r.p99_us).collect()),
@@ -338,7 +348,15 @@ mod run {
                         median(runs.iter().map(|r| r.redis_cpu_us_per_check).collect()),
                         per_sec / off,
                     );
+                    println!("| {rules} | {callers} | {name} | {} |", figures.replace('|', " | "));
+                    if let Some(csv) = &mut csv {
+                        csv.push_str(&format!("{rules},{callers},{short},{}\n", figures.replace('|', ",")));
+                    }
                 }
+            }
+            if let (Some(csv), Some(path)) = (&csv, std::env::var_os("CSV")) {
+                std::fs::write(&path, csv).expect("CSV: a writable path");
+                eprintln!("wrote {}", std::path::Path::new(&path).display());
             }
 
             let now = "1764582000123456";

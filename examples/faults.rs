@@ -1,6 +1,6 @@
 //! Failure behaviour under load (ARCHITECTURE.md, behaviour contract item 11): the faults
-//! of `tests/redis_fault_load.rs`, run longer, printing the README's "Failure behaviour"
-//! table.
+//! of `tests/redis_fault_load.rs`, run longer, printing the "Failure behaviour" table of
+//! BENCHMARKS.md.
 //!
 //! ```text
 //! cargo run --release --example faults [-- SECONDS]

@@ -1,5 +1,5 @@
-//! Redis throughput with and without coalescing, and Redis memory per key: the README's
-//! Redis table.
+//! Redis throughput with and without coalescing, and Redis memory per key: the Redis
+//! tables in BENCHMARKS.md.
 //!
 //! ```text
 //! taskset -c 1 cargo run --release --example redis_throughput [-- SECONDS [ROUNDS]]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The example gateway's HTTP A/B (what scripts/http-ab.sh was before it measured
-# tower_governor too; the README's gateway figures came from it): the gateway with
+# tower_governor too; the gateway figures in BENCHMARKS.md come from it): the gateway with
 # tollgate disabled (baseline), accepting every call (counted, never limited) and
 # rejecting every call (429), measured with examples/loadgen. The gateway is pinned to
 # core 0 and the load generator to core 1; rounds interleave the three configs so drift

@@ -16,7 +16,7 @@
 //!
 //! The tests run one at a time (a 2-core machine measures latency, not contention), and
 //! each prints its figures; `cargo run --release --example faults` runs the same faults
-//! longer and prints the README's table.
+//! longer and prints the table in BENCHMARKS.md.
 #![cfg(feature = "redis")]
 
 mod common;

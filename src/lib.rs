@@ -48,7 +48,8 @@
 //! only trust those behind a proxy that sets them — and the tool from the path
 //! (`tool_path`). Requests without a user share one bucket, or with
 //! `anonymous = "by_ip"` are counted per client address ([`Anonymous`]). Every setting is
-//! described in the README, whose code blocks are compiled and run as doc tests.
+//! described in the configuration reference, `docs::configuration`, beside the guides in
+//! [`docs`], whose code blocks are compiled and run as doc tests.
 //!
 //! In front of an MCP server (Streamable HTTP), `[mcp]` makes tollgate read the tool or
 //! prompt of each call from the `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from
@@ -127,3 +128,16 @@ pub mod docs {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// Guides and the configuration reference, rendered from `docs/` (each page's code blocks
+/// are compiled and run as doc tests).
+pub mod docs {
+    #[doc = include_str!("../docs/mcp.md")]
+    pub mod mcp {}
+    #[doc = include_str!("../docs/redis.md")]
+    pub mod redis {}
+    #[doc = include_str!("../docs/policy.md")]
+    pub mod policy {}
+    #[doc = include_str!("../docs/behaviour.md")]
+    pub mod behaviour {}
+}

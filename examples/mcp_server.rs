@@ -165,7 +165,7 @@ pub fn app(cfg: RateLimitConfig) -> Router {
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default(),
     );
-    // The README's "MCP servers" section quotes from here to the end of the function.
+    // The MCP guide (docs/mcp.md) quotes from here to the end of the function.
     let limited = ServiceBuilder::new()
         .layer(middleware::from_fn(identity_from_headers)) // inserts tollgate::Identity
         .layer(McpLayer::new(&cfg)) // reads the JSON-RPC body

@@ -1,5 +1,6 @@
-//! A quick start as a program: an axum app limited per user, per tenant and per tool, its
-//! health check outside the limit; `tests/quickstart.rs` runs the binary.
+//! The README's quick start as a program: an axum app limited per user, per tenant and
+//! per tool, its health check outside the limit. The README quotes it from the first
+//! `use` to the end, and `tests/quickstart.rs` checks the quote and runs the binary.
 //!
 //! ```text
 //! cargo run --example quickstart                            # on 127.0.0.1:3003

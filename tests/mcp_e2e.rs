@@ -289,25 +289,37 @@ async fn disagreeing_headers_never_run_a_tool_counted_as_another() {
     assert!(text.contains("3 results for"), "{text}");
 }
 
-/// The README's "MCP servers" section quotes the example's config whole and the end of its
-/// `app` (the layer order) verbatim.
+/// The MCP guide (docs/mcp.md) quotes the example's config whole and the end of its `app`
+/// (the layer order) verbatim; the README's "MCP servers" section shows the same placement.
 #[test]
 fn the_readme_quotes_the_example() {
     let readme = include_str!("../README.md");
+    let guide = include_str!("../docs/mcp.md");
     let toml = include_str!("../examples/mcp_server.toml");
-    assert!(readme.contains(&format!("```toml\n{toml}```")));
+    assert!(guide.contains(&format!("```toml\n{toml}```")));
     let source = include_str!("../examples/mcp_server.rs");
     let from = source
         .find("    let limited = ServiceBuilder::new()")
         .expect("the quoted part of app");
     let to = from + source[from..].find("\n}\n").expect("the end of app") + 1;
     // A quote of the example (built and run by these tests), so not a doc test of its own:
-    // the README marks it `ignore` for the doc-test harness that compiles its other blocks.
+    // the pages mark it `ignore` for the doc-test harness that compiles their other blocks.
     let quote = format!("```rust,ignore\n{}```", &source[from..to]);
-    assert!(readme.contains(&quote), "README does not quote:\n{quote}");
+    assert!(
+        guide.contains(&quote),
+        "docs/mcp.md does not quote:\n{quote}"
+    );
+    let placement = ".layer(McpLayer::new(&cfg)).layer(RateLimitLayer::new(cfg))";
+    assert!(readme.contains(placement), "the README shows {placement}");
+    let lines: Vec<&str> = source[from..to].lines().map(str::trim).collect();
+    let mcp = lines
+        .iter()
+        .position(|l| l.starts_with(".layer(McpLayer::new(&cfg))"))
+        .expect("McpLayer in app");
+    assert!(lines[mcp + 1].starts_with(".layer(RateLimitLayer::new(cfg))"));
 }
 
-/// `cargo run --example mcp_server -- --config FILE --listen ADDR`, as the README runs it:
+/// `cargo run --example mcp_server -- --config FILE --listen ADDR`, as the MCP guide runs it:
 /// the real binary, `/healthz`, and the sixth search within a minute refused.
 #[tokio::test]
 async fn the_example_binary_serves_and_limits() {

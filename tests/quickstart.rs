@@ -1,6 +1,7 @@
-//! The quick start (`examples/quickstart.rs`), tried as a new user would: the real binary,
-//! on a free loopback port, applies every limit its config sets to requests like the
-//! README's curl loop, while `/healthz` is never limited.
+//! The README's quick start (`examples/quickstart.rs`), tried as a new user would: the
+//! README quotes the program verbatim and names the dependencies it needs, and the real
+//! binary, on a free loopback port, applies every limit its config sets to requests like
+//! the README's curl loop, while `/healthz` is never limited.
 
 mod common;
 
@@ -13,6 +14,8 @@ use common::example::{example_binary, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
+const README: &str = include_str!("../README.md");
+const SOURCE: &str = include_str!("../examples/quickstart.rs");
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn quickstart_binary() -> &'static Path {
@@ -126,6 +129,55 @@ async fn tool_call(server: &Running, tool: &str, user: &str, tenant: Option<&str
         &headers,
     )
     .await
+}
+
+#[test]
+fn the_readme_quotes_the_example_verbatim() {
+    let from = SOURCE
+        .find("use std::net::SocketAddr;")
+        .expect("the quoted part");
+    // A quote of the example (built and run by the tests below), so not a doc test of its
+    // own: the README marks it `ignore` for the doc-test harness.
+    let quote = format!("```rust,ignore\n{}```\n", &SOURCE[from..]);
+    assert!(README.contains(&quote), "README does not quote:\n{quote}");
+}
+
+/// The README's `[dependencies]` for the quick start: every crate the program uses, at the
+/// versions this repository builds it with.
+#[test]
+fn the_readme_names_the_dependencies_the_example_uses() {
+    let block = README
+        .split("```toml\n")
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.starts_with("[dependencies]"))
+        .expect("the quick start's [dependencies]");
+    let manifest: toml::Table = toml::from_str(block).expect("valid TOML");
+    let deps = manifest["dependencies"].as_table().expect("a table");
+    let mut names: Vec<&str> = deps.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["axum", "tokio", "tollgate", "tracing-subscriber"]);
+    for name in ["axum", "tokio", "tollgate", "tracing_subscriber"] {
+        assert!(
+            SOURCE.contains(&format!("{name}::")),
+            "the example uses {name}"
+        );
+    }
+    let ours = env!("CARGO_PKG_VERSION");
+    let tollgate = deps["tollgate"].as_str().expect("a version");
+    assert!(
+        ours.starts_with(&format!("{tollgate}.")),
+        "{tollgate} vs {ours}"
+    );
+    assert_eq!(deps["axum"].as_str(), Some("0.8"));
+    let features = deps["tokio"]["features"]
+        .as_array()
+        .expect("tokio features");
+    for needed in ["macros", "rt-multi-thread", "net"] {
+        assert!(
+            features.iter().any(|f| f.as_str() == Some(needed)),
+            "{needed}"
+        );
+    }
 }
 
 /// The README's curl loop: alice of acme calls `search` eleven times; the tool's ten a

@@ -1,8 +1,37 @@
-//! Every TOML snippet in README.md is a valid configuration, as written: a new user's
-//! first try is a copied snippet. (A snippet naming a CA file on the reader's machine,
-//! `backend.tls_ca`, may only fail because that file is not on this one.)
+//! Every TOML snippet in README.md and in the guides under docs/ is a valid configuration,
+//! as written: a new user's first try is a copied snippet. (A snippet naming a CA file on
+//! the reader's machine, `backend.tls_ca`, may only fail because that file is not on this
+//! one; the README's Cargo `[dependencies]` is a manifest, checked in tests/quickstart.rs.)
+//! The snippets do what the text beside them says.
 
 use tollgate::RateLimitConfig;
+
+const README: &str = include_str!("../README.md");
+
+/// README.md and every page under docs/ (read when the test runs, so a new page is
+/// covered without a change here), as (path, text).
+fn pages() -> Vec<(String, String)> {
+    let mut pages = vec![("README.md".to_owned(), README.to_owned())];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("docs/")
+        .map(|entry| entry.expect("a docs/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    names.sort();
+    for path in names {
+        let text = std::fs::read_to_string(&path).expect("a readable page");
+        let name = format!("docs/{}", path.file_name().unwrap().to_string_lossy());
+        pages.push((name, text));
+    }
+    assert!(pages.len() >= 5, "README and the guides: {}", pages.len());
+    pages
+}
+
+/// A Cargo manifest fragment (the quick start's `[dependencies]`), not a tollgate config.
+fn is_manifest(block: &str) -> bool {
+    block.starts_with("[dependencies]")
+}
 
 fn toml_blocks(markdown: &str) -> Vec<(usize, String)> {
     let mut blocks = Vec::new();
@@ -23,34 +52,33 @@ fn toml_blocks(markdown: &str) -> Vec<(usize, String)> {
 
 #[test]
 fn every_toml_snippet_in_the_readme_is_a_valid_config() {
-    let readme = include_str!("../README.md");
-    let blocks = toml_blocks(readme);
+    let blocks = toml_blocks(README);
     assert!(blocks.len() >= 4, "found only {} toml blocks", blocks.len());
-    for (line, text) in blocks {
-        if let Err(err) = RateLimitConfig::from_toml_str(&text) {
-            for (field, message) in err.problems() {
-                assert!(
-                    field == "backend.tls_ca" && message.starts_with("cannot read"),
-                    "README.md line {line}: {field}: {message}\n{text}"
-                );
+    let manifests = blocks.iter().filter(|(_, text)| is_manifest(text)).count();
+    assert_eq!(
+        manifests, 1,
+        "only the quick start's [dependencies] is not a config"
+    );
+    for (page, text) in pages() {
+        for (line, text) in toml_blocks(&text) {
+            if page == "README.md" && is_manifest(&text) {
+                continue;
+            }
+            if let Err(err) = RateLimitConfig::from_toml_str(&text) {
+                for (field, message) in err.problems() {
+                    assert!(
+                        field == "backend.tls_ca" && message.starts_with("cannot read"),
+                        "{page} line {line}: {field}: {message}\n{text}"
+                    );
+                }
             }
         }
     }
 }
 
-/// The README's headline example, as written: its TOML is taken from the first ```rust
-/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression:
-/// the headline configured `[by_tool] search` with no source for the tool, so the tool
-/// limit silently never applied.
-#[tokio::test]
-async fn the_headline_example_limits_the_tool_as_written() {
-    use axum::{body::Body, routing::post, Router};
-    use http::{Request, StatusCode};
-    use tollgate::RateLimitLayer;
-    use tower::ServiceExt;
-
-    let readme = include_str!("../README.md");
-    let block = readme
+/// The README's headline: its first ```rust block, and the TOML in it.
+fn headline() -> (&'static str, &'static str) {
+    let block = README
         .split("```rust\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
@@ -64,6 +92,21 @@ async fn the_headline_example_limits_the_tool_as_written() {
         block.contains(".layer(RateLimitLayer::new(cfg))"),
         "{block}"
     );
+    (block, toml)
+}
+
+/// The README's headline example, as written: its TOML is taken from the first ```rust
+/// block, and the app is built as it shows (`Router::layer`, no middleware). Regression:
+/// the headline configured `[by_tool] search` with no source for the tool, so the tool
+/// limit silently never applied.
+#[tokio::test]
+async fn the_headline_example_limits_the_tool_as_written() {
+    use axum::{body::Body, routing::post, Router};
+    use http::{Request, StatusCode};
+    use tollgate::RateLimitLayer;
+    use tower::ServiceExt;
+
+    let (_, toml) = headline();
     let cfg = RateLimitConfig::from_toml_str(toml).unwrap();
     let app = Router::new()
         .route("/tools/{name}", post(|| async { "called" }))
@@ -88,6 +131,48 @@ async fn the_headline_example_limits_the_tool_as_written() {
     );
 }
 
+/// The headline's tenant rule applies as written: its `[identity]` names the tenant's
+/// header, and the users of one tenant share the tenant's limit. Regression: the headline
+/// set `by_tenant` with no source for the tenant, so the tenant limit never applied.
+#[tokio::test]
+async fn the_headline_example_limits_the_tenant_as_written() {
+    use axum::{body::Body, routing::post, Router};
+    use http::{Request, StatusCode};
+    use tollgate::RateLimitLayer;
+    use tower::ServiceExt;
+
+    let (block, toml) = headline();
+    assert!(block.contains("by_tenant"), "{block}");
+    let cfg = RateLimitConfig::from_toml_str(toml).unwrap();
+    let tenant_limit = cfg.by_tenant().expect("a tenant rule").count();
+    let user_limit = cfg.by_user().expect("a user rule").count();
+    let app = Router::new()
+        .route("/tools/{name}", post(|| async { "called" }))
+        .layer(RateLimitLayer::new(cfg));
+    let call = |user: &str, tenant: &str| {
+        Request::post("/tools/echo")
+            .header("x-user-id", user)
+            .header("x-tenant-id", tenant)
+            .body(Body::empty())
+            .unwrap()
+    };
+    // The tenant's calls, each user staying within its own limit.
+    for n in 0..tenant_limit {
+        let user = format!("user-{}", n / user_limit);
+        let resp = app.clone().oneshot(call(&user, "acme")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "call {n} by {user}");
+    }
+    let fresh = format!("user-{}", tenant_limit / user_limit + 1);
+    let refused = app.clone().oneshot(call(&fresh, "acme")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused.headers()["x-ratelimit-limit"],
+        tenant_limit.to_string().as_str()
+    );
+    let other = app.clone().oneshot(call(&fresh, "globex")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK, "another tenant has its own");
+}
+
 fn blocks(markdown: &str, lang: &str) -> Vec<String> {
     let fence = format!("```{lang}");
     let mut out = Vec::new();
@@ -106,13 +191,21 @@ fn blocks(markdown: &str, lang: &str) -> Vec<String> {
     out
 }
 
-/// The README's JSON (the 429 body, the MCP refusals) is JSON with the fields each form
-/// carries, and its error example is exactly what tollgate says for those three mistakes.
+/// The JSON in the README and the guides (the 429 body, the MCP refusals) is JSON with the
+/// fields each form carries, and the README's error example is exactly what tollgate says
+/// for those three mistakes.
 #[test]
 fn the_readme_json_and_error_examples_are_what_tollgate_writes() {
-    let readme = include_str!("../README.md");
-    let json = blocks(readme, "json");
-    assert!(!json.is_empty());
+    let readme = README;
+    assert!(!blocks(readme, "json").is_empty());
+    let json: Vec<String> = pages()
+        .iter()
+        .flat_map(|(_, text)| blocks(text, "json"))
+        .collect();
+    assert!(
+        json.iter().any(|block| block.contains("\"jsonrpc\"")),
+        "an MCP refusal is shown"
+    );
     for block in json {
         let value: serde_json::Value = serde_json::from_str(&block).expect(&block);
         if value.get("jsonrpc").is_some() {
@@ -151,15 +244,15 @@ fn the_readme_json_and_error_examples_are_what_tollgate_writes() {
     assert_eq!(got, want);
 }
 
-/// The README's snippet containing `marker`.
+/// The snippet containing `marker`, in the README or a guide.
 fn snippet(marker: &str) -> RateLimitConfig {
-    let readme = include_str!("../README.md");
-    let blocks: Vec<String> = toml_blocks(readme)
-        .into_iter()
+    let blocks: Vec<String> = pages()
+        .iter()
+        .flat_map(|(_, text)| toml_blocks(text))
         .map(|(_, text)| text)
         .filter(|text| text.contains(marker))
         .collect();
-    assert_eq!(blocks.len(), 1, "one README snippet holds {marker:?}");
+    assert_eq!(blocks.len(), 1, "one snippet holds {marker:?}");
     RateLimitConfig::from_toml_str(&blocks[0]).unwrap()
 }
 
@@ -199,7 +292,7 @@ fn who(user: &str, tenant: Option<&str>, path: &str) -> http::Request<String> {
     req
 }
 
-/// Each feature's README snippet does what the text beside it says.
+/// Each feature's snippet (docs/policy.md) does what the text beside it says.
 #[tokio::test]
 async fn each_policy_snippet_does_what_the_readme_says() {
     // The tool from the path.
@@ -267,4 +360,47 @@ async fn each_policy_snippet_does_what_the_readme_says() {
     let mut req = who("b", Some("globex"), "/");
     req.extensions_mut().insert(tollgate::Tier::new("pro"));
     assert_eq!(limit_of(&svc, req).await.1.as_deref(), Some("600"));
+}
+
+/// The `x-ratelimit-limit` of a request from user `a` of `tenant` (by header) for `tool`.
+async fn header_limit(svc: &Svc, tenant: Option<&str>, tool: Option<&str>) -> Option<String> {
+    let mut req = http::Request::post("/").body(String::new()).unwrap();
+    req.headers_mut().insert("x-user-id", "a".parse().unwrap());
+    if let Some(t) = tenant {
+        req.headers_mut().insert("x-tenant-id", t.parse().unwrap());
+    }
+    if let Some(tool) = tool {
+        req.extensions_mut().insert(tollgate::ToolName::new(tool));
+    }
+    limit_of(svc, req).await.1
+}
+
+/// The Tiers snippet as written, with identities from the headers its `[identity]` names
+/// (no extensions): a tenant listed in `[tenants]` gets its tier's rates. Regression: the
+/// snippet had `[tenants]` but no source for the tenant, so the tier never applied.
+#[tokio::test]
+async fn the_tiers_snippet_takes_the_tenant_from_its_header() {
+    let svc = service(snippet("by_tenant = \"6000/m\""));
+    assert_eq!(
+        header_limit(&svc, Some("acme"), None).await.as_deref(),
+        Some("600")
+    );
+    assert_eq!(
+        header_limit(&svc, Some("globex"), None).await.as_deref(),
+        Some("60")
+    );
+    assert_eq!(header_limit(&svc, None, None).await.as_deref(), Some("60"));
+    // The tool's rate is the tier's too: 100 for pro, 10 for the base rules.
+    assert_eq!(
+        header_limit(&svc, Some("acme"), Some("search"))
+            .await
+            .as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        header_limit(&svc, Some("globex"), Some("search"))
+            .await
+            .as_deref(),
+        Some("10")
+    );
 }

@@ -798,11 +798,11 @@ fn three_gateways_share_one_limit_through_tls_redis() {
     three_gateways_share_thirty(config.path());
 }
 
-/// The README's "Sharing limits across instances" promise, tried as a new user would:
-/// three gateway processes on three ports, `by_user = "30/m"`, one user sending 60 calls
-/// round-robin across them within a minute. With one (private) Redis behind them exactly
-/// 30 pass and 30 get 429, and every instance then refuses that user; with the memory
-/// backend all 60 pass, 20 counted by each instance.
+/// The Redis guide's promise (docs/redis.md, "Sharing limits across instances"), tried as
+/// a new user would: three gateway processes on three ports, `by_user = "30/m"`, one user
+/// sending 60 calls round-robin across them within a minute. With one (private) Redis
+/// behind them exactly 30 pass and 30 get 429, and every instance then refuses that user;
+/// with the memory backend all 60 pass, 20 counted by each instance.
 #[cfg(feature = "redis")]
 #[test]
 fn three_gateways_share_one_limit_through_redis_but_not_in_memory() {
@@ -811,7 +811,7 @@ fn three_gateways_share_one_limit_through_redis_but_not_in_memory() {
         return;
     };
     let prefix = common::redis::fresh_prefix();
-    // The README's Redis config, except that a Redis failure must show as a 503 (counted
+    // The Redis guide's config, except that a Redis failure must show as a 503 (counted
     // as status_other) rather than as a local decision, and the timeout allows for a
     // loaded test machine.
     let config = TempFile::new(

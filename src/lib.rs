@@ -1,9 +1,9 @@
 //! # tollgate
 //!
 //! A tower middleware that rate-limits HTTP services per user, per tenant and per tool,
-//! with the counters in this process ([`MemoryStore`]) or in Redis (`RedisStore`, feature
-//! `redis`: one server, `rediss://` with feature `redis-tls`, or a Redis Cluster) so that
-//! every instance of a service shares one limit.
+//! with the counters in this process ([`MemoryStore`]) or in Redis ([`RedisStore`],
+//! feature `redis`: one server, `rediss://` with feature `redis-tls`, or a Redis Cluster)
+//! so that every instance of a service shares one limit.
 //!
 //! Over the limit, a caller gets `429 Too Many Requests` with a problem+json body and
 //! headers saying when to come back; under it, the call goes through with headers saying
@@ -17,45 +17,68 @@
 //!
 //! let cfg = RateLimitConfig::from_toml_str(r#"
 //!     by_user = "30/m"
-//!     by_tenant = "3000/m"
+//!     by_tenant = "15/m"
 //!     [by_tool]
 //!     search = "10/m"
 //!     [identity]
-//!     user_header = "x-user-id"
-//!     tool_path = "/tools/{name}"
+//!     user_header = "x-user-id"      # set by your auth proxy, stripped from clients
+//!     tenant_header = "x-tenant-id"
+//!     tool_path = "/tools/{name}"    # the tool is the path's {name}
 //! "#).expect("every mistake is reported here, at start-up");
 //! let app: Router = Router::new()
 //!     .route("/tools/{name}", post(|| async { "ok" }))
 //!     .layer(RateLimitLayer::new(cfg));
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! let call = |user: &str| {
-//!     Request::post("/tools/Search").header("x-user-id", user).body(Body::empty()).unwrap()
+//! let call = |tool: &str, user: &str, tenant: &str| {
+//!     Request::post(format!("/tools/{tool}"))
+//!         .header("x-user-id", user)
+//!         .header("x-tenant-id", tenant)
+//!         .body(Body::empty())
+//!         .unwrap()
 //! };
+//! // Ten callers share the tool's ten calls a minute.
 //! for i in 0..10 {
-//!     // Ten callers share the tool's ten calls a minute (the tool is the path's {name}).
-//!     let resp = app.clone().oneshot(call(&format!("user-{i}"))).await.unwrap();
+//!     let resp = app.clone().oneshot(call("Search", &format!("user-{i}"), "acme")).await.unwrap();
 //!     assert_eq!(resp.status(), StatusCode::OK);
 //! }
-//! let refused = app.clone().oneshot(call("user-10")).await.unwrap();
+//! let refused = app.clone().oneshot(call("search", "user-10", "globex")).await.unwrap();
 //! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
 //! assert_eq!(refused.headers()["x-ratelimit-limit"], "10");
+//! // The tenant's fifteen calls a minute are shared by its users, whatever the tool:
+//! // acme has used ten.
+//! for i in 0..5 {
+//!     let resp = app.clone().oneshot(call("fetch", &format!("user-{i}"), "acme")).await.unwrap();
+//!     assert_eq!(resp.status(), StatusCode::OK);
+//! }
+//! let refused = app.clone().oneshot(call("fetch", "user-0", "acme")).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(refused.headers()["x-ratelimit-limit"], "15");
 //! # });
 //! ```
 //!
-//! Identities come from the [`Identity`], [`ToolName`] and [`Tier`] request extensions (set
-//! them in your auth, routing and plan layers), or from headers named in `[identity]` —
-//! only trust those behind a proxy that sets them — and the tool from the path
-//! (`tool_path`). Requests without a user share one bucket, or with
-//! `anonymous = "by_ip"` are counted per client address ([`Anonymous`]). Every setting is
-//! described in the configuration reference, `docs::configuration`, beside the guides in
-//! [`docs`], whose code blocks are compiled and run as doc tests.
+//! ## Where things are
 //!
-//! In front of an MCP server (Streamable HTTP), `[mcp]` makes tollgate read the tool or
-//! prompt of each call from the `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from
-//! the JSON-RPC body (for clients that send only the body); a refused `tools/call` is
-//! answered as a tool result with `isError: true` that the agent reads (see [`McpLayer`]
-//! and [`Refusal`]).
+//! - [`RateLimitConfig`] is what to limit and how: every field, its default, its accepted
+//!   values and its errors are in [`docs::configuration`]. It comes from TOML, any serde
+//!   format or [`RateLimitConfig::builder`], and one that exists is valid.
+//! - [`RateLimitLayer`] applies it to a service; [`RateLimitHandle`] changes it while it
+//!   serves; [`RateLimitLayer::stats`] counts what failed.
+//! - Identities come from the [`Identity`], [`ToolName`] and [`Tier`] request extensions
+//!   (set them in your auth, routing and plan layers), or from headers named in
+//!   `[identity]` — only trust those behind a proxy that sets them — and the tool from the
+//!   path (`tool_path`). Requests without a user share one bucket, or with
+//!   `anonymous = "by_ip"` are counted per client address ([`Anonymous`]).
+//! - Every response tollgate touched carries its [`Decision`]; refusals are
+//!   problem+json (or, for MCP, what an agent reads: [`Refusal`]).
+//! - [`Store`] is where counters live: [`MemoryStore`], [`RedisStore`] behind
+//!   [`FallbackStore`], or a store of your own.
+//! - In front of an MCP server, `[mcp]` reads the tool or prompt of each call from the
+//!   `Mcp-Method` / `Mcp-Name` headers, and [`McpLayer`] from the JSON-RPC body
+//!   ([`docs::mcp`]).
+//! - The guides: [`docs::policy`] (tools from paths, per-user tool limits, clients by
+//!   address, tiers, reloading), [`docs::redis`] (one limit across instances, TLS,
+//!   failover, Redis Cluster), [`docs::behaviour`] (the whole behaviour, and metrics).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -116,13 +139,6 @@ pub use store::{
     Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
 };
 
-/// The reference and the guides, rendered from the repository's `docs/` folder (each
-/// page's code blocks are compiled and run as doc tests).
-pub mod docs {
-    #[doc = include_str!("../docs/configuration.md")]
-    pub mod configuration {}
-}
-
 /// The README's Rust code blocks, compiled and run as doc tests, so the documented
 /// examples stay true.
 #[cfg(doctest)]
@@ -132,6 +148,8 @@ struct ReadmeDoctests;
 /// Guides and the configuration reference, rendered from `docs/` (each page's code blocks
 /// are compiled and run as doc tests).
 pub mod docs {
+    #[doc = include_str!("../docs/configuration.md")]
+    pub mod configuration {}
     #[doc = include_str!("../docs/mcp.md")]
     pub mod mcp {}
     #[doc = include_str!("../docs/redis.md")]

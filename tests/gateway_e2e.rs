@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::example::{drain, example_binary, wait_bounded, Running, START_TIMEOUT};
+use common::reply::Reply;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -63,24 +64,7 @@ impl std::ops::DerefMut for Gateway {
 // ---------------------------------------------------------------------------------------
 // A plain HTTP/1.1 client over a TcpStream: one request per connection.
 
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        let mut found = self
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name));
-        let first = found.next().map(|(_, v)| v.as_str());
-        assert!(found.next().is_none(), "header {name} repeated in {self:?}");
-        first
-    }
-
     fn number(&self, name: &str) -> u64 {
         self.header(name)
             .unwrap_or_else(|| panic!("no {name} header in {self:?}"))
@@ -120,25 +104,7 @@ fn request(
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read response");
     let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().expect("status line");
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let reply = Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    };
+    let reply = Reply::parse(&text);
     if let Some(len) = reply.header("content-length") {
         assert_eq!(
             len.parse::<usize>().ok(),

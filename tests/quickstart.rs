@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::example::{example_binary, Running};
+use common::reply::Reply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
@@ -31,24 +32,7 @@ fn start() -> Running {
     )
 }
 
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        let mut found = self
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name));
-        let first = found.next().map(|(_, v)| v.as_str());
-        assert!(found.next().is_none(), "header {name} repeated in {self:?}");
-        first
-    }
-
     fn limit(&self) -> Option<u64> {
         self.header("x-ratelimit-limit")
             .map(|v| v.parse().expect("a number"))
@@ -96,24 +80,7 @@ async fn call(
     let text = tokio::time::timeout(IO_TIMEOUT, exchange)
         .await
         .expect("an answer in time");
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
+    Reply::parse(&text)
 }
 
 const LOCAL: Ipv4Addr = Ipv4Addr::LOCALHOST;

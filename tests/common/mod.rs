@@ -18,6 +18,7 @@ pub mod redis;
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
 pub mod redis_tls;
+pub mod reply;
 
 /// Makes a layer for `cfg` whose store is fresh (no counters shared with other tests)
 /// and whose time comes from `clock`.

@@ -100,7 +100,7 @@ def batch(sha, n, first_user):
     keys = [b"rl:fw:u:60:1000000000:{=user-%07d}" % ((first_user + i) % 1024)
             for i in range(n)]
     # Each request's key is its own index (1-based): KEYS holds each key once.
-    packed = b"".join(struct.pack("<BB", 1, 1) + struct.pack("<HId", i + 1, 10**9, 60e6)
+    packed = b"".join(struct.pack("<BBI", 1, 1, 1) + struct.pack("<HId", i + 1, 10**9, 60e6)
                       for i in range(n))
     return resp("EVALSHA", sha, n, *keys, -1, n, packed)
 

@@ -265,6 +265,76 @@ impl<'a> Key<'a> {
     }
 }
 
+/// A request's keys, owned: kept past the request (the fallback answering after Redis
+/// failed, a `Charge` settling after the response), then lent out as [`Key`]s again.
+#[derive(Clone)]
+pub(crate) struct OwnedKeys {
+    keys: Vec<OwnedKey>,
+}
+
+#[derive(Clone)]
+struct OwnedKey {
+    kind: RuleKind,
+    subject: OwnedSubject,
+    rate: Rate,
+    algorithm: Algorithm,
+    tier: Option<Box<str>>,
+    tool: Option<Box<str>>,
+}
+
+#[derive(Clone)]
+enum OwnedSubject {
+    Anonymous,
+    Named(Box<[u8]>),
+    Client(IpAddr, u8),
+}
+
+impl OwnedKeys {
+    pub(crate) fn new(keys: &[Key<'_>]) -> Self {
+        OwnedKeys {
+            keys: keys
+                .iter()
+                .take(MAX_KEYS)
+                .map(|k| OwnedKey {
+                    kind: k.kind,
+                    subject: match k.subject {
+                        Subject::Anonymous => OwnedSubject::Anonymous,
+                        Subject::Named(bytes) => OwnedSubject::Named(bytes.into()),
+                        Subject::Client(addr, len) => OwnedSubject::Client(addr, len),
+                    },
+                    rate: k.rate,
+                    algorithm: k.algorithm,
+                    tier: k.tier.map(Into::into),
+                    tool: k.tool.map(Into::into),
+                })
+                .collect(),
+        }
+    }
+
+    /// Calls `f` with the keys, borrowed from `self`.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&[Key<'_>]) -> R) -> R {
+        let placeholder = Key::new(
+            RuleKind::User,
+            Subject::Anonymous,
+            Rate::per_second(1),
+            Algorithm::FixedWindow,
+        );
+        let mut keys = [placeholder; MAX_KEYS];
+        for (slot, k) in keys.iter_mut().zip(&self.keys) {
+            let subject = match &k.subject {
+                OwnedSubject::Anonymous => Subject::Anonymous,
+                OwnedSubject::Named(bytes) => Subject::Named(bytes),
+                OwnedSubject::Client(addr, len) => Subject::Client(*addr, *len),
+            };
+            let mut key = Key::new(k.kind, subject, k.rate, k.algorithm);
+            key.tool = k.tool.as_deref();
+            key.tier = k.tier.as_deref();
+            *slot = key;
+        }
+        f(&keys[..self.keys.len()])
+    }
+}
+
 /// At most this many keys per request (user, tenant, tool, user×tool).
 pub(crate) const MAX_KEYS: usize = 4;
 

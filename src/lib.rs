@@ -116,11 +116,12 @@ pub use answer::mcp::RATE_LIMIT_ERROR_CODE;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::settings::MAX_IDENTITY_LEN;
 pub use config::{
-    Anonymous, BackendConfig, BackendKind, ConfigError, FailMode, Fallback, HeaderStyle,
-    IdentityConfig, McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder, RateSpec, Refusal,
-    TierConfig,
+    Anonymous, BackendConfig, BackendKind, ConfigError, CostConfig, FailMode, Fallback,
+    HeaderStyle, IdentityConfig, McpConfig, Mode, RateLimitConfig, RateLimitConfigBuilder,
+    RateSpec, Refusal, TierConfig,
 };
 pub use key::{Key, RuleKind, Subject};
+pub use middleware::charge::{Charge, Settle, Settling};
 pub use middleware::future::ResponseFuture;
 pub use middleware::handle::RateLimitHandle;
 pub use middleware::layer::RateLimitLayer;
@@ -128,7 +129,7 @@ pub use middleware::mcp::{McpFuture, McpLayer, McpService};
 pub use middleware::service::RateLimit;
 pub use middleware::shared::Stats;
 pub use rate::{Rate, RateError};
-pub use request::extensions::{Identity, Tier, ToolName};
+pub use request::extensions::{Cost, Identity, Tier, ToolName};
 pub use request::mcp_body::McpBody;
 #[cfg(feature = "redis")]
 pub use store::fallback::FallbackStore;
@@ -136,7 +137,8 @@ pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{
-    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
+    Outcome, Outcomes, SettleFuture, Settlement, Store, StoreError, StoreErrorKind, StoreFuture,
+    StoreRequest, StoreStats,
 };
 
 /// The README's Rust code blocks, compiled and run as doc tests, so the documented
@@ -158,4 +160,39 @@ pub mod docs {
     pub mod policy {}
     #[doc = include_str!("../docs/behaviour.md")]
     pub mod behaviour {}
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!("Outcomes {}", std::mem::size_of::<crate::store::Outcomes>());
+        eprintln!(
+            "StoreFuture {}",
+            std::mem::size_of::<crate::store::StoreFuture>()
+        );
+        eprintln!(
+            "Decision {}",
+            std::mem::size_of::<crate::answer::decision::Decision>()
+        );
+        eprintln!("Plan {}", std::mem::size_of::<crate::policy::plan::Plan>());
+        eprintln!(
+            "Who {}",
+            std::mem::size_of::<crate::request::identity::Who<'static>>()
+        );
+        eprintln!("Key {}", std::mem::size_of::<crate::key::Key<'static>>());
+        eprintln!(
+            "StoreRequest {}",
+            std::mem::size_of::<crate::store::StoreRequest<'static>>()
+        );
+        type F = crate::middleware::future::ResponseFuture<
+            tower::util::ServiceFn<
+                fn(
+                    http::Request<()>,
+                )
+                    -> std::future::Ready<Result<http::Response<()>, std::convert::Infallible>>,
+            >,
+            (),
+        >;
+        eprintln!("ResponseFuture {}", std::mem::size_of::<F>());
+    }
 }

@@ -1128,59 +1128,7 @@ async fn anonymous_callers_are_counted_by_client_address(b: &dyn Backend) {
     assert_eq!(status(Request::new(Body::new())).await, NO);
 }
 
-/// Defines each case as a test for each backend.
-macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(&crate::common::Memory::default()).await;
-                }
-            )*
-        }
-
-        #[cfg(feature = "redis")]
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let Some(backend) = crate::common::redis::RedisBackend::start(stringify!($case)) else {
-                        return;
-                    };
-                    super::$case(&backend).await;
-                }
-            )*
-
-            /// Every case on one TLS-only server (one per case would start 20 servers).
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn every_case_over_tls() {
-                let Some(server) = crate::common::redis_tls::TlsRedis::start("every_case_over_tls") else {
-                    return;
-                };
-                $(
-                    eprintln!("over TLS: {}", stringify!($case));
-                    super::$case(&crate::common::redis_tls::TlsBackend::on(&server)).await;
-                )*
-            }
-
-            /// Every case on one Redis Cluster (3 masters, 3 replicas): the keys of one
-            /// request sit on different masters in most cases.
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn every_case_on_a_cluster() {
-                let Some(cluster) = crate::common::redis_cluster::RedisCluster::start("every_case_on_a_cluster") else {
-                    return;
-                };
-                $(
-                    eprintln!("on a cluster: {}", stringify!($case));
-                    super::$case(&crate::common::redis_cluster::ClusterBackend::on(&cluster)).await;
-                )*
-            }
-        }
-    };
-}
-
-suite!(
+common::suite!(
     two_per_second_then_429_then_reset,
     no_limits_means_no_rate_headers,
     users_within_their_limit_are_never_blocked,

@@ -13,8 +13,8 @@ use common::redis::{caller_time_store, fresh_prefix, RedisServer};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tollgate::{
-    Algorithm, Key, MemoryStore, Outcomes, Rate, RuleKind, Store, StoreFuture, StoreRequest,
-    Subject,
+    Algorithm, Key, MemoryStore, Outcomes, Rate, RedisStore, RuleKind, Settlement, Store,
+    StoreFuture, StoreRequest, Subject,
 };
 
 const T0: u64 = 1_700_000_000_000_000;
@@ -241,4 +241,180 @@ fn large_rates_stay_exact() {
             }
         }
     });
+}
+
+/// One call of the costed sequence: a step, what it costs, and what settling it changes
+/// (`None`: it is not settled).
+#[derive(Clone, Debug)]
+struct CostedStep {
+    step: Step,
+    cost: u64,
+    settle: Option<i64>,
+}
+
+fn costed_step() -> impl Strategy<Value = CostedStep> {
+    (
+        step(),
+        prop_oneof![3 => 0u64..4, 2 => 0u64..14, 1 => Just(0u64)],
+        proptest::option::weighted(0.3, -20i64..30),
+    )
+        .prop_map(|(step, cost, settle)| CostedStep { step, cost, settle })
+}
+
+/// Settles a call under `keys` in `store`, whose check answered `outcomes`, and waits for
+/// the store to have applied it.
+async fn settle(store: &dyn Store, keys: &[Key<'_>], outcomes: &Outcomes, delta: i64, now: u64) {
+    store
+        .settle(&Settlement::new(keys, outcomes, delta, now))
+        .await
+        .expect("settled");
+}
+
+/// Runs `steps` through the memory store, through Redis one call at a time, and through
+/// Redis in batches (`check_batch`, cut where a call is settled), asserting identical
+/// outcomes for every call and every settlement's effect.
+async fn compare_costed(
+    alone: &RedisStore,
+    batched: &RedisStore,
+    alg: Algorithm,
+    rates: [Rate; 3],
+    start: u64,
+    steps: &[CostedStep],
+) -> Result<(), TestCaseError> {
+    let memory = MemoryStore::new();
+    // Each call's keys and time, owned for the batch run.
+    let mut calls = Vec::with_capacity(steps.len());
+    let mut now = start;
+    for s in steps {
+        now += s.step.gap;
+        calls.push((keys_of(&s.step, alg, rates), now));
+    }
+    let mut expected = Vec::with_capacity(steps.len());
+    for (i, (s, (keys, now))) in steps.iter().zip(&calls).enumerate() {
+        let request = StoreRequest::new(keys, *now).with_cost(s.cost);
+        let StoreFuture::Ready(Ok(want)) = memory.check(&request) else {
+            panic!("the memory store answers at once")
+        };
+        let got = match alone.check(&request) {
+            StoreFuture::Ready(r) => r,
+            StoreFuture::Pending(f) => f.await,
+        }
+        .expect("redis answers");
+        prop_assert_eq!(
+            got,
+            want,
+            "{} call {} (cost {}), one at a time",
+            alg,
+            i,
+            s.cost
+        );
+        if let Some(delta) = s.settle.filter(|_| want.iter().all(|o| o.is_allowed())) {
+            settle(&memory, keys, &want, delta, *now + 1).await;
+            settle(alone, keys, &got, delta, *now + 1).await;
+        }
+        expected.push(want);
+    }
+    // The same calls in batches: a batch ends at a call that is settled.
+    let mut i = 0;
+    while i < steps.len() {
+        let end = (i..steps.len())
+            .find(|&j| steps[j].settle.is_some())
+            .map_or(steps.len(), |j| j + 1);
+        let requests: Vec<StoreRequest<'_>> = (i..end)
+            .map(|j| StoreRequest::new(&calls[j].0, calls[j].1).with_cost(steps[j].cost))
+            .collect();
+        let answers = batched.check_batch(&requests).await;
+        for (j, answer) in (i..end).zip(answers) {
+            let got = answer.expect("redis answers");
+            prop_assert_eq!(
+                got,
+                expected[j],
+                "{} call {} (cost {}), in a batch",
+                alg,
+                j,
+                steps[j].cost
+            );
+            if let Some(delta) = steps[j]
+                .settle
+                .filter(|_| got.iter().all(|o| o.is_allowed()))
+            {
+                settle(batched, &calls[j].0, &got, delta, calls[j].1 + 1).await;
+            }
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// The keys of one step: the user's, and the tenant's and the tool's when it has them.
+fn keys_of(s: &Step, alg: Algorithm, rates: [Rate; 3]) -> Vec<Key<'static>> {
+    let mut keys = vec![Key::new(
+        RuleKind::User,
+        s.user
+            .map_or(Subject::Anonymous, |u| Subject::Named(USERS[u])),
+        rates[0],
+        alg,
+    )];
+    if let Some(t) = s.tenant {
+        keys.push(Key::new(
+            RuleKind::Tenant,
+            Subject::Named(TENANTS[t]),
+            rates[1],
+            alg,
+        ));
+    }
+    if let Some(t) = s.tool {
+        keys.push(Key::new(
+            RuleKind::Tool,
+            Subject::Named(TOOLS[t]),
+            rates[2],
+            alg,
+        ));
+    }
+    keys
+}
+
+/// ARCHITECTURE.md, behaviour contract item 19: random costs (0 included, and above a
+/// limit) and settlements up and down give the same outcomes from the memory store, from
+/// Redis one call at a time and from Redis batches, for every algorithm.
+#[test]
+fn costed_calls_and_settlements_match_memory_alone_and_in_batches() {
+    let Some(server) = RedisServer::any("costed_calls_and_settlements_match_memory") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = Arc::new(server);
+    for alg in [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::TokenBucket,
+    ] {
+        let mut runner = TestRunner::new(Config {
+            cases: 32,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (
+            [rate(), rate(), rate()],
+            0u64..120_000_000,
+            proptest::collection::vec(costed_step(), 1..50),
+        );
+        runner
+            .run(&strategy, |(rates, offset, steps)| {
+                let alone = caller_time_store(server.url(), &fresh_prefix());
+                let batched = caller_time_store(server.url(), &fresh_prefix());
+                rt.block_on(compare_costed(
+                    &alone,
+                    &batched,
+                    alg,
+                    rates,
+                    T0 + offset,
+                    &steps,
+                ))
+            })
+            .unwrap();
+    }
 }

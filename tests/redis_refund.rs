@@ -1,5 +1,5 @@
-//! `refund.lua`, the script that gives back a Redis Cluster reservation when another slot
-//! refused the request, run directly on a private `redis-server` against key states set
+//! `settle.lua` in its exact-refund mode, which gives back a Redis Cluster reservation when
+//! another slot refused the request, run directly on a private `redis-server` against key states set
 //! by hand: it gives back exactly what the reservation took, or nothing (strict), never
 //! more. The cluster tests (`tests/redis_cluster.rs`) run it through the store.
 #![cfg(feature = "redis")]
@@ -10,10 +10,10 @@ use common::redis::{fresh_prefix, packed_state, state_of, RedisServer};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
 
-/// As the store sends it: the state and the algorithms, then the refund.
+/// As the store sends it: the state and the algorithms, then the settlement.
 const REFUND: &str = concat!(
     include_str!("../src/store/lua/algorithms.lua"),
-    include_str!("../src/store/lua/refund.lua")
+    include_str!("../src/store/lua/settle.lua")
 );
 
 /// A token bucket of 2 per 2 s: one token every second, a burst of two.
@@ -31,14 +31,18 @@ async fn refund(
     now: i64,
     reserved: i64,
 ) -> (i64, i64) {
+    // The algorithm, the clock, an exact refund; then the key's count, period, when its
+    // reservation was decided, the arrival time it wrote, and one unit given back.
     let given: i64 = redis::Script::new(REFUND)
         .key(key)
         .arg(3)
-        .arg(at)
         .arg(now)
+        .arg(1)
         .arg(LIMIT)
         .arg(PERIOD)
+        .arg(at)
         .arg(reserved)
+        .arg(-1)
         .invoke_async(conn)
         .await
         .unwrap();
@@ -167,11 +171,13 @@ async fn a_value_the_store_did_not_write_is_left_alone() {
     let given: i64 = redis::Script::new(REFUND)
         .key(&key)
         .arg(1)
-        .arg(at)
         .arg(-1)
+        .arg(1)
         .arg(LIMIT)
         .arg(PERIOD)
+        .arg(at)
         .arg(0)
+        .arg(-1)
         .invoke_async(&mut conn)
         .await
         .unwrap();

@@ -1,10 +1,13 @@
 //! Fixed window: a window opens at a key's first counted request and lasts one period.
-//! Mirrored by `src/store/lua/fixed_window.lua`.
+//! Mirrored by `fixed_window` in `src/store/lua/algorithms.lua`.
 
-use super::state::{State, Step};
+use super::state::{adjusted, State, Step};
 use crate::rate::Rate;
 
-pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
+/// A call of `cost` units at `now` (µs). It fits when the window has `cost` units left
+/// (a cost of 0 always fits and counts nothing); one that does not fit waits for the
+/// window's end, when every unit is back.
+pub(super) fn check(state: Option<State>, now: u64, rate: Rate, cost: u64) -> Step {
     let period = rate.period_micros();
     let limit = rate.count();
     // A window whose end has passed is gone. A window that starts after `now` (the clock
@@ -15,22 +18,22 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     };
     let end = start.saturating_add(period);
     let reset_after = end - now;
-    if used < limit {
+    if cost == 0 || used + cost <= limit {
         Step {
             allowed: true,
-            remaining: limit - used - 1,
+            remaining: limit.saturating_sub(used + cost),
             reset_after,
             retry_after: 0,
             next: State {
                 t: start,
-                cur: (used + 1) as u32,
+                cur: (used + cost) as u32,
                 prev: 0,
             },
         }
     } else {
         Step {
             allowed: false,
-            remaining: 0,
+            remaining: limit.saturating_sub(used),
             reset_after,
             retry_after: reset_after,
             next: State {
@@ -40,4 +43,14 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
             },
         }
     }
+}
+
+/// `state` after `delta` units more (or fewer) for a call counted at `at`: only while the
+/// window that counted it is the stored one; `None` when it has ended (nothing to settle).
+pub(super) fn settle(state: State, at: u64, rate: Rate, delta: i64, cap: u64) -> Option<State> {
+    let in_window = state.t <= at && at < state.t.saturating_add(rate.period_micros());
+    in_window.then(|| State {
+        cur: adjusted(state.cur, delta, cap),
+        ..state
+    })
 }

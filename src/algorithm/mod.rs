@@ -12,6 +12,8 @@ mod token_bucket;
 
 pub(crate) use state::{State, Step};
 
+use crate::rate::MAX_COUNT;
+
 use std::fmt;
 
 use crate::rate::Rate;
@@ -41,14 +43,57 @@ impl Algorithm {
         }
     }
 
-    /// One rule's check at `now` (µs since the epoch). `state` is what the store holds
-    /// for the key, if anything.
+    /// One rule's check of a call of `cost` units at `now` (µs since the epoch). `state`
+    /// is what the store holds for the key, if anything. A cost above the rule's limit
+    /// never fits (the layer refuses such a call before asking a store); it is decided as
+    /// a cost of one more than the limit, which is refused.
     #[inline]
-    pub(crate) fn check(self, state: Option<State>, now: u64, rate: Rate) -> Step {
+    pub(crate) fn check(self, state: Option<State>, now: u64, rate: Rate, cost: u64) -> Step {
+        let cost = cost.min(rate.count() + 1);
         match self {
-            Algorithm::FixedWindow => fixed_window::check(state, now, rate),
-            Algorithm::SlidingWindow => sliding_window::check(state, now, rate),
-            Algorithm::TokenBucket => token_bucket::check(state, now, rate),
+            Algorithm::FixedWindow => fixed_window::check(state, now, rate, cost),
+            Algorithm::SlidingWindow => sliding_window::check(state, now, rate, cost),
+            Algorithm::TokenBucket => token_bucket::check(state, now, rate, cost),
+        }
+    }
+
+    /// A call of one unit (tests).
+    #[cfg(test)]
+    pub(crate) fn check1(self, state: Option<State>, now: u64, rate: Rate) -> Step {
+        self.check(state, now, rate, 1)
+    }
+
+    /// `state` after a call counted at `at` (µs, on the store's clock) is charged `delta`
+    /// units more (or, negative, given `-delta` back) at `now`; `None` when the state no
+    /// longer holds that call's count (its window has ended), so nothing changes. A rule
+    /// may go into debt this way, up to [`Algorithm::cap`]: later calls are refused until
+    /// the window, the slide or the refill has paid it off.
+    pub(crate) fn settle(
+        self,
+        state: State,
+        at: u64,
+        now: u64,
+        rate: Rate,
+        delta: i64,
+    ) -> Option<State> {
+        match self {
+            Algorithm::FixedWindow => fixed_window::settle(state, at, rate, delta, self.cap(rate)),
+            Algorithm::SlidingWindow => {
+                sliding_window::settle(state, at, rate, delta, self.cap(rate))
+            }
+            Algorithm::TokenBucket => Some(token_bucket::settle(state, now, rate, delta)),
+        }
+    }
+
+    /// The most units a window may hold once settled into debt: twice the limit (one
+    /// limit's worth of debt), at most 10^9 (a stored count's range), and for a sliding
+    /// window no more than keeps its products exact. A token bucket's debt is bounded
+    /// the same way, at one full bucket beyond empty.
+    pub(crate) fn cap(self, rate: Rate) -> u64 {
+        let cap = (2 * rate.count()).min(MAX_COUNT);
+        match self {
+            Algorithm::SlidingWindow => cap.min(sliding_window::cap(rate)),
+            _ => cap,
         }
     }
 
@@ -93,7 +138,7 @@ mod tests {
         times
             .iter()
             .map(|&now| {
-                let step = alg.check(state, now, rate);
+                let step = alg.check1(state, now, rate);
                 if step.allowed {
                     state = Some(step.next);
                 }
@@ -124,20 +169,20 @@ mod tests {
         let rate = Rate::per_second(5);
         let mut state = None;
         for i in 0..5 {
-            let step = Algorithm::TokenBucket.check(state, T0, rate);
+            let step = Algorithm::TokenBucket.check1(state, T0, rate);
             assert!(step.allowed, "call {i}");
             assert_eq!(step.remaining, 4 - i);
             state = Some(step.next);
         }
-        let sixth = Algorithm::TokenBucket.check(state, T0, rate);
+        let sixth = Algorithm::TokenBucket.check1(state, T0, rate);
         assert!(!sixth.allowed);
         assert_eq!(sixth.retry_after, 200_000);
         assert!(
             !Algorithm::TokenBucket
-                .check(state, T0 + 199_999, rate)
+                .check1(state, T0 + 199_999, rate)
                 .allowed
         );
-        let later = Algorithm::TokenBucket.check(state, T0 + 200_000, rate);
+        let later = Algorithm::TokenBucket.check1(state, T0 + 200_000, rate);
         assert!(later.allowed);
         assert_eq!(later.remaining, 0);
     }
@@ -146,13 +191,13 @@ mod tests {
     fn fixed_window_starts_at_first_request_and_resets_after_one_period() {
         let rate = Rate::per_minute(2);
         let start = T0 + 12_345;
-        let a = Algorithm::FixedWindow.check(None, start, rate);
+        let a = Algorithm::FixedWindow.check1(None, start, rate);
         assert!(a.allowed && a.remaining == 1 && a.reset_after == 60_000_000);
-        let b = Algorithm::FixedWindow.check(Some(a.next), start + 1_000_000, rate);
+        let b = Algorithm::FixedWindow.check1(Some(a.next), start + 1_000_000, rate);
         assert!(b.allowed && b.remaining == 0 && b.reset_after == 59_000_000);
-        let c = Algorithm::FixedWindow.check(Some(b.next), start + 2_000_000, rate);
+        let c = Algorithm::FixedWindow.check1(Some(b.next), start + 2_000_000, rate);
         assert!(!c.allowed && c.retry_after == 58_000_000);
-        let d = Algorithm::FixedWindow.check(Some(b.next), start + 60_000_000, rate);
+        let d = Algorithm::FixedWindow.check1(Some(b.next), start + 60_000_000, rate);
         assert!(d.allowed && d.remaining == 1);
     }
 
@@ -172,18 +217,18 @@ mod tests {
                 let mut state = None;
                 let mut now = T0 + 123_456;
                 for _ in 0..200 {
-                    let step = alg.check(state, now, rate);
+                    let step = alg.check1(state, now, rate);
                     if step.allowed {
                         state = Some(step.next);
                         continue;
                     }
                     assert!(step.retry_after > 0, "{alg} {rate}");
                     assert!(
-                        !alg.check(state, now + step.retry_after - 1, rate).allowed,
+                        !alg.check1(state, now + step.retry_after - 1, rate).allowed,
                         "{alg} {rate} early"
                     );
                     now += step.retry_after;
-                    assert!(alg.check(state, now, rate).allowed, "{alg} {rate} on time");
+                    assert!(alg.check1(state, now, rate).allowed, "{alg} {rate} on time");
                 }
             }
         }
@@ -211,6 +256,51 @@ mod tests {
             }
         }
 
+        /// Calls of any cost (ARCHITECTURE.md, behaviour contract item 19): a call is refused
+        /// only if it does not fit what is left (its cost is more than the refusal's
+        /// `remaining`); an allowed one leaves `remaining` after its cost; units admitted in
+        /// one fixed window never pass the limit, and in any span of one period never pass
+        /// twice the limit, whatever the algorithm.
+        #[test]
+        fn costs_are_admitted_only_when_they_fit(
+            alg in prop_oneof![Just(Algorithm::FixedWindow), Just(Algorithm::SlidingWindow), Just(Algorithm::TokenBucket)],
+            count in 1u32..30,
+            secs in 1u32..5,
+            calls in proptest::collection::vec((0u64..400_000, 0u64..35), 1..200),
+        ) {
+            let rate = Rate::new(u64::from(count), Duration::from_secs(u64::from(secs))).unwrap();
+            let limit = rate.count();
+            let mut state = None;
+            let mut now = T0;
+            let mut admitted: Vec<(u64, u64, u64)> = Vec::new();
+            for (gap, cost) in calls {
+                now += gap;
+                let step = alg.check(state, now, rate, cost);
+                if step.allowed {
+                    prop_assert!(cost == 0 || cost <= limit);
+                    if cost > 0 {
+                        state = Some(step.next);
+                        admitted.push((now, cost, step.next.t));
+                    }
+                } else {
+                    prop_assert!(cost > step.remaining, "refused {} with {} left", cost, step.remaining);
+                    prop_assert!(step.retry_after > 0);
+                }
+            }
+            let period = rate.period_micros();
+            for (i, &(t, _, _)) in admitted.iter().enumerate() {
+                let in_span: u64 = admitted[i..].iter().take_while(|a| a.0 < t + period).map(|a| a.1).sum();
+                prop_assert!(in_span <= 2 * limit, "{} units in one period", in_span);
+            }
+            if alg == Algorithm::FixedWindow {
+                let mut per_window = std::collections::BTreeMap::new();
+                for (_, cost, start) in &admitted {
+                    *per_window.entry(*start).or_insert(0) += cost;
+                }
+                prop_assert!(per_window.values().all(|&units| units <= limit), "{:?}", per_window);
+            }
+        }
+
         /// Dropping state at `expires_at` never changes a decision.
         #[test]
         fn expired_state_is_the_same_as_no_state(
@@ -225,12 +315,12 @@ mod tests {
             let mut now = T0;
             for g in gaps {
                 now += g;
-                let step = alg.check(state, now, rate);
+                let step = alg.check1(state, now, rate);
                 if step.allowed { state = Some(step.next); }
             }
             let state = state.unwrap_or_default();
             let at = alg.expires_at(&state, rate.period_micros()) + later;
-            prop_assert_eq!(alg.check(Some(state), at, rate), alg.check(None, at, rate));
+            prop_assert_eq!(alg.check1(Some(state), at, rate), alg.check1(None, at, rate));
         }
 
         #[test]
@@ -243,7 +333,7 @@ mod tests {
             now in 0u64..10_000_000_000,
         ) {
             let rate = Rate::new(u64::from(count), Duration::from_secs(u64::from(secs))).unwrap();
-            let step = alg.check(Some(State { t: T0 + t, cur, prev }), T0 + now, rate);
+            let step = alg.check1(Some(State { t: T0 + t, cur, prev }), T0 + now, rate);
             prop_assert!(step.remaining < rate.count());
             if step.allowed { prop_assert_eq!(step.retry_after, 0); } else { prop_assert!(step.retry_after > 0); }
         }

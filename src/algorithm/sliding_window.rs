@@ -1,10 +1,10 @@
-//! Sliding-window counter. Windows are aligned to multiples of the period; a request is
-//! allowed when `floor(prev × (P − e) / P) + cur < limit`, where `e` is the time elapsed
-//! in the current window, in whole milliseconds. Mirrored by
-//! `src/store/lua/sliding_window.lua`, which computes in doubles: every product here stays
-//! below 2^53 (see [`supports`]), so both agree exactly.
+//! Sliding-window counter. Windows are aligned to multiples of the period; a call of cost
+//! `c` is allowed when `floor(prev × (P − e) / P) + cur + c ≤ limit`, where `e` is the time
+//! elapsed in the current window, in whole milliseconds. Mirrored by `sliding_window` in
+//! `src/store/lua/algorithms.lua`, which computes in doubles: every product here stays
+//! at or below 2^53 (see [`supports`] and [`cap`]), so both agree exactly.
 
-use super::state::{State, Step};
+use super::state::{adjusted, State, Step};
 use crate::rate::Rate;
 
 /// Products of a count and a period in ms must stay exact in a double.
@@ -12,7 +12,14 @@ pub(super) fn supports(rate: Rate) -> bool {
     rate.count() * u64::from(rate.period_secs()) * 1_000 <= 1 << 53
 }
 
-pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
+/// The most units one window may hold (settling can put a rule in debt): twice the
+/// limit, and no more than keeps `count × period in ms` exact in a double.
+pub(super) fn cap(rate: Rate) -> u64 {
+    let exact = (1u64 << 53) / (u64::from(rate.period_secs()) * 1_000);
+    (2 * rate.count()).min(exact)
+}
+
+pub(super) fn check(state: Option<State>, now: u64, rate: Rate, cost: u64) -> Step {
     let period = rate.period_micros();
     let period_ms = period / 1_000;
     let limit = rate.count();
@@ -32,30 +39,31 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     let used = weighted + cur;
     let end = start.saturating_add(period);
     let reset_after = end - now;
-    if used < limit {
+    if cost == 0 || used + cost <= limit {
         return Step {
             allowed: true,
-            remaining: limit - used - 1,
+            remaining: limit.saturating_sub(used + cost),
             reset_after,
             retry_after: 0,
             next: State {
                 t: start,
-                cur: (cur + 1) as u32,
+                cur: (cur + cost) as u32,
                 prev: prev as u32,
             },
         };
     }
-    // The first millisecond `e` at which floor(p × (P − e) / P) < limit − c, i.e.
-    // e = P − ceil((limit − c) × P / p) + 1, in this window or (when this window's own
-    // count is already at the limit) in the next one, where p = cur and c = 0.
-    let wait_until = if cur < limit {
-        start.saturating_add(first_ms(limit - cur, prev, period_ms) * 1_000)
+    // The first millisecond `e` at which floor(p × (P − e) / P) + c + cost ≤ limit, i.e.
+    // floor(p × (P − e) / P) < room with room = limit − c − cost + 1: e = P −
+    // ceil(room × P / p) + 1, in this window (p = prev, c = cur) or, when this window's
+    // own count leaves no room for the cost, in the next one (p = cur, c = 0).
+    let wait_until = if cur + cost <= limit {
+        start.saturating_add(first_ms(limit - cur - cost + 1, prev, period_ms) * 1_000)
     } else {
-        end.saturating_add(first_ms(limit, cur, period_ms) * 1_000)
+        end.saturating_add(first_ms(limit + 1 - cost, cur, period_ms) * 1_000)
     };
     Step {
         allowed: false,
-        remaining: 0,
+        remaining: limit.saturating_sub(used),
         reset_after,
         retry_after: (wait_until - now).max(1),
         next: State {
@@ -63,6 +71,27 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
             cur: cur as u32,
             prev: prev as u32,
         },
+    }
+}
+
+/// `state` after `delta` units more (or fewer) for a call counted at `at`: in the
+/// aligned window that counted it, still the current one (`cur`) or, once the next has
+/// begun, the previous one (`prev`); `None` once it weighs on nothing.
+pub(super) fn settle(state: State, at: u64, rate: Rate, delta: i64, cap: u64) -> Option<State> {
+    let period = rate.period_micros();
+    let start = at - at % period;
+    if state.t == start {
+        Some(State {
+            cur: adjusted(state.cur, delta, cap),
+            ..state
+        })
+    } else if state.t == start.saturating_add(period) {
+        Some(State {
+            prev: adjusted(state.prev, delta, cap),
+            ..state
+        })
+    } else {
+        None
     }
 }
 

@@ -22,3 +22,9 @@ pub(crate) struct Step {
     /// The state to write when every rule allows.
     pub(crate) next: State,
 }
+
+/// `count` changed by `delta`, within 0 and `cap`.
+pub(super) fn adjusted(count: u32, delta: i64, cap: u64) -> u32 {
+    let count = i128::from(count) + i128::from(delta);
+    count.clamp(0, i128::from(cap)) as u32
+}

@@ -1,24 +1,25 @@
 //! Token bucket as GCRA: one theoretical arrival time (TAT) per key. One token every
-//! `interval = ceil(period / count)` µs, and a burst of exactly `count` (a request passes
-//! while the TAT it leaves is at most `interval × count` ahead). Rounding the interval up
-//! keeps the sustained rate at or below `count / period` when the period does not divide
-//! evenly. Mirrored by `src/store/lua/token_bucket.lua`.
+//! `interval = ceil(period / count)` µs, and a burst of exactly `count` (a call passes
+//! while the TAT it leaves is at most `interval × count` ahead); a call of cost `c` takes
+//! `c` tokens at once. Rounding the interval up keeps the sustained rate at or below
+//! `count / period` when the period does not divide evenly. Mirrored by `token_bucket` in
+//! `src/store/lua/algorithms.lua`.
 
 use super::state::{State, Step};
 use crate::rate::Rate;
 
-pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
+pub(super) fn check(state: Option<State>, now: u64, rate: Rate, cost: u64) -> Step {
     let period = rate.period_micros();
     let limit = rate.count();
     let interval = period.div_ceil(limit);
     let capacity = interval * limit;
     let tat = state.map_or(now, |s| s.t.max(now));
-    let next_tat = tat.saturating_add(interval);
+    let next_tat = tat.saturating_add(interval * cost);
     let span = next_tat - now;
-    if span <= capacity {
+    if cost == 0 || span <= capacity {
         Step {
             allowed: true,
-            remaining: ((capacity - span) / interval).min(limit - 1),
+            remaining: (capacity.saturating_sub(span) / interval).min(limit - cost.min(limit)),
             reset_after: span,
             retry_after: 0,
             next: State {
@@ -30,7 +31,7 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     } else {
         Step {
             allowed: false,
-            remaining: 0,
+            remaining: capacity.saturating_sub(tat - now) / interval,
             reset_after: tat - now,
             retry_after: span - capacity,
             next: State {
@@ -42,6 +43,26 @@ pub(super) fn check(state: Option<State>, now: u64, rate: Rate) -> Step {
     }
 }
 
+/// `state` after `delta` tokens more (or fewer) at `now`: more are taken as a call of
+/// that cost would take them, at most one full bucket beyond empty (the debt's bound);
+/// fewer move the arrival time back (a bucket given back more than it lacks is full).
+pub(super) fn settle(state: State, now: u64, rate: Rate, delta: i64) -> State {
+    let period = rate.period_micros();
+    let interval = period.div_ceil(rate.count());
+    let capacity = interval * rate.count();
+    let tokens = delta.unsigned_abs().min(2 * rate.count());
+    let t = if delta >= 0 {
+        state
+            .t
+            .max(now)
+            .saturating_add(interval * tokens)
+            .min(now.saturating_add(2 * capacity))
+            .max(state.t)
+    } else {
+        state.t.saturating_sub(interval * tokens)
+    };
+    State { t, ..state }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,7 +78,7 @@ mod tests {
             let mut state = None;
             let mut allowed = 0;
             loop {
-                let step = check(state, now, rate);
+                let step = check(state, now, rate, 1);
                 if !step.allowed {
                     break;
                 }

@@ -35,6 +35,10 @@ pub struct Decision {
     /// Index into `rules` of the speaking rule; [`NO_SPEAKER`] when no rule applied.
     speaker: u8,
     allowed: bool,
+    /// The call costs more than a rule's whole limit: it can never fit.
+    exceeds: bool,
+    /// The units the call cost (counted under every rule when allowed), saturating.
+    cost: u32,
     /// The speaking rule's remaining requests (0 without a speaker).
     remaining: u64,
     /// µs until the speaking rule resets (0 without a speaker).
@@ -75,6 +79,7 @@ impl Decision {
         rules: &[Option<(RuleKind, Rate)>; MAX_KEYS],
         outcomes: &[Option<Outcome>; MAX_KEYS],
         now: u64,
+        cost: u64,
     ) -> Decision {
         // Allowed: the fewest remaining speaks. Refused: the longest wait among the
         // refusing rules (ARCHITECTURE.md, behaviour contract item 7). Only a strictly
@@ -112,6 +117,8 @@ impl Decision {
             rules: kept,
             speaker: NO_SPEAKER,
             allowed,
+            exceeds: false,
+            cost: u32::try_from(cost).unwrap_or(u32::MAX),
             remaining: 0,
             reset_after: 0,
             reset_at: 0,
@@ -136,12 +143,52 @@ impl Decision {
     pub(crate) fn of_verdicts(verdicts: &[Option<Verdict>; MAX_KEYS], now: u64) -> Decision {
         let rules = verdicts.map(|v| v.map(|v| (v.kind, v.rate)));
         let outcomes = verdicts.map(|v| v.map(|v| v.outcome));
-        Decision::new(&rules, &outcomes, now)
+        Decision::new(&rules, &outcomes, now, 1)
     }
 
     /// A decision with no applicable rule: allowed, no rate headers.
-    pub(crate) fn unlimited(now: u64) -> Decision {
-        Decision::new(&[None; MAX_KEYS], &[None; MAX_KEYS], now)
+    pub(crate) fn unlimited(now: u64, cost: u64) -> Decision {
+        Decision::new(&[None; MAX_KEYS], &[None; MAX_KEYS], now, cost)
+    }
+
+    /// The rule among `rules` whose whole limit a call of `cost` units exceeds, if any
+    /// (the first in rule order): then the call can never fit.
+    pub(crate) fn exceeded(
+        rules: &[Option<(RuleKind, Rate)>; MAX_KEYS],
+        cost: u64,
+    ) -> Option<usize> {
+        rules
+            .iter()
+            .position(|r| r.is_some_and(|(_, rate)| cost > rate.count()))
+    }
+
+    /// The refusal of a call of `cost` units that rule `index` of `rules` can never
+    /// allow: no store was asked, nothing counted, and no wait would help.
+    pub(crate) fn exceeding(
+        rules: &[Option<(RuleKind, Rate)>; MAX_KEYS],
+        index: usize,
+        now: u64,
+        cost: u64,
+    ) -> Decision {
+        let mut kept = [None; MAX_KEYS];
+        for (slot, rule) in kept.iter_mut().zip(rules) {
+            *slot = rule.map(|(kind, rate)| Rule {
+                kind,
+                allowed: cost <= rate.count(),
+                rate,
+            });
+        }
+        Decision {
+            rules: kept,
+            speaker: index as u8,
+            allowed: false,
+            exceeds: true,
+            cost: u32::try_from(cost).unwrap_or(u32::MAX),
+            remaining: 0,
+            reset_after: 0,
+            reset_at: now,
+            retry_after: 0,
+        }
     }
 
     fn speaking_rule(&self) -> Option<&Rule> {
@@ -174,7 +221,8 @@ impl Decision {
         self.speaking_rule().map(|r| r.rate.count())
     }
 
-    /// Requests the speaking rule has left (0 when rejected).
+    /// Units the speaking rule has left: after this call when allowed; when refused,
+    /// what it has now (fewer than the call costs).
     pub fn remaining(&self) -> Option<u64> {
         self.speaking_rule().map(|_| self.remaining)
     }
@@ -184,9 +232,24 @@ impl Decision {
         Duration::from_micros(self.reset_after)
     }
 
-    /// For a rejected request: how long until every rejecting rule would allow it.
+    /// For a rejected request: how long until every rejecting rule would allow it;
+    /// `None` when allowed, or when the call costs more than a rule's whole limit (no wait
+    /// helps: [`Decision::exceeds_limit`]).
     pub fn retry_after(&self) -> Option<Duration> {
-        (!self.allowed).then(|| Duration::from_micros(self.retry_after))
+        (!self.allowed && !self.exceeds).then(|| Duration::from_micros(self.retry_after))
+    }
+
+    /// The units the call cost: counted under every rule when allowed (1 unless its
+    /// [`Cost`](crate::Cost), cost header or `[cost]` price said otherwise). Saturates at
+    /// `u32::MAX`, far above any limit.
+    pub fn cost(&self) -> u64 {
+        u64::from(self.cost)
+    }
+
+    /// Whether the call was refused because it costs more than a rule's whole limit
+    /// (problem code `COST_EXCEEDS_LIMIT`): retrying cannot help.
+    pub fn exceeds_limit(&self) -> bool {
+        self.exceeds
     }
 
     /// The rules that rejected the request, in rule order.
@@ -230,6 +293,7 @@ mod tests {
                 reset_after: reset,
                 retry_after: if allowed { 0 } else { reset },
                 reset_at: 0,
+                by_fallback: false,
             },
         })
     }
@@ -348,6 +412,7 @@ mod tests {
                         reset_after: reset,
                         retry_after: if allowed { 0 } else { retry + 1 },
                         reset_at: reset_at * 1_000_000,
+                        by_fallback: false,
                     },
                 },
             ),
@@ -417,7 +482,7 @@ mod tests {
 
     #[test]
     fn no_rule_means_allowed_without_a_speaker() {
-        let d = Decision::unlimited(5);
+        let d = Decision::unlimited(5, 1);
         assert!(d.is_allowed());
         assert_eq!(
             (d.rule(), d.limit(), d.reset_epoch_secs()),

@@ -55,19 +55,34 @@ pub(crate) fn refuse(
         if tool_result {
             buf.extend_from_slice(b",\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"");
             detail_into(buf, decision, named);
-            let unit = if retry == 1 { "second" } else { "seconds" };
-            let _ = write!(buf, ". Retry after {retry} {unit}.\"}}],\"isError\":true");
+            if decision.exceeds_limit() {
+                buf.extend_from_slice(b".\"}],\"isError\":true");
+            } else {
+                let unit = if retry == 1 { "second" } else { "seconds" };
+                let _ = write!(buf, ". Retry after {retry} {unit}.\"}}],\"isError\":true");
+            }
             // From 2026-07-28 on, a server must say what kind of result it sends.
             if server_validates(request_headers) {
                 buf.extend_from_slice(b",\"resultType\":\"complete\"");
             }
             buf.extend_from_slice(b"}}");
         } else {
+            let message = if decision.exceeds_limit() {
+                "Cost exceeds the limit"
+            } else {
+                "Rate limit exceeded"
+            };
             let _ = write!(
                 buf,
-                ",\"error\":{{\"code\":{RATE_LIMIT_ERROR_CODE},\"message\":\"Rate limit exceeded\",\
-                 \"data\":{{\"retry_after\":{retry},\"violated\":"
+                ",\"error\":{{\"code\":{RATE_LIMIT_ERROR_CODE},\"message\":\"{message}\",\"data\":{{"
             );
+            if !decision.exceeds_limit() {
+                let _ = write!(buf, "\"retry_after\":{retry},");
+            }
+            if decision.cost() != 1 || decision.exceeds_limit() {
+                let _ = write!(buf, "\"cost\":{},", decision.cost());
+            }
+            buf.extend_from_slice(b"\"violated\":");
             violated_into(buf, decision);
             if let Some((kind, name)) = named {
                 let _ = write!(buf, ",\"{kind}\":\"");
@@ -85,7 +100,9 @@ pub(crate) fn refuse(
     let content_type = if sse { &EVENT_STREAM } else { &JSON };
     resp.headers_mut()
         .insert(CONTENT_TYPE, content_type.clone());
-    write_headers(style, decision, resp.headers_mut(), true);
+    if !decision.exceeds_limit() {
+        write_headers(style, decision, resp.headers_mut(), true);
+    }
     Some(resp)
 }
 

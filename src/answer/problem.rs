@@ -16,27 +16,70 @@ use crate::key::RuleKind;
 static PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 
 /// The 429 answer: rate headers, `Retry-After`, and a problem+json body that names the
-/// rules (and the tool, when the tool's rule was exceeded) but never a user or tenant.
+/// rules, the tool or prompt when its rule is among them, and the call's cost when it is
+/// not 1, but never a user or tenant. A call that costs more than a rule's whole limit
+/// gets code `COST_EXCEEDS_LIMIT`, and no `Retry-After`: no wait would help.
 pub(crate) fn too_many_requests(
     style: HeaderStyle,
     decision: &Decision,
     named: Option<(RuleKind, &str)>,
 ) -> Response<Bytes> {
-    let retry = decision.retry_after_secs();
+    let exceeds = decision.exceeds_limit();
     let body = cut(|buf| {
         buf.extend_from_slice(
-            b"{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",\
-              \"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\",\
-              \"detail\":\"",
+            b"{\"type\":\"https://iana.org/assignments/http-problem-types#quota-exceeded\",",
         );
+        if exceeds {
+            buf.extend_from_slice(
+                b"\"title\":\"Cost exceeds the limit\",\"status\":429,\"code\":\"COST_EXCEEDS_LIMIT\"",
+            );
+        } else {
+            buf.extend_from_slice(
+                b"\"title\":\"Rate limit exceeded\",\"status\":429,\"code\":\"RATE_LIMIT\"",
+            );
+        }
+        named_into(buf, decision, named);
+        buf.extend_from_slice(b",\"detail\":\"");
         detail_into(buf, decision, named);
-        let _ = write!(buf, "\",\"retry_after\":{retry},\"violated\":");
+        buf.extend_from_slice(b"\"");
+        if decision.cost() != 1 || exceeds {
+            let _ = write!(buf, ",\"cost\":{}", decision.cost());
+        }
+        match decision.speaking() {
+            Some(v) if exceeds => {
+                let _ = write!(buf, ",\"limit\":{}", v.rate.count());
+            }
+            Some(v) if decision.cost() != 1 => {
+                let _ = write!(buf, ",\"remaining\":{}", v.remaining);
+            }
+            _ => {}
+        }
+        if !exceeds {
+            let _ = write!(buf, ",\"retry_after\":{}", decision.retry_after_secs());
+        }
+        buf.extend_from_slice(b",\"violated\":");
         violated_into(buf, decision);
         buf.extend_from_slice(b"}");
     });
     let mut resp = problem(StatusCode::TOO_MANY_REQUESTS, body);
-    write_headers(style, decision, resp.headers_mut(), true);
+    if !exceeds {
+        write_headers(style, decision, resp.headers_mut(), true);
+    }
     resp
+}
+
+/// `,"tool":"search"` (or `"prompt"`) when the call's tool or prompt has a rule among
+/// those that refused it, whichever rule speaks.
+pub(crate) fn named_into(buf: &mut BytesMut, decision: &Decision, named: Option<(RuleKind, &str)>) {
+    let Some((kind, name)) = named else { return };
+    let violated = decision
+        .violated()
+        .any(|v| v == kind || (kind == RuleKind::Tool && v == RuleKind::UserTool));
+    if violated {
+        let _ = write!(buf, ",\"{kind}\":\"");
+        json_escape_into(buf, name);
+        buf.extend_from_slice(b"\"");
+    }
 }
 
 /// Writes, JSON-escaped, the detail of a refusal. It describes the speaking rule, as every
@@ -65,6 +108,24 @@ pub(crate) fn detail_into(
             let _ = write!(buf, ": {} limit of {}", v.kind, v.rate);
         }
         (None, _) => {}
+    }
+    let cost = decision.cost();
+    match decision.speaking() {
+        Some(v) if decision.exceeds_limit() => {
+            let _ = write!(
+                buf,
+                " (the call costs {cost} units, more than the whole {} limit of {}: retrying cannot help)",
+                v.kind, v.rate
+            );
+        }
+        Some(v) if cost != 1 => {
+            let _ = write!(
+                buf,
+                " (the call costs {cost} units; {} are left)",
+                v.remaining
+            );
+        }
+        _ => {}
     }
 }
 

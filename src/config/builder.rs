@@ -7,7 +7,7 @@ use super::error::ConfigError;
 use super::model::{
     Anonymous, BackendKind, Choice, FailMode, Fallback, HeaderStyle, Mode, RateLimitConfig, Refusal,
 };
-use super::schema::{Loose, Raw, RawMcp, RawTier, Scalar};
+use super::schema::{Loose, Raw, RawCost, RawMcp, RawTier, Scalar};
 use crate::algorithm::Algorithm;
 use crate::rate::Rate;
 
@@ -89,6 +89,38 @@ impl RateLimitConfigBuilder {
             .by_user_tool
             .get_or_insert_with(Vec::new)
             .push((name.into(), rate.into().0));
+        self
+    }
+    /// Turn on `[cost]`: rules are budgets of units, and each forwarded request carries a
+    /// [`Charge`](crate::Charge) to settle its real cost with.
+    pub fn costs(mut self) -> Self {
+        self.raw.cost.get_or_insert_with(RawCost::default);
+        self
+    }
+    /// A call of the tool `name` costs `units` (`[cost.tools]`; turns on `[cost]`).
+    pub fn tool_cost(mut self, name: impl Into<String>, units: u64) -> Self {
+        self.raw
+            .cost
+            .get_or_insert_with(RawCost::default)
+            .tools
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), Scalar::Int(i128::from(units))));
+        self
+    }
+    /// A `prompts/get` of the MCP prompt `name` costs `units` (`[cost.prompts]`; turns on
+    /// `[cost]`).
+    pub fn prompt_cost(mut self, name: impl Into<String>, units: u64) -> Self {
+        self.raw
+            .cost
+            .get_or_insert_with(RawCost::default)
+            .prompts
+            .get_or_insert_with(Vec::new)
+            .push((name.into(), Scalar::Int(i128::from(units))));
+        self
+    }
+    /// Read a call's cost from this header (`[identity] cost_header`).
+    pub fn cost_header(mut self, name: impl Into<String>) -> Self {
+        self.raw.identity.cost_header = Some(Scalar::Text(name.into()));
         self
     }
     /// Turn on `[mcp]` (its defaults unless set below).

@@ -156,11 +156,55 @@ impl Check {
         what: &str,
         entries: &Option<Vec<(String, Scalar)>>,
     ) -> BTreeMap<String, Rate> {
-        let mut rates = BTreeMap::new();
+        self.named(table, what, entries, |c, field, value| c.rate(field, value))
+    }
+
+    /// A `[cost.tools]`-like table: names as for [`Check::names`], each an integer
+    /// number of units from 0 to `max`.
+    pub(crate) fn prices(
+        &mut self,
+        table: &str,
+        what: &str,
+        entries: &Option<Vec<(String, Scalar)>>,
+        max: u64,
+    ) -> BTreeMap<String, u64> {
+        self.named(table, what, entries, |c, field, value| match value {
+            Some(Scalar::Int(n)) if (0..=i128::from(max)).contains(n) => Some(*n as u64),
+            Some(Scalar::Int(n)) => {
+                c.err.push(
+                    field,
+                    format!("{n} is out of range: a cost is 0 to {max} units"),
+                );
+                None
+            }
+            Some(Scalar::Text(_)) => {
+                c.err
+                    .push(field, "expected a number of units, found a string");
+                None
+            }
+            Some(Scalar::Other(found)) => {
+                c.err
+                    .push(field, format!("expected a number of units, found {found}"));
+                None
+            }
+            None => None,
+        })
+    }
+
+    /// A table of names (trimmed and lower-cased, none empty, no two alike) to values
+    /// `read` checks.
+    fn named<T>(
+        &mut self,
+        table: &str,
+        what: &str,
+        entries: &Option<Vec<(String, Scalar)>>,
+        mut read: impl FnMut(&mut Check, &str, &Option<Scalar>) -> Option<T>,
+    ) -> BTreeMap<String, T> {
+        let mut values = BTreeMap::new();
         let mut written: BTreeMap<String, String> = BTreeMap::new();
-        for (name, rate) in entries.iter().flatten() {
+        for (name, value) in entries.iter().flatten() {
             let field = format!("{table}[{name:?}]");
-            let rate = self.rate(&field, &Some(rate.clone()));
+            let value = read(self, &field, &Some(value.clone()));
             let normalized = normalize_tool(name);
             if normalized.is_empty() {
                 self.err.push(field, format!("{what} name is empty"));
@@ -174,11 +218,11 @@ impl Check {
                 continue;
             }
             written.insert(normalized.clone(), name.clone());
-            if let Some(rate) = rate {
-                rates.insert(normalized, rate);
+            if let Some(value) = value {
+                values.insert(normalized, value);
             }
         }
-        rates
+        values
     }
 
     /// A byte size for `setting`: an integer, or text such as `"1MiB"`, `"512 KiB"`,

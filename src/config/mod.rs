@@ -16,8 +16,8 @@ mod validate;
 pub use builder::{RateLimitConfigBuilder, RateSpec};
 pub use error::ConfigError;
 pub use model::{
-    Anonymous, BackendConfig, BackendKind, FailMode, Fallback, HeaderStyle, IdentityConfig,
-    McpConfig, Mode, RateLimitConfig, Refusal, TierConfig,
+    Anonymous, BackendConfig, BackendKind, CostConfig, FailMode, Fallback, HeaderStyle,
+    IdentityConfig, McpConfig, Mode, RateLimitConfig, Refusal, TierConfig,
 };
 #[cfg(test)]
 pub(crate) use validate::canonical;

@@ -144,6 +144,7 @@ pub struct IdentityConfig {
     pub(crate) tenant_header: Option<HeaderName>,
     pub(crate) tool_header: Option<HeaderName>,
     pub(crate) tool_path: Option<ToolPath>,
+    pub(crate) cost_header: Option<HeaderName>,
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     pub(crate) ipv6_prefix: u8,
     pub(crate) anonymous: Anonymous,
@@ -156,6 +157,7 @@ impl Default for IdentityConfig {
             tenant_header: None,
             tool_header: None,
             tool_path: None,
+            cost_header: None,
             trusted_proxies: Vec::new(),
             ipv6_prefix: settings::IPV6_PREFIX.default as u8,
             anonymous: Anonymous::Shared,
@@ -175,6 +177,11 @@ impl IdentityConfig {
     /// Header carrying the tool name.
     pub fn tool_header(&self) -> Option<&HeaderName> {
         self.tool_header.as_ref()
+    }
+    /// Header carrying a call's cost in units (an upstream's estimate), when the request
+    /// has no [`Cost`](crate::Cost) extension.
+    pub fn cost_header(&self) -> Option<&HeaderName> {
+        self.cost_header.as_ref()
     }
     /// The path pattern the tool name is taken from (`"/tools/{name}"`), when a request
     /// has no [`ToolName`](crate::ToolName) extension.
@@ -244,6 +251,34 @@ impl McpConfig {
     /// (default 1 MiB); a larger body is passed on unparsed.
     pub fn max_body(&self) -> usize {
         self.max_body
+    }
+}
+
+/// `[cost]`: the price in units of each tool and prompt (`[cost.tools]`,
+/// `[cost.prompts]`), by normalised name; any other call costs one unit unless its
+/// [`Cost`](crate::Cost) extension or `[identity] cost_header` says otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CostConfig {
+    pub(crate) tools: BTreeMap<String, u64>,
+    pub(crate) prompts: BTreeMap<String, u64>,
+}
+
+impl CostConfig {
+    /// Each priced tool with its price in units.
+    pub fn tools(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.tools
+            .iter()
+            .map(|(name, units)| (name.as_str(), *units))
+    }
+    /// Each priced MCP prompt with its price in units.
+    pub fn prompts(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.prompts
+            .iter()
+            .map(|(name, units)| (name.as_str(), *units))
+    }
+    /// The price of one tool; `name` is normalised as requests are.
+    pub fn tool(&self, name: &str) -> Option<u64> {
+        self.tools.get(&normalize_tool(name)).copied()
     }
 }
 
@@ -441,6 +476,7 @@ pub struct RateLimitConfig {
     pub(crate) headers: HeaderStyle,
     pub(crate) identity: IdentityConfig,
     pub(crate) mcp: Option<McpConfig>,
+    pub(crate) cost: Option<CostConfig>,
     pub(crate) backend: BackendConfig,
 }
 
@@ -486,6 +522,11 @@ impl RateLimitConfig {
     /// The `[mcp]` section, when present.
     pub fn mcp(&self) -> Option<&McpConfig> {
         self.mcp.as_ref()
+    }
+    /// The `[cost]` section, when present: rules are budgets of units, and calls can be
+    /// settled after they ran ([`Charge`](crate::Charge)).
+    pub fn cost(&self) -> Option<&CostConfig> {
+        self.cost.as_ref()
     }
     /// Per-user, per-tool rates (`by_user_tool`), by normalised tool name: each user has
     /// their own counter for each of these tools.

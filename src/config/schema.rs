@@ -104,7 +104,19 @@ pub(crate) struct Raw {
     pub(crate) headers: Option<Scalar>,
     pub(crate) identity: RawIdentity,
     pub(crate) mcp: Option<RawMcp>,
+    pub(crate) cost: Option<RawCost>,
     pub(crate) backend: RawBackend,
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct RawCost {
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) tools: Option<Vec<(String, Scalar)>>,
+    #[serde(deserialize_with = "deserialize_tools")]
+    pub(crate) prompts: Option<Vec<(String, Scalar)>>,
     #[serde(flatten)]
     pub(crate) unknown: BTreeMap<String, IgnoredAny>,
 }
@@ -138,6 +150,7 @@ pub(crate) struct RawIdentity {
     pub(crate) tenant_header: Option<Scalar>,
     pub(crate) tool_header: Option<Scalar>,
     pub(crate) tool_path: Option<Scalar>,
+    pub(crate) cost_header: Option<Scalar>,
     pub(crate) trusted_proxies: Option<Loose<Vec<Scalar>>>,
     pub(crate) ipv6_prefix: Option<Scalar>,
     #[serde(flatten)]

@@ -88,6 +88,10 @@ pub(crate) const KEY_PREFIX_MAX_LEN: usize = 64;
 /// truncated: truncation would merge distinct identities.
 pub const MAX_IDENTITY_LEN: usize = 256;
 
+/// The largest cost a `[cost.tools]` or `[cost.prompts]` entry may give a call, in units:
+/// the largest count a rate may have (a call costing more could never fit any rule).
+pub(crate) const MAX_COST: u64 = 1_000_000_000;
+
 /// Longest tier name (it is part of every key of the tier's counters).
 pub(crate) const MAX_TIER_NAME: usize = 32;
 

@@ -56,12 +56,27 @@ pub(crate) fn act<B>(
     if outcomes.len() != plan.rules.iter().flatten().count() {
         return store_failed(shared, policy, plan, &miscounted());
     }
-    let decision = Decision::new(&plan.rules, outcomes.slots(), plan.now);
-    let count = |decided| policy.count(decided, decision.rule(), plan.tool);
+    let decision = Decision::new(&plan.rules, outcomes.slots(), plan.now, plan.cost);
     if decision.is_allowed() {
-        count(Decided::Allowed);
+        policy.count(Decided::Allowed, decision.rule(), plan.tool);
+        policy.charged(&plan.rules, plan.cost);
         return Action::Forward(Some(decision));
     }
+    refused(shared, policy, plan, decision, req, call)
+}
+
+/// A refused call (its rules refused it, or it costs more than one's whole limit): in
+/// enforce mode the 429 (in MCP form for a call `McpLayer` read), in permissive mode a
+/// logged forward.
+pub(crate) fn refused<B>(
+    shared: &Shared,
+    policy: &Policy,
+    plan: &Plan,
+    decision: Decision,
+    req: &Request<B>,
+    call: Option<McpCall<'_>>,
+) -> Action {
+    let count = |decided| policy.count(decided, decision.rule(), plan.tool);
     let named = plan.tool.map(|(target, i)| match target {
         Target::Tool => (RuleKind::Tool, policy.rules.tool_name(i)),
         Target::Prompt => (RuleKind::Prompt, policy.rules.prompt_name(i)),

@@ -13,10 +13,12 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::act::{act, panicked, Action};
+use super::charge::{Charge, Settle};
 use super::shared::{Decorate, Shared};
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::headers;
+use crate::key::OwnedKeys;
 use crate::policy::metrics::Started;
 use crate::policy::plan::Plan;
 use crate::policy::Policy;
@@ -55,6 +57,8 @@ pin_project! {
             fut: S::Future,
             decision: Option<Decision>,
             decorate: Decorate,
+            // Settled by a `Settle` the response carries (`[cost]` only).
+            charge: Charge,
         },
         Respond {
             resp: Option<Response<Bytes>>,
@@ -73,13 +77,20 @@ pub(crate) struct Checking<S, ReqB> {
     pub(crate) policy: Arc<Policy>,
     pub(crate) plan: Plan,
     pub(crate) find: FindCall<ReqB>,
+    /// The request's keys, kept when `[cost]` is on (its `Charge` settles under them).
+    pub(crate) keys: Option<OwnedKeys>,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
 {
-    pub(crate) fn calling(fut: S::Future, decision: Option<Decision>, decorate: Decorate) -> Self {
+    pub(crate) fn calling(
+        fut: S::Future,
+        decision: Option<Decision>,
+        decorate: Decorate,
+        charge: Charge,
+    ) -> Self {
         // Nothing to write and nothing to insert: nothing to carry.
         let decision = decision.filter(|_| decorate.writes());
         ResponseFuture {
@@ -87,6 +98,7 @@ where
                 fut,
                 decision,
                 decorate,
+                charge,
             },
         }
     }
@@ -135,6 +147,7 @@ where
                         policy,
                         plan,
                         find,
+                        keys,
                     } = &mut **checking;
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
@@ -145,11 +158,23 @@ where
                         Action::Respond(resp) => State::Respond { resp: Some(resp) },
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
-                            let req = req.take().expect("polled after completion");
+                            let mut req = req.take().expect("polled after completion");
+                            let charge = match (keys.take(), decision, &result) {
+                                (Some(keys), Some(d), Ok(outcomes))
+                                    if d.is_allowed() && plan.cost > 0 =>
+                                {
+                                    Charge::counted_owned(shared, policy, keys, outcomes, plan.cost)
+                                }
+                                _ => Charge::uncounted(),
+                            };
+                            if policy.costed {
+                                req.extensions_mut().insert(charge.clone());
+                            }
                             State::Calling {
                                 fut: svc.call(req),
                                 decision,
                                 decorate: shared.decorate(policy),
+                                charge,
                             }
                         }
                     };
@@ -159,8 +184,15 @@ where
                     fut,
                     decision,
                     decorate,
+                    charge,
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
+                    if charge.is_counted() {
+                        if let Some(Settle(units)) = resp.extensions_mut().remove::<Settle>() {
+                            // Applied, or sent from the store's task: nothing to wait for.
+                            let _settling = charge.settle(units);
+                        }
+                    }
                     if let Some(decision) = decision {
                         headers::write_headers(decorate.style, decision, resp.headers_mut(), false);
                         if decorate.insert_decision {

@@ -116,11 +116,13 @@ impl RateLimitLayer {
     /// Failure counts so far.
     pub fn stats(&self) -> Stats {
         let h = &self.shared.health;
+        let store = self.shared.store.stats();
         Stats {
             store_errors: h.store_errors.load(Ordering::Relaxed),
             fail_open: h.fail_open.load(Ordering::Relaxed),
             fail_closed: h.fail_closed.load(Ordering::Relaxed),
-            fallback_answers: self.shared.store.stats().fallback_answers,
+            fallback_answers: store.fallback_answers,
+            settle_failures: h.settle_failures.load(Ordering::Relaxed) + store.settle_failures,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! "One request").
 
 pub(crate) mod act;
+pub(crate) mod charge;
 pub(crate) mod future;
 pub(crate) mod handle;
 pub(crate) mod layer;

@@ -9,14 +9,15 @@ use arc_swap::Guard;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::act::{act, panicked, Action};
+use super::act::{act, panicked, refused, Action};
+use super::charge::Charge;
 use super::future::{Checking, ResponseFuture};
 use super::shared::Shared;
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::problem;
 use crate::config::Mode;
-use crate::key::{Key, RuleKind, Subject, MAX_KEYS};
+use crate::key::{Key, OwnedKeys, RuleKind, Subject, MAX_KEYS};
 use crate::policy::metrics::{self, Decided, Started};
 use crate::policy::plan::{self, Plan};
 use crate::policy::Policy;
@@ -92,7 +93,7 @@ impl<S> RateLimit<S> {
     /// itself: no request extension, no allocation).
     pub(crate) fn call_with<ReqB, ResB>(
         &mut self,
-        req: Request<ReqB>,
+        mut req: Request<ReqB>,
         find: FindCall<ReqB>,
         policy: Guard<Arc<Policy>>,
     ) -> ResponseFuture<S, ReqB>
@@ -102,12 +103,27 @@ impl<S> RateLimit<S> {
         let shared = &*self.shared;
         if policy.mode == Mode::Disabled {
             metrics::gauges(|| shared.clock.now_micros());
-            return ResponseFuture::calling(self.inner.call(req), None, shared.decorate(&policy));
+            let charge = policy.costed.then(Charge::uncounted);
+            return {
+                let charge = attach(&mut req, charge);
+                ResponseFuture::calling(
+                    self.inner.call(req),
+                    None,
+                    shared.decorate(&policy),
+                    charge,
+                )
+            };
         }
         let now = shared.clock.now_micros();
         metrics::gauges(|| now);
         let call = find(&req);
-        let who = match identity::extract(&req, &policy.identity, policy.mcp_headers, call) {
+        let who = match identity::extract(
+            &req,
+            &policy.identity,
+            policy.mcp_headers,
+            policy.costed,
+            call,
+        ) {
             Ok(who) => who,
             Err(bad) if policy.mode == Mode::Enforce => {
                 if let Some(suppressed) = shared.health.identity_log.may_log(now) {
@@ -128,7 +144,13 @@ impl<S> RateLimit<S> {
                         "tollgate: a refused identity field counted as absent (permissive)"
                     );
                 }
-                identity::extract_lenient(&req, &policy.identity, policy.mcp_headers, call)
+                identity::extract_lenient(
+                    &req,
+                    &policy.identity,
+                    policy.mcp_headers,
+                    policy.costed,
+                    call,
+                )
             }
         };
 
@@ -143,8 +165,9 @@ impl<S> RateLimit<S> {
             rules: [None; MAX_KEYS],
             tool: None,
             now,
+            cost: 1,
         };
-        let (n, tool) = plan::keys(
+        let (n, tool, cost) = plan::keys(
             &shared.health.plan,
             &policy,
             &req,
@@ -154,17 +177,47 @@ impl<S> RateLimit<S> {
             &mut plan.rules,
         );
         plan.tool = tool;
+        plan.cost = cost;
+        let charge = policy.costed.then(Charge::uncounted);
         if n == 0 {
             policy.count(Decided::Allowed, None, None);
-            let decision = Decision::unlimited(now);
-            return ResponseFuture::calling(
-                self.inner.call(req),
-                Some(decision),
-                shared.decorate(&policy),
-            );
+            let decision = Decision::unlimited(now, cost);
+            return {
+                let charge = attach(&mut req, charge);
+                ResponseFuture::calling(
+                    self.inner.call(req),
+                    Some(decision),
+                    shared.decorate(&policy),
+                    charge,
+                )
+            };
+        }
+        // A call that costs more than a rule's whole limit can never fit: refused here,
+        // with nothing counted and no wait to state (ARCHITECTURE.md, behaviour contract
+        // item 19).
+        // (Without `[cost]` every call costs 1, which every rule fits.)
+        let exceeded = if policy.costed {
+            Decision::exceeded(&plan.rules, cost)
+        } else {
+            None
+        };
+        if let Some(rule) = exceeded {
+            let decision = Decision::exceeding(&plan.rules, rule, now, cost);
+            return match refused(shared, &policy, &plan, decision, &req, call) {
+                Action::Respond(resp) => ResponseFuture::respond(resp),
+                Action::Forward(decision) => {
+                    let charge = attach(&mut req, charge);
+                    ResponseFuture::calling(
+                        self.inner.call(req),
+                        decision,
+                        shared.decorate(&policy),
+                        charge,
+                    )
+                }
+            };
         }
 
-        let request = StoreRequest::new(&keys[..n], now);
+        let request = StoreRequest::new(&keys[..n], now).with_cost(cost);
         let started = Started::now();
         let answer = catch_unwind(AssertUnwindSafe(|| shared.store.check(&request)))
             .unwrap_or_else(|_| StoreFuture::Ready(Err(panicked())));
@@ -174,17 +227,31 @@ impl<S> RateLimit<S> {
                 started.answered(&policy.metrics);
                 match act(shared, &policy, &plan, result, &req, call) {
                     Action::Respond(resp) => ResponseFuture::respond(resp),
-                    Action::Forward(decision) => ResponseFuture::calling(
-                        self.inner.call(req),
-                        decision,
-                        shared.decorate(&policy),
-                    ),
+                    Action::Forward(decision) => {
+                        let charge = charge.map(|uncounted| match (decision, result) {
+                            (Some(d), Ok(outcomes)) if d.is_allowed() && cost > 0 => {
+                                Charge::counted(&self.shared, &policy, &keys[..n], outcomes, cost)
+                            }
+                            _ => uncounted,
+                        });
+                        {
+                            let charge = attach(&mut req, charge);
+                            ResponseFuture::calling(
+                                self.inner.call(req),
+                                decision,
+                                shared.decorate(&policy),
+                                charge,
+                            )
+                        }
+                    }
                 }
             }
             StoreFuture::Pending(check) => {
                 // The instance polled ready goes with the request; this one is a fresh clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
+                // A settlement after the response needs the keys, which borrow the request.
+                let keys = policy.costed.then(|| OwnedKeys::new(&keys[..n]));
                 let policy = Guard::into_inner(policy);
                 let checking = Checking {
                     check,
@@ -195,9 +262,23 @@ impl<S> RateLimit<S> {
                     policy,
                     plan,
                     find,
+                    keys,
                 };
                 ResponseFuture::checking(checking)
             }
         }
+    }
+}
+
+/// Puts `charge` (when `[cost]` is on) into the request's extensions, for the handler;
+/// the response future keeps the charge to settle a `Settle` the response carries.
+#[inline(always)]
+fn attach<B>(req: &mut Request<B>, charge: Option<Charge>) -> Charge {
+    match charge {
+        Some(charge) => {
+            req.extensions_mut().insert(charge.clone());
+            charge
+        }
+        None => Charge::uncounted(),
     }
 }

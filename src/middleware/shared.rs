@@ -64,6 +64,9 @@ pub(crate) struct Health {
     pub(crate) store_errors: AtomicU64,
     pub(crate) fail_open: AtomicU64,
     pub(crate) fail_closed: AtomicU64,
+    /// Settlements the store refused (a store that failed to settle later counts them in
+    /// its own stats).
+    pub(crate) settle_failures: AtomicU64,
     /// Store failures.
     pub(crate) log: LogGate,
     /// Refused identities (400s), and identities counted as anonymous in permissive mode.
@@ -74,6 +77,8 @@ pub(crate) struct Health {
     pub(crate) permissive_log: LogGate,
     /// What building a request's plan warns of.
     pub(crate) plan: Warnings,
+    /// Settlements that failed.
+    pub(crate) settle_log: LogGate,
 }
 
 /// Failure counts since the layer was built.
@@ -89,4 +94,7 @@ pub struct Stats {
     /// Requests a fallback store answered while Redis was failing (limits then held per
     /// instance).
     pub fallback_answers: u64,
+    /// Calls whose settlement ([`Charge::settle`](crate::Charge::settle)) failed: they
+    /// stay counted at their first cost.
+    pub settle_failures: u64,
 }

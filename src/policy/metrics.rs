@@ -59,6 +59,9 @@ pub(crate) struct Metrics {
     /// `tollgate_store_latency_seconds{backend}`, registered on first use.
     #[cfg(feature = "metrics")]
     latency: OnceLock<metrics::Histogram>,
+    /// `tollgate_units_total{rule, direction}`: by rule kind, charged then refunded.
+    #[cfg(feature = "metrics")]
+    units: [[OnceLock<metrics::Counter>; 2]; RULES],
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     backend: &'static str,
 }
@@ -97,6 +100,8 @@ impl Metrics {
             tools: _tools.len(),
             #[cfg(feature = "metrics")]
             latency: OnceLock::new(),
+            #[cfg(feature = "metrics")]
+            units: Default::default(),
             backend,
         }
     }
@@ -111,6 +116,24 @@ impl Metrics {
     ) {
         #[cfg(feature = "metrics")]
         self.handle(_decided, _rule, _tool).increment(1);
+    }
+
+    /// Counts `delta` units under `rule`: charged when positive, refunded when negative.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn units(&self, rule: RuleKind, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let direction = usize::from(delta < 0);
+        self.units[1 + rule as usize][direction]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "tollgate_units_total",
+                    "rule" => rule.as_str(),
+                    "direction" => if direction == 0 { "charged" } else { "refunded" }
+                )
+            })
+            .increment(delta.unsigned_abs());
     }
 
     #[cfg(feature = "metrics")]

@@ -8,7 +8,8 @@ pub(crate) mod rules;
 
 use crate::algorithm::Algorithm;
 use crate::config::{FailMode, HeaderStyle, IdentityConfig, Mode, RateLimitConfig, Refusal};
-use crate::key::RuleKind;
+use crate::key::{RuleKind, MAX_KEYS};
+use crate::rate::Rate;
 use crate::request::target::Target;
 use metrics::{Decided, Metrics};
 use rules::Rules;
@@ -27,6 +28,8 @@ pub(crate) struct Policy {
     pub(crate) refusal: Refusal,
     /// This policy's metric handles (feature `metrics`).
     pub(crate) metrics: Metrics,
+    /// `[cost]` is configured: rules are budgets, and forwarded calls carry a `Charge`.
+    pub(crate) costed: bool,
 }
 
 impl Policy {
@@ -43,6 +46,7 @@ impl Policy {
             identity: cfg.identity().clone(),
             mcp_headers: cfg.mcp().is_some(),
             refusal: cfg.mcp().map_or(Refusal::ToolError, |m| m.refusal()),
+            costed: cfg.cost().is_some(),
         }
     }
 
@@ -55,5 +59,23 @@ impl Policy {
         tool: Option<(Target, u32)>,
     ) {
         self.metrics.count(decided, rule, tool);
+    }
+
+    /// Counts `cost` units charged under each of `rules` (feature `metrics`).
+    #[inline(always)]
+    pub(crate) fn charged(&self, _rules: &[Option<(RuleKind, Rate)>; MAX_KEYS], _cost: u64) {
+        #[cfg(feature = "metrics")]
+        for (kind, _) in _rules.iter().flatten() {
+            self.metrics.units(*kind, _cost as i64);
+        }
+    }
+
+    /// Counts a settlement of `delta` units under each of `kinds`: charged when
+    /// positive, refunded when negative (feature `metrics`).
+    pub(crate) fn settled(&self, _kinds: impl Iterator<Item = RuleKind>, _delta: i64) {
+        #[cfg(feature = "metrics")]
+        for kind in _kinds {
+            self.metrics.units(kind, _delta);
+        }
     }
 }

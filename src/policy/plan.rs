@@ -23,6 +23,8 @@ pub(crate) struct Plan {
     /// The tool or prompt whose rule applies (for the refusal's detail).
     pub(crate) tool: Option<(Target, u32)>,
     pub(crate) now: u64,
+    /// What the call costs, in units.
+    pub(crate) cost: u64,
 }
 
 /// The warnings building a plan may log, each kept to about a line a second: a client can
@@ -35,9 +37,11 @@ pub(crate) struct Warnings {
     pub(crate) no_peer: LogGate,
 }
 
-/// Fills `keys` and `rules_out` (the first `n` slots) for `req`; returns `n` and the tool
-/// or MCP prompt whose rule applies (for the refusal's detail), if any. A prompt
-/// (`[by_prompt]`) takes the tool's place: one shared counter per prompt, no tiers.
+/// Fills `keys` and `rules_out` (the first `n` slots) for `req`; returns `n`, the tool
+/// or MCP prompt whose rule applies (for the refusal's detail), if any, and what the call
+/// costs in units: its `Cost` extension or cost header, else its tool's or prompt's
+/// `[cost]` price, else 1. A prompt (`[by_prompt]`) takes the tool's place: one shared
+/// counter per prompt, no tiers.
 pub(crate) fn keys<'r, B>(
     warnings: &Warnings,
     policy: &'r Policy,
@@ -46,7 +50,7 @@ pub(crate) fn keys<'r, B>(
     now: u64,
     keys: &mut [Key<'r>; MAX_KEYS],
     rules_out: &mut [Option<(RuleKind, Rate)>; MAX_KEYS],
-) -> (usize, Option<(Target, u32)>) {
+) -> (usize, Option<(Target, u32)>, u64) {
     let rules = &policy.rules;
     // The tier: the app's `Tier` extension, else `[tenants]`; a tier's own rules count
     // in counters of their own (the tier is in the key), the rules it does not name are
@@ -72,9 +76,13 @@ pub(crate) fn keys<'r, B>(
     let tool = called(Target::Tool)
         .and_then(|t| rules.tool(&t.name, who.tool_from_path))
         .map(|i| (i, rules.tool_name(i)));
-    let prompt = called(Target::Prompt)
-        .and_then(|p| rules.prompt(&p.name))
-        .map(|(i, rate)| (i, rate, rules.prompt_name(i)));
+    let prompt = called(Target::Prompt).and_then(|p| rules.prompt(&p.name));
+    let cost = who
+        .cost
+        .or_else(|| tool.and_then(|(i, _)| rules.tool_cost(i)))
+        .or_else(|| prompt.and_then(|(i, _)| rules.prompt_cost(i)))
+        .unwrap_or(1);
+    let prompt = prompt.and_then(|(i, rate)| Some((i, rate?, rules.prompt_name(i))));
     let set = tier.map(|(_, set)| set);
     let user_rule = pick(rules.base.user, set.and_then(|s| s.user));
     let tenant_rule = pick(rules.base.tenant, set.and_then(|s| s.tenant));
@@ -141,7 +149,7 @@ pub(crate) fn keys<'r, B>(
         .filter(|_| tool_rule.is_some() || user_tool_rule.is_some())
         .map(|(i, _)| (Target::Tool, i))
         .or(prompt.map(|(i, _, _)| (Target::Prompt, i)));
-    (n, named)
+    (n, named, cost)
 }
 
 /// `key` under `tier`'s rule, when the rule came from a tier.

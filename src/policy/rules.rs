@@ -1,5 +1,6 @@
 //! The configured rates, compiled for lookup: the base rules and each tier's overrides as
-//! [`RuleSet`]s, tools and prompts by number, and each `[tenants]` entry's tier.
+//! [`RuleSet`]s, tools and prompts by number (with their `[cost]` prices), and each
+//! `[tenants]` entry's tier.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,9 +19,13 @@ pub(crate) struct Rules {
     tier_index: HashMap<Box<str>, u32>,
     tenants: HashMap<Box<[u8]>, u32>,
     tools: Names,
-    /// `[by_prompt]` (prompts have no tiers and no per-user rule): names and rates.
+    /// Each tool's `[cost.tools]` price, by number.
+    tool_costs: Vec<Option<u64>>,
+    /// `[by_prompt]` (prompts have no tiers and no per-user rule) and `[cost.prompts]`:
+    /// names, rates and prices.
     prompts: Names,
-    prompt_rates: Vec<Rate>,
+    prompt_rates: Vec<Option<Rate>>,
+    prompt_costs: Vec<Option<u64>>,
 }
 
 /// Normalised names (tools, or prompts), numbered in the order first named.
@@ -76,6 +81,10 @@ impl Rules {
             tier.by_tool().for_each(|(n, _)| tools.add(n));
             tier.by_user_tool().for_each(|(n, _)| tools.add(n));
         }
+        let cost = cfg.cost();
+        cost.iter()
+            .flat_map(|c| c.tools())
+            .for_each(|(n, _)| tools.add(n));
         let table = |rates: &mut dyn Iterator<Item = (&str, Rate)>| {
             let mut out = vec![None; tools.names.len()];
             for (name, rate) in rates {
@@ -110,11 +119,22 @@ impl Rules {
             .tenants()
             .map(|(tenant, tier)| (tenant.as_bytes().into(), tier_index[tier]))
             .collect();
+        let mut tool_costs = vec![None; tools.names.len()];
+        for (name, units) in cost.iter().flat_map(|c| c.tools()) {
+            tool_costs[tools.numbers[name] as usize] = Some(units);
+        }
         let mut prompts = Names::default();
-        let mut prompt_rates = Vec::new();
+        cfg.by_prompt().for_each(|(n, _)| prompts.add(n));
+        cost.iter()
+            .flat_map(|c| c.prompts())
+            .for_each(|(n, _)| prompts.add(n));
+        let mut prompt_rates = vec![None; prompts.names.len()];
         for (name, rate) in cfg.by_prompt() {
-            prompts.add(name);
-            prompt_rates.push(rate);
+            prompt_rates[prompts.numbers[name] as usize] = Some(rate);
+        }
+        let mut prompt_costs = vec![None; prompts.names.len()];
+        for (name, units) in cost.iter().flat_map(|c| c.prompts()) {
+            prompt_costs[prompts.numbers[name] as usize] = Some(units);
         }
         Rules {
             base,
@@ -122,8 +142,10 @@ impl Rules {
             tier_index,
             tenants,
             tools,
+            tool_costs,
             prompts,
             prompt_rates,
+            prompt_costs,
         }
     }
 
@@ -155,9 +177,19 @@ impl Rules {
     }
 
     /// The configured prompt matching `raw` (trimmed): its number and rate.
-    pub(crate) fn prompt(&self, raw: &[u8]) -> Option<(u32, Rate)> {
+    pub(crate) fn prompt(&self, raw: &[u8]) -> Option<(u32, Option<Rate>)> {
         let i = self.prompts.find(raw, false)?;
         Some((i, self.prompt_rates[i as usize]))
+    }
+
+    /// Tool number `index`'s `[cost.tools]` price.
+    pub(crate) fn tool_cost(&self, index: u32) -> Option<u64> {
+        self.tool_costs[index as usize]
+    }
+
+    /// Prompt number `index`'s `[cost.prompts]` price.
+    pub(crate) fn prompt_cost(&self, index: u32) -> Option<u64> {
+        self.prompt_costs[index as usize]
     }
 
     /// The normalised name of prompt number `index`.

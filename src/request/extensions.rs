@@ -92,6 +92,20 @@ impl ToolName {
     }
 }
 
+/// What a call costs, in units, as the application knows it before the call (a tool's
+/// price, an estimate of the tokens it will use). Insert it into the request's
+/// extensions; it wins over `[identity] cost_header` and `[cost.tools]`. Every call costs
+/// 1 unit unless told otherwise; 0 is free (always allowed, counted nowhere). The real
+/// cost, once known, is settled with the request's [`Charge`](crate::Charge).
+///
+/// ```
+/// use tollgate::Cost;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Cost(40_000));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cost(pub u64);
+
 /// The tier of a request, as the application's plan lookup established it. Insert it into
 /// the request's extensions (next to [`Identity`](crate::Identity)); it wins over
 /// `[tenants]`. A tier the config does not name counts under the base rules (logged,

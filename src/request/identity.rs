@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use http::{HeaderMap, HeaderName, Request};
 
-use super::extensions::{Identity, ToolName};
+use super::extensions::{Cost, Identity, ToolName};
 use super::jsonrpc::McpCall;
 use super::mcp_headers::{decode_name, server_validates, target_of, McpHeaders};
 use super::target::{BadIdentity, Named, Target};
@@ -20,22 +20,28 @@ pub(crate) struct Who<'r> {
     pub(crate) tool: Option<Named<'r>>,
     /// The tool came from the path (`[identity] tool_path`): still percent-encoded.
     pub(crate) tool_from_path: bool,
+    /// The call's cost, from the `Cost` extension or `[identity] cost_header`.
+    pub(crate) cost: Option<u64>,
 }
 
-/// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read); `call`: the
-/// JSON-RPC call [`McpLayer`](crate::McpLayer) read from the body, if any.
+/// `mcp`: whether `[mcp]` is configured (the `Mcp-*` headers are read); `costed`:
+/// whether `[cost]` is (a call's `Cost` and cost header are read); `call`: the JSON-RPC
+/// call [`McpLayer`](crate::McpLayer) read from the body, if any.
+#[inline]
 pub(crate) fn extract<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
     mcp: bool,
+    costed: bool,
     call: Option<McpCall<'r>>,
 ) -> Result<Who<'r>, BadIdentity> {
-    let fields = Fields::read(req, cfg, mcp, call);
+    let fields = Fields::read(req, cfg, mcp, costed, call);
     Ok(Who {
         user: fields.user?.map_or(Subject::Anonymous, Subject::Named),
         tenant: fields.tenant?,
         tool: fields.tool?,
         tool_from_path: fields.tool_from_path,
+        cost: fields.cost?,
     })
 }
 
@@ -47,9 +53,10 @@ pub(crate) fn extract_lenient<'r, B>(
     req: &'r Request<B>,
     cfg: &IdentityConfig,
     mcp: bool,
+    costed: bool,
     call: Option<McpCall<'r>>,
 ) -> Who<'r> {
-    let fields = Fields::read(req, cfg, mcp, call);
+    let fields = Fields::read(req, cfg, mcp, costed, call);
     Who {
         user: fields
             .user
@@ -59,6 +66,7 @@ pub(crate) fn extract_lenient<'r, B>(
         tenant: fields.tenant.ok().flatten(),
         tool: fields.tool.unwrap_or_else(|_| call.and_then(named_in_body)),
         tool_from_path: fields.tool_from_path,
+        cost: fields.cost.ok().flatten(),
     }
 }
 
@@ -68,6 +76,7 @@ struct Fields<'r> {
     tenant: Result<Option<&'r [u8]>, BadIdentity>,
     tool: Result<Option<Named<'r>>, BadIdentity>,
     tool_from_path: bool,
+    cost: Result<Option<u64>, BadIdentity>,
 }
 
 /// The tool or prompt of an MCP call: from the body when [`McpLayer`](crate::McpLayer)
@@ -121,6 +130,7 @@ impl<'r> Fields<'r> {
         req: &'r Request<B>,
         cfg: &IdentityConfig,
         mcp: bool,
+        costed: bool,
         call: Option<McpCall<'r>>,
     ) -> Self {
         let ext = req.extensions();
@@ -165,13 +175,33 @@ impl<'r> Fields<'r> {
                 }
             },
         };
+        // With `[cost]`: the application's `Cost` first, then the upstream's estimate in
+        // the header. Without it every call costs 1, and neither is looked at.
+        let cost = if !costed {
+            Ok(None)
+        } else if let Some(cost) = ext.get::<Cost>() {
+            Ok(Some(cost.0))
+        } else {
+            header(headers, cfg.cost_header(), "cost").and_then(|h| h.map(units).transpose())
+        };
         Fields {
             user: bounded(user, "user"),
             tenant: bounded(tenant, "tenant"),
             tool,
             tool_from_path,
+            cost,
         }
     }
+}
+
+/// A cost header's units: ASCII digits only (at most 19, so any value fits), never a
+/// guess at anything else.
+fn units(value: &[u8]) -> Result<u64, BadIdentity> {
+    let digits = !value.is_empty() && value.len() <= 19 && value.iter().all(u8::is_ascii_digit);
+    if !digits {
+        return Err(BadIdentity::InvalidCost);
+    }
+    Ok(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Empty → absent; longer than [`MAX_IDENTITY_LEN`] → refused.

@@ -38,6 +38,8 @@ pub(crate) enum BadIdentity {
     /// `Mcp-Method` / `Mcp-Name` name a tool or prompt, but the request declares no
     /// protocol revision whose servers must check them against the body.
     Unvalidated,
+    /// The cost header is not a number of units.
+    InvalidCost,
 }
 
 impl BadIdentity {
@@ -48,6 +50,10 @@ impl BadIdentity {
             BadIdentity::Repeated("tenant") => "the tenant identity header appears more than once",
             BadIdentity::Repeated("mcp-method") => "the Mcp-Method header appears more than once",
             BadIdentity::Repeated("mcp-name") => "the Mcp-Name header appears more than once",
+            BadIdentity::Repeated("cost") => "the cost header appears more than once",
+            BadIdentity::InvalidCost => {
+                "the cost header is not a whole number of units (ASCII digits, at most 19)"
+            }
             BadIdentity::Repeated(_) => "the tool header appears more than once",
             BadIdentity::MalformedName => {
                 "the Mcp-Name header's =?base64?...?= value is not base64 of UTF-8 text"

@@ -48,6 +48,9 @@ type Shard = Mutex<HashMap<Box<str>, Deny>>;
 
 #[derive(Clone, Copy)]
 struct Deny {
+    /// The cost Redis refused: a call of at least this cost is refused here; a cheaper
+    /// one may fit, so it goes to Redis.
+    cost: u64,
     /// Caller's clock, µs: the key is refused here until then.
     until: u64,
     /// Caller's clock, µs: when Redis said the key allows again.
@@ -85,9 +88,16 @@ impl DenyCache {
         }
     }
 
-    /// The answer for `keys` at `now` if one of them is known to refuse: the cached keys
-    /// refused, the others allowing with nothing known of their quota.
-    pub(crate) fn check(&self, prefix: &str, keys: &[Key<'_>], now: u64) -> Option<Outcomes> {
+    /// The answer for a call of `cost` units under `keys` at `now`, if one of them is
+    /// known to refuse it: the cached keys refused, the others allowing with nothing known
+    /// of their quota.
+    pub(crate) fn check(
+        &self,
+        prefix: &str,
+        keys: &[Key<'_>],
+        now: u64,
+        cost: u64,
+    ) -> Option<Outcomes> {
         if self.held.load(Ordering::Relaxed) == 0 {
             return None;
         }
@@ -100,7 +110,7 @@ impl DenyCache {
                 key.encode_into(prefix, &mut buf);
                 let deny = self.shard(&buf).get(buf.as_str()).copied();
                 match deny {
-                    Some(deny) if deny.until > now => {
+                    Some(deny) if deny.until > now && cost >= deny.cost => {
                         refused = true;
                         out.push(Outcome {
                             allowed: false,
@@ -108,6 +118,7 @@ impl DenyCache {
                             reset_after: deny.reset_after_from(now),
                             retry_after: deny.allows.saturating_sub(now),
                             reset_at: deny.reset_at,
+                            by_fallback: false,
                         });
                     }
                     _ => {
@@ -117,6 +128,7 @@ impl DenyCache {
                             reset_after: 0,
                             retry_after: 0,
                             reset_at: 0,
+                            by_fallback: false,
                         });
                     }
                 }
@@ -125,12 +137,14 @@ impl DenyCache {
         })
     }
 
-    /// Remembers every key Redis refused in `outcomes` (answering a request sent at `now`).
+    /// Remembers every key Redis refused in `outcomes` (answering a call of `cost` units
+    /// sent at `now`).
     pub(crate) fn record<'k>(
         &self,
         encoded: impl IntoIterator<Item = &'k str>,
         outcomes: &Outcomes,
         now: u64,
+        cost: u64,
     ) {
         if self.per_shard == 0 {
             return;
@@ -140,6 +154,7 @@ impl DenyCache {
                 continue;
             }
             let deny = Deny {
+                cost,
                 until: now.saturating_add(outcome.retry_after.min(self.hold)),
                 allows: now.saturating_add(outcome.retry_after),
                 resets: now.saturating_add(outcome.reset_after),
@@ -160,6 +175,19 @@ impl DenyCache {
                 }
             }
             shard.insert(key.into(), deny);
+        }
+    }
+
+    /// Forgets the keys in `encoded`: their counts changed here (a settlement gave units
+    /// back), so Redis decides their next call.
+    pub(crate) fn forget<'k>(&self, encoded: impl IntoIterator<Item = &'k str>) {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        for key in encoded {
+            if self.shard(key).remove(key).is_some() {
+                self.held.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -209,6 +237,7 @@ mod tests {
             reset_after: retry_after,
             retry_after,
             reset_at: 0,
+            by_fallback: false,
         });
         out
     }
@@ -216,20 +245,22 @@ mod tests {
     #[test]
     fn refuses_exactly_until_redis_said() {
         let cache = DenyCache::new(100, u64::MAX);
-        assert!(cache.check("rl", &[key(b"a")], 0).is_none());
-        cache.record([key(b"a").encode("rl").as_str()], &refused(5_000), 1_000);
-        let hit = cache.check("rl", &[key(b"a"), key(b"b")], 2_000).unwrap();
+        assert!(cache.check("rl", &[key(b"a")], 0, 1).is_none());
+        cache.record([key(b"a").encode("rl").as_str()], &refused(5_000), 1_000, 1);
+        let hit = cache
+            .check("rl", &[key(b"a"), key(b"b")], 2_000, 1)
+            .unwrap();
         let outcomes: Vec<_> = hit.iter().copied().collect();
         assert!(!outcomes[0].allowed && outcomes[0].retry_after == 4_000);
         assert!(outcomes[1].allowed, "an uncached key is not refused");
-        assert!(cache.check("rl", &[key(b"a")], 5_999).is_some());
+        assert!(cache.check("rl", &[key(b"a")], 5_999, 1).is_some());
         assert!(
-            cache.check("rl", &[key(b"a")], 6_000).is_none(),
+            cache.check("rl", &[key(b"a")], 6_000, 1).is_none(),
             "Redis decides again"
         );
-        assert!(cache.check("rl", &[key(b"b")], 2_000).is_none());
+        assert!(cache.check("rl", &[key(b"b")], 2_000, 1).is_none());
         assert!(
-            cache.check("other", &[key(b"a")], 2_000).is_none(),
+            cache.check("other", &[key(b"a")], 2_000, 1).is_none(),
             "prefix is part of the key"
         );
     }
@@ -238,21 +269,23 @@ mod tests {
     fn a_bounded_hold_refuses_briefly_but_states_redis_wait() {
         let cache = DenyCache::new(100, CLUSTER_HOLD);
         let minute = 60_000_000;
-        cache.record([key(b"a").encode("rl").as_str()], &refused(minute), 0);
-        let hit = cache.check("rl", &[key(b"a")], CLUSTER_HOLD - 1).unwrap();
+        cache.record([key(b"a").encode("rl").as_str()], &refused(minute), 0, 1);
+        let hit = cache
+            .check("rl", &[key(b"a")], CLUSTER_HOLD - 1, 1)
+            .unwrap();
         assert_eq!(
             hit.iter().next().unwrap().retry_after,
             minute - CLUSTER_HOLD + 1,
             "the wait Redis stated"
         );
         assert!(
-            cache.check("rl", &[key(b"a")], CLUSTER_HOLD).is_none(),
+            cache.check("rl", &[key(b"a")], CLUSTER_HOLD, 1).is_none(),
             "Redis decides again after the hold"
         );
         // A wait shorter than the hold is kept as it is.
-        cache.record([key(b"b").encode("rl").as_str()], &refused(500), 0);
-        assert!(cache.check("rl", &[key(b"b")], 499).is_some());
-        assert!(cache.check("rl", &[key(b"b")], 500).is_none());
+        cache.record([key(b"b").encode("rl").as_str()], &refused(500), 0, 1);
+        assert!(cache.check("rl", &[key(b"b")], 499, 1).is_some());
+        assert!(cache.check("rl", &[key(b"b")], 500, 1).is_none());
     }
 
     #[test]
@@ -260,7 +293,7 @@ mod tests {
         let cache = DenyCache::new(32, u64::MAX);
         for i in 0..1_000u32 {
             let id = i.to_be_bytes();
-            cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);
+            cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0, 1);
             assert!(cache.len() <= 32, "{}", cache.len());
         }
         // Expired denials make room again.
@@ -268,8 +301,9 @@ mod tests {
             [key(b"late").encode("rl").as_str()],
             &refused(10),
             2_000_000,
+            1,
         );
-        assert!(cache.check("rl", &[key(b"late")], 2_000_001).is_some());
+        assert!(cache.check("rl", &[key(b"late")], 2_000_001, 1).is_some());
         assert_eq!(DenyCache::new(0, u64::MAX).per_shard, 0);
     }
 
@@ -297,12 +331,13 @@ mod tests {
                     reset_after: retry,
                     retry_after: retry,
                     reset_at: 0,
+                    by_fallback: false,
                 }),
                 "key {i}"
             );
         }
-        cache.record(names.iter().copied(), &outcomes, 0);
-        let hit = cache.check("rl", &keys, 1_000).unwrap();
+        cache.record(names.iter().copied(), &outcomes, 0, 1);
+        let hit = cache.check("rl", &keys, 1_000, 1).unwrap();
         let allowed: Vec<bool> = hit.iter().map(|o| o.allowed).collect();
         assert_eq!(allowed, [true, true, false, false]);
         let waits: Vec<u64> = hit.iter().map(|o| o.retry_after).collect();
@@ -317,12 +352,12 @@ mod tests {
             let cache = DenyCache::new(capacity, u64::MAX);
             for i in 0..100u32 {
                 let id = i.to_be_bytes();
-                cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0);
+                cache.record([key(&id).encode("rl").as_str()], &refused(1_000_000), 0, 1);
                 assert!(cache.len() <= capacity, "{capacity}: {}", cache.len());
             }
             assert_eq!(cache.len(), capacity, "a full cache of {capacity}");
             let cached = (0..100u32)
-                .filter(|i| cache.check("rl", &[key(&i.to_be_bytes())], 1).is_some())
+                .filter(|i| cache.check("rl", &[key(&i.to_be_bytes())], 1, 1).is_some())
                 .count();
             assert_eq!(cached, capacity);
         }

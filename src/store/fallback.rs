@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use super::memory::MemoryStore;
 use super::primary::Primary;
 use super::redis::RedisStore;
-use super::{Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats};
-use crate::algorithm::Algorithm;
-use crate::key::{Key, RuleKind, Subject, MAX_KEYS};
+use super::{
+    Outcomes, SettleFuture, Settlement, Store, StoreError, StoreErrorKind, StoreFuture,
+    StoreRequest, StoreStats,
+};
+use crate::key::OwnedKeys;
 use crate::log_gate::LogGate;
-use crate::rate::Rate;
 
 /// Consecutive failures that open the circuit.
 pub(crate) const FAILURES_TO_OPEN: u32 = 3;
@@ -83,6 +84,17 @@ impl Store for FallbackStore {
         self.inner.check(request)
     }
 
+    /// A call settles where it was counted: in the fallback if the fallback answered its
+    /// check, else in Redis.
+    fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
+        match &self.inner.fallback {
+            Some(memory) if settlement.outcomes().answered_by_fallback() => {
+                memory.settle(settlement)
+            }
+            _ => self.inner.primary.settle(settlement),
+        }
+    }
+
     fn stats(&self) -> StoreStats {
         StoreStats {
             source: Some(Arc::as_ptr(&self.inner) as *const () as usize),
@@ -136,7 +148,11 @@ impl<P: Primary> Inner<P> {
             }
             StoreFuture::Pending(pending) => {
                 let this = self.clone();
-                let owned = this.fallback.as_ref().map(|_| OwnedRequest::new(request));
+                let owned = this
+                    .fallback
+                    .as_ref()
+                    .map(|_| OwnedKeys::new(request.keys()));
+                let (now, cost) = (request.now_micros(), request.cost());
                 StoreFuture::Pending(Box::pin(async move {
                     match pending.await {
                         Ok(outcomes) => {
@@ -146,7 +162,8 @@ impl<P: Primary> Inner<P> {
                         Err(error) => {
                             this.breaker.failed(&error);
                             match &owned {
-                                Some(owned) => owned.with(|request| {
+                                Some(owned) => owned.with(|keys| {
+                                    let request = StoreRequest::new(keys, now).with_cost(cost);
                                     this.answer_without_primary(&request, Some(&error))
                                 }),
                                 None => this.answer_without_primary(
@@ -185,7 +202,7 @@ impl<P> Inner<P> {
                         "tollgate: redis unavailable; the local memory store is answering (limits hold per instance)"
                     );
                 }
-                Ok(memory.check_now(request.keys(), request.now_micros()))
+                Ok(memory.check_request(request).by_fallback())
             }
             // The layer logs (rate-limited) and applies fail_mode.
             None => Err(error),
@@ -256,7 +273,7 @@ impl Breaker {
     fn failed(&self, error: &StoreError) {
         match error.kind() {
             StoreErrorKind::Timeout | StoreErrorKind::Unavailable => self.failure(),
-            StoreErrorKind::Protocol | StoreErrorKind::Internal => {}
+            StoreErrorKind::Protocol | StoreErrorKind::Internal | StoreErrorKind::Unsupported => {}
         }
     }
 
@@ -305,77 +322,12 @@ impl FallbackLog {
     }
 }
 
-/// A request's keys, owned, so the fallback can answer after the primary's future failed.
-struct OwnedRequest {
-    keys: Vec<OwnedKey>,
-    now: u64,
-}
-
-struct OwnedKey {
-    kind: RuleKind,
-    subject: OwnedSubject,
-    rate: Rate,
-    algorithm: Algorithm,
-    tier: Option<Box<str>>,
-    tool: Option<Box<str>>,
-}
-
-enum OwnedSubject {
-    Anonymous,
-    Named(Box<[u8]>),
-    Client(std::net::IpAddr, u8),
-}
-
-impl OwnedRequest {
-    fn new(request: &StoreRequest<'_>) -> Self {
-        OwnedRequest {
-            keys: request
-                .keys()
-                .iter()
-                .map(|k| OwnedKey {
-                    kind: k.kind(),
-                    subject: match k.subject() {
-                        Subject::Anonymous => OwnedSubject::Anonymous,
-                        Subject::Named(bytes) => OwnedSubject::Named(bytes.into()),
-                        Subject::Client(addr, len) => OwnedSubject::Client(addr, len),
-                    },
-                    rate: k.rate(),
-                    algorithm: k.algorithm(),
-                    tier: k.tier().map(Into::into),
-                    tool: k.tool().map(Into::into),
-                })
-                .collect(),
-            now: request.now_micros(),
-        }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(StoreRequest<'_>) -> R) -> R {
-        let placeholder = Key::new(
-            RuleKind::User,
-            Subject::Anonymous,
-            Rate::per_second(1),
-            Algorithm::FixedWindow,
-        );
-        let mut keys = [placeholder; MAX_KEYS];
-        let n = self.keys.len().min(MAX_KEYS);
-        for (slot, k) in keys.iter_mut().zip(&self.keys) {
-            let subject = match &k.subject {
-                OwnedSubject::Anonymous => Subject::Anonymous,
-                OwnedSubject::Named(bytes) => Subject::Named(bytes),
-                OwnedSubject::Client(addr, len) => Subject::Client(*addr, *len),
-            };
-            let mut key = Key::new(k.kind, subject, k.rate, k.algorithm);
-            key.tool = k.tool.as_deref();
-            key.tier = k.tier.as_deref();
-            *slot = key;
-        }
-        f(StoreRequest::new(&keys[..n], self.now))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::Algorithm;
+    use crate::key::{Key, RuleKind, Subject};
+    use crate::rate::Rate;
     use crate::store::Outcome;
     use std::sync::atomic::AtomicUsize;
 
@@ -392,9 +344,7 @@ mod tests {
             if self.failing.load(Ordering::SeqCst) {
                 StoreFuture::Ready(Err(StoreError::new(StoreErrorKind::Unavailable, "down")))
             } else {
-                StoreFuture::Ready(Ok(
-                    MemoryStore::new().check_now(request.keys(), request.now_micros())
-                ))
+                StoreFuture::Ready(Ok(MemoryStore::new().check_request(request)))
             }
         }
     }
@@ -640,10 +590,8 @@ mod tests {
                 Algorithm::SlidingWindow,
             ),
         ];
-        let req = StoreRequest::new(&keys, 42);
-        OwnedRequest::new(&req).with(|again| {
-            assert_eq!(again.keys(), req.keys());
-            assert_eq!(again.now_micros(), 42);
+        OwnedKeys::new(&keys).with(|again| {
+            assert_eq!(again, keys);
         });
     }
 }

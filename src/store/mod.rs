@@ -23,20 +23,36 @@ use std::time::Duration;
 
 use crate::key::{Key, MAX_KEYS};
 
-/// What a store is asked for one request.
+/// What a store is asked for one request: a call of [`cost`](StoreRequest::cost) units
+/// under every key at once.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreRequest<'a> {
     pub(crate) keys: &'a [Key<'a>],
     pub(crate) now: u64,
+    pub(crate) cost: u64,
 }
 
 impl<'a> StoreRequest<'a> {
-    /// A request for `keys` at `now_micros` µs since the Unix epoch.
+    /// A request for `keys` at `now_micros` µs since the Unix epoch, costing one unit.
     pub fn new(keys: &'a [Key<'a>], now_micros: u64) -> Self {
         StoreRequest {
             keys,
             now: now_micros,
+            cost: 1,
         }
+    }
+
+    /// The same request costing `units` (ARCHITECTURE.md, behaviour contract item 19): it
+    /// is allowed only if every key has at least `units` left, and then `units` are
+    /// counted under every key. A cost of 0 is always allowed and counts nothing.
+    pub fn with_cost(mut self, units: u64) -> Self {
+        self.cost = units;
+        self
+    }
+
+    /// The units the call costs (1 unless [`StoreRequest::with_cost`] said otherwise).
+    pub fn cost(&self) -> u64 {
+        self.cost
     }
 
     /// The keys, in rule order (user, tenant, tool, user×tool); at most four.
@@ -50,10 +66,57 @@ impl<'a> StoreRequest<'a> {
     }
 }
 
-/// One key's answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A call's cost settled after it ran ([`Store::settle`]): the request's keys, the answer
+/// its check got (which says when and on whose clock each key counted it), and how many
+/// units more (`delta > 0`) or fewer (`delta < 0`) it really cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Settlement<'a> {
+    pub(crate) keys: &'a [Key<'a>],
+    pub(crate) outcomes: &'a Outcomes,
+    pub(crate) delta: i64,
+    pub(crate) now: u64,
+}
+
+impl<'a> Settlement<'a> {
+    /// `delta` units more (or fewer) for the call whose check of `keys` answered
+    /// `outcomes`, settled at `now_micros` (the caller's clock).
+    pub fn new(keys: &'a [Key<'a>], outcomes: &'a Outcomes, delta: i64, now_micros: u64) -> Self {
+        Settlement {
+            keys,
+            outcomes,
+            delta,
+            now: now_micros,
+        }
+    }
+
+    /// The keys, as the check had them.
+    pub fn keys(&self) -> &'a [Key<'a>] {
+        self.keys
+    }
+
+    /// The check's answer, one outcome per key.
+    pub fn outcomes(&self) -> &'a Outcomes {
+        self.outcomes
+    }
+
+    /// Units more (positive) or fewer (negative) than the check counted.
+    pub fn delta(&self) -> i64 {
+        self.delta
+    }
+
+    /// The caller's clock when settling, µs since the Unix epoch.
+    pub fn now_micros(&self) -> u64 {
+        self.now
+    }
+}
+
+/// One key's answer. Two are equal when everything they state is.
+#[derive(Clone, Copy, Debug)]
 pub struct Outcome {
     pub(crate) allowed: bool,
+    /// A fallback answered, not the store asked (`FallbackStore`): a settlement of the
+    /// call goes there. (Beside `allowed`, it costs no room.)
+    pub(crate) by_fallback: bool,
     pub(crate) remaining: u64,
     pub(crate) reset_after: u64,
     pub(crate) retry_after: u64,
@@ -62,7 +125,33 @@ pub struct Outcome {
     pub(crate) reset_at: u64,
 }
 
+impl PartialEq for Outcome {
+    fn eq(&self, other: &Outcome) -> bool {
+        (
+            self.allowed,
+            self.remaining,
+            self.reset_after,
+            self.retry_after,
+            self.reset_at,
+        ) == (
+            other.allowed,
+            other.remaining,
+            other.reset_after,
+            other.retry_after,
+            other.reset_at,
+        )
+    }
+}
+
+impl Eq for Outcome {}
+
 impl Outcome {
+    /// When the key counted the call, µs on the store's clock: its reset less the wait
+    /// for it (0 when the store stated no reset time).
+    pub(crate) fn decided_at(&self) -> u64 {
+        self.reset_at.saturating_sub(self.reset_after)
+    }
+
     /// The key allows the request and has `remaining` left until it resets.
     pub fn allowed(remaining: u64, reset_after: Duration) -> Self {
         Outcome {
@@ -71,6 +160,7 @@ impl Outcome {
             reset_after: crate::clock::duration_micros(reset_after),
             retry_after: 0,
             reset_at: 0,
+            by_fallback: false,
         }
     }
 
@@ -83,6 +173,7 @@ impl Outcome {
             reset_after: crate::clock::duration_micros(reset_after),
             retry_after: crate::clock::duration_micros(retry_after).max(1),
             reset_at: 0,
+            by_fallback: false,
         }
     }
 
@@ -158,6 +249,19 @@ impl Outcomes {
         &self.items
     }
 
+    /// The same answers, marked as a fallback's.
+    pub(crate) fn by_fallback(mut self) -> Self {
+        for outcome in self.items.iter_mut().flatten() {
+            outcome.by_fallback = true;
+        }
+        self
+    }
+
+    /// Whether a fallback gave these answers.
+    pub(crate) fn answered_by_fallback(&self) -> bool {
+        self.items[0].is_some_and(|o| o.by_fallback)
+    }
+
     /// How many answers there are.
     pub fn len(&self) -> usize {
         self.items.iter().flatten().count()
@@ -188,6 +292,40 @@ impl fmt::Debug for StoreFuture {
         match self {
             StoreFuture::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
             StoreFuture::Pending(_) => f.write_str("Pending(..)"),
+        }
+    }
+}
+
+/// A store's answer to [`Store::settle`]: applied now, or by a task already running
+/// (dropping the future does not stop it).
+pub enum SettleFuture {
+    /// Applied (or refused) synchronously.
+    Ready(Result<(), StoreError>),
+    /// Sent from a task of the store's own; resolves when it is done.
+    Pending(Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'static>>),
+}
+
+impl fmt::Debug for SettleFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SettleFuture::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            SettleFuture::Pending(_) => f.write_str("Pending(..)"),
+        }
+    }
+}
+
+impl Future for SettleFuture {
+    type Output = Result<(), StoreError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut *self {
+            SettleFuture::Ready(result) => {
+                std::task::Poll::Ready(std::mem::replace(result, Ok(())))
+            }
+            SettleFuture::Pending(future) => future.as_mut().poll(cx),
         }
     }
 }
@@ -279,6 +417,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks and counts one request.
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture;
 
+    /// Charges a call that [`Store::check`] counted `settlement.delta()` units more (or
+    /// gives `-delta` back), under each of its keys, as its algorithm says (ARCHITECTURE.md,
+    /// behaviour contract item 19): its real cost is known only once it has run. A store
+    /// applies it at once ([`SettleFuture::Ready`]) or from a task of its own
+    /// ([`SettleFuture::Pending`]: the work must go on if the future is dropped; awaiting
+    /// it tells when it is done, and such a store counts its own failures in
+    /// [`StoreStats::settle_failures`]). The default refuses: a store that cannot settle
+    /// keeps every call's first cost.
+    fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
+        let _ = settlement;
+        SettleFuture::Ready(Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this store cannot settle a call's cost after the fact",
+        )))
+    }
+
     /// What the store has counted about itself, read by
     /// [`RateLimitLayer::stats`](crate::RateLimitLayer::stats). The default says nothing
     /// happened ([`StoreStats::default`]).
@@ -291,6 +445,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
         (**self).check(request)
+    }
+
+    fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
+        (**self).settle(settlement)
     }
 
     fn stats(&self) -> StoreStats {
@@ -314,6 +472,9 @@ pub struct StoreStats {
     pub deny_cache_keys: Option<u64>,
     /// Whether a circuit breaker has stopped asking the backend for now.
     pub circuit_open: Option<bool>,
+    /// Settlements the store took in hand but could not apply (a Redis call that
+    /// failed); each was logged.
+    pub settle_failures: u64,
     /// What the figures are of, when clones of one store share them (the address of
     /// their shared state), so that process-wide sums count them once.
     pub(crate) source: Option<usize>,
@@ -331,6 +492,8 @@ pub enum StoreErrorKind {
     Protocol,
     /// A bug: a panic or broken invariant inside tollgate or a custom store.
     Internal,
+    /// The store does not do what it was asked (a custom store that cannot settle).
+    Unsupported,
 }
 
 /// A store failure. Its message never contains a key or an identity.

@@ -20,6 +20,62 @@ pub mod redis_cluster;
 pub mod redis_tls;
 pub mod reply;
 
+#[allow(unused_macros)]
+/// Defines each case (an `async fn case(b: &dyn Backend)` of the test file) as a test
+/// for each backend: memory, Redis, Redis over TLS and a Redis Cluster.
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(&crate::common::Memory::default()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(backend) = crate::common::redis::RedisBackend::start(stringify!($case)) else {
+                        return;
+                    };
+                    super::$case(&backend).await;
+                }
+            )*
+
+            /// Every case on one TLS-only server (one per case would start 20 servers).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_case_over_tls() {
+                let Some(server) = crate::common::redis_tls::TlsRedis::start("every_case_over_tls") else {
+                    return;
+                };
+                $(
+                    eprintln!("over TLS: {}", stringify!($case));
+                    super::$case(&crate::common::redis_tls::TlsBackend::on(&server)).await;
+                )*
+            }
+
+            /// Every case on one Redis Cluster (3 masters, 3 replicas): the keys of one
+            /// request sit on different masters in most cases.
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn every_case_on_a_cluster() {
+                let Some(cluster) = crate::common::redis_cluster::RedisCluster::start("every_case_on_a_cluster") else {
+                    return;
+                };
+                $(
+                    eprintln!("on a cluster: {}", stringify!($case));
+                    super::$case(&crate::common::redis_cluster::ClusterBackend::on(&cluster)).await;
+                )*
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use suite;
+
 /// Makes a layer for `cfg` whose store is fresh (no counters shared with other tests)
 /// and whose time comes from `clock`.
 pub trait Backend {

@@ -51,6 +51,7 @@ pub(super) fn identity(c: &mut Check, raw: &Raw) -> IdentityConfig {
         tenant_header: c.header("identity.tenant_header", &ri.tenant_header),
         tool_header,
         tool_path,
+        cost_header: c.header("identity.cost_header", &ri.cost_header),
         trusted_proxies,
         ipv6_prefix,
         anonymous,

@@ -1,8 +1,9 @@
 //! Validation: the schema (`Raw`) checked section by section into the model, every
 //! problem reported at once, each naming its field. One checker per section: `rules`,
-//! `tiers` (and `[tenants]`), `identity`, `mcp`, `backend`.
+//! `tiers` (and `[tenants]`), `identity`, `mcp`, `cost`, `backend`.
 
 mod backend;
+mod cost;
 mod identity;
 mod mcp;
 mod rules;
@@ -35,6 +36,13 @@ impl TryFrom<Raw> for RateLimitConfig {
         rules::supported(&mut c, algorithm, &rules, &tiers);
         let identity = identity::identity(&mut c, &raw);
         let mcp = raw.mcp.as_ref().map(|m| mcp::mcp(&mut c, m));
+        let cost = raw.cost.as_ref().map(|raw| cost::cost(&mut c, raw));
+        if identity.cost_header.is_some() && cost.is_none() {
+            c.err.push(
+                "identity.cost_header",
+                "only used with a [cost] section (which turns budgets in units on)",
+            );
+        }
         let backend = backend::backend(&mut c, &raw.backend);
 
         c.unknown("", &raw.unknown);
@@ -62,6 +70,7 @@ impl TryFrom<Raw> for RateLimitConfig {
             headers,
             identity,
             mcp,
+            cost,
             backend,
         })
     }

@@ -5,11 +5,13 @@
 -- ARGV[2]: the number of requests. ARGV[3]: the requests in queue order, packed in one
 --   string (every argument costs Redis a parse and Lua a conversion: one string for the
 --   batch is several times cheaper than numbers one by one): per request, its algorithm
---   (u8: 1 fixed window, 2 sliding window, 3 token bucket) and its number of keys n (u8),
---   then n × (key index into KEYS: u16, count: u32, period µs: f64), little-endian.
+--   (u8: 1 fixed window, 2 sliding window, 3 token bucket), its number of keys n (u8) and
+--   its cost in units (u32), then n × (key index into KEYS: u16, count: u32, period µs:
+--   f64), little-endian.
 -- Each key is read once, the requests are decided in order on the states as the earlier
--- requests left them — a request allowed only if every one of its keys allows, and then
--- counted under every one (all-or-nothing) — and each changed key is written once, as
+-- requests left them — a request of cost c allowed only if every one of its keys has c
+-- units left, and then c counted under every one (all-or-nothing; a cost of 0 is allowed
+-- and counts nothing) — and each changed key is written once, as
 -- `SET key state PX ttl` (or KEEPTTL, when its expiry is the one it already has); the
 -- state is 16 bytes (`STATE` in algorithms.lua).
 -- Returns one string, little-endian (Redis turns every element of an array reply into a
@@ -75,8 +77,8 @@ local at = 1
 -- A request's keys: index into KEYS, count, period.
 local ki, kc, kp = {}, {}, {}
 for r = 1, requests do
-  local code, n
-  code, n, at = unpack_at('<BB', packed, at)
+  local code, n, cost
+  code, n, cost, at = unpack_at('<BBI4', packed, at)
   local algorithm = ALGORITHMS[code]
   local o = #out + 1
   status_at[r] = o
@@ -94,7 +96,7 @@ for r = 1, requests do
       local t0, c0, p0 = nil, nil, nil
       if st[i] then t0, c0, p0 = st[i], sc[i], sp[i] end
       allowed, remaining, reset_after, retry_after, t, c, p, expires_at =
-        algorithm(t0, c0, p0, now, kc[k], kp[k])
+        algorithm(t0, c0, p0, now, kc[k], kp[k], math.min(cost, kc[k] + 1))
     end
     o = o + 1
     out[o] = pack('<BI4I8I8', allowed and 1 or 0, remaining, reset_after, retry_after)
@@ -106,7 +108,7 @@ for r = 1, requests do
   end
   if not usable then
     out[status_at[r]] = FAILED
-  elseif all then
+  elseif all and cost > 0 then
     counted[r] = true
     for k = 1, n do
       local i = wi[k]
@@ -156,7 +158,7 @@ if refused then
   local from = 1
   for r = 1, requests do
     local _, n, index
-    _, n, from = unpack_at('<BB', packed, from)
+    _, n, _, from = unpack_at('<BBI4', packed, from)
     local hit = false
     for _k = 1, n do
       index, _, _, from = unpack_at('<HId', packed, from)

@@ -103,6 +103,7 @@ pub(super) fn outcome(step: &Step, now: u64) -> Outcome {
         reset_after: step.reset_after,
         retry_after: step.retry_after,
         reset_at: now.saturating_add(step.reset_after),
+        by_fallback: false,
     }
 }
 

@@ -47,11 +47,11 @@ impl Inner {
     }
 
     #[inline]
-    pub(super) fn check(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
+    pub(super) fn check(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64, cost: u64) -> Outcomes {
         if now <= NOW_MAX {
-            return self.check_at(keys, ids, now);
+            return self.check_at(keys, ids, now, cost);
         }
-        let outcomes = self.check_at(keys, ids, NOW_MAX);
+        let outcomes = self.check_at(keys, ids, NOW_MAX, cost);
         // A clock past NOW_MAX: decided at NOW_MAX, but resets stated from the real clock.
         let mut out = Outcomes::new();
         for o in outcomes.iter() {
@@ -61,15 +61,18 @@ impl Inner {
     }
 
     #[inline]
-    fn check_at(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
+    fn check_at(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64, cost: u64) -> Outcomes {
+        if cost == 0 {
+            return self.check_free(keys, ids, now);
+        }
         if let ([key], [id]) = (keys, ids) {
             let probe = self.probe(key, id);
             for _ in 0..ATTEMPTS {
-                match self.check_one(key, &probe, now) {
+                match self.check_one(key, &probe, now, cost) {
                     Ok(Some(outcome)) => return Outcomes::one(outcome),
                     Ok(None) => {
                         let probes = [Some(probe)];
-                        if let Ok(outcomes) = self.check_inserting(keys, &probes, now) {
+                        if let Ok(outcomes) = self.check_inserting(keys, &probes, now, cost) {
                             return outcomes;
                         }
                     }
@@ -84,16 +87,75 @@ impl Inner {
         }
         let probes = &probes[..keys.len()];
         for _ in 0..ATTEMPTS {
-            if let Ok(outcomes) = self.check_many(keys, probes, now) {
+            if let Ok(outcomes) = self.check_many(keys, probes, now, cost) {
                 return outcomes;
             }
         }
         refused(keys, now)
     }
 
+    /// A call of cost 0: always allowed, counted nowhere, so each key is only read (a
+    /// key not stored answers as an empty one, and is not inserted).
+    #[cold]
+    #[inline(never)]
+    fn check_free(&self, keys: &[Key<'_>], ids: &[&[u8]], now: u64) -> Outcomes {
+        let mut out = Outcomes::new();
+        for (key, id) in keys.iter().zip(ids) {
+            let state = self
+                .table
+                .find(&self.probe(key, id))
+                .and_then(|(slot, cell)| slot.unlocked(cell).stored());
+            out.push(outcome(&key.algorithm.check(state, now, key.rate, 0), now));
+        }
+        out
+    }
+
+    /// Settles `delta` units for the call whose check of `keys` answered `outcomes`
+    /// ([`crate::store::Store::settle`]): each stored key's cell is changed by
+    /// compare-and-swap as its algorithm says; a key no longer stored, or whose window has
+    /// ended, is left alone.
+    pub(super) fn settle(
+        &self,
+        keys: &[Key<'_>],
+        ids: &[&[u8]],
+        outcomes: &Outcomes,
+        delta: i64,
+        now: u64,
+    ) {
+        let now = now.min(NOW_MAX);
+        for ((key, id), outcome) in keys.iter().zip(ids).zip(outcomes.iter()) {
+            let at = outcome.decided_at().min(NOW_MAX);
+            let probe = self.probe(key, id);
+            let Some((slot, mut cell)) = self.table.find(&probe) else {
+                continue;
+            };
+            loop {
+                cell = slot.unlocked(cell);
+                if cell.status() == Status::Free || !slot.holds(&probe.ident) {
+                    break;
+                }
+                let Some(state) = key.algorithm.settle(cell.state(), at, now, key.rate, delta)
+                else {
+                    break;
+                };
+                let next = Cell::new(state, cell.generation(), Status::Live);
+                match slot.swap(cell, next) {
+                    Ok(()) => break,
+                    Err(actual) => cell = actual,
+                }
+            }
+        }
+    }
+
     /// One stored key: a compare-and-swap of its cell. `None` if it is not stored.
     #[inline]
-    fn check_one(&self, key: &Key<'_>, probe: &Probe, now: u64) -> Result<Option<Outcome>, Moved> {
+    fn check_one(
+        &self,
+        key: &Key<'_>,
+        probe: &Probe,
+        now: u64,
+        cost: u64,
+    ) -> Result<Option<Outcome>, Moved> {
         let Some((slot, cell)) = self.table.find(probe) else {
             return Ok(None);
         };
@@ -105,7 +167,7 @@ impl Inner {
             if cell.status() == Status::Free || !slot.holds(&probe.ident) {
                 return Err(Moved);
             }
-            let step = key.algorithm.check(Some(cell.state()), now, key.rate);
+            let step = key.algorithm.check(Some(cell.state()), now, key.rate, cost);
             if !step.allowed {
                 return Ok(Some(outcome(&step, now)));
             }
@@ -123,12 +185,13 @@ impl Inner {
         keys: &[Key<'_>],
         probes: &[Option<Probe>],
         now: u64,
+        cost: u64,
     ) -> Result<Outcomes, Moved> {
         let mut slots: [Option<&Slot>; MAX_KEYS] = [None; MAX_KEYS];
         for (slot, probe) in slots.iter_mut().zip(probes.iter().flatten()) {
             match self.table.find(probe) {
                 Some((found, _)) => *slot = Some(found),
-                None => return self.check_inserting(keys, probes, now),
+                None => return self.check_inserting(keys, probes, now, cost),
             }
         }
         let mut locks = Locks::new(&self.room.held);
@@ -144,7 +207,7 @@ impl Inner {
                 return Err(Moved);
             }
         }
-        Ok(locks.decide(keys, &slots, now))
+        Ok(locks.decide(keys, &slots, now, cost))
     }
 
     /// Some keys not stored yet: the windows' insert locks are taken (in window order),
@@ -156,6 +219,7 @@ impl Inner {
         keys: &[Key<'_>],
         probes: &[Option<Probe>],
         now: u64,
+        cost: u64,
     ) -> Result<Outcomes, Moved> {
         let mut windows = [usize::MAX; MAX_KEYS];
         for (w, probe) in windows.iter_mut().zip(probes.iter().flatten()) {
@@ -177,7 +241,7 @@ impl Inner {
         // A stored key that refuses now refuses the request: answer without taking (or
         // evicting for) a slot. Counts only grow between now and the decision, so the
         // refusal holds; an allow is decided again under the locks below.
-        if let Some(refusal) = refused_by_stored(keys, &slots, now) {
+        if let Some(refusal) = refused_by_stored(keys, &slots, now, cost) {
             return Ok(refusal);
         }
         let mut fresh = [false; MAX_KEYS];
@@ -220,7 +284,7 @@ impl Inner {
                 return Err(Moved);
             }
         }
-        let outcomes = locks.decide(keys, &slots, now);
+        let outcomes = locks.decide(keys, &slots, now, cost);
         drop(guards);
         Ok(outcomes)
     }
@@ -236,6 +300,7 @@ fn refused(keys: &[Key<'_>], now: u64) -> Outcomes {
             reset_after: NO_ROOM_RETRY,
             retry_after: NO_ROOM_RETRY,
             reset_at: now.saturating_add(NO_ROOM_RETRY),
+            by_fallback: false,
         });
     }
     out

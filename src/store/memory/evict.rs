@@ -146,11 +146,12 @@ pub(super) fn refused_by_stored(
     keys: &[Key<'_>],
     slots: &[Option<&Slot>],
     now: u64,
+    cost: u64,
 ) -> Option<Outcomes> {
     let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
     for ((step, key), slot) in steps.iter_mut().zip(keys).zip(slots) {
         let state = slot.and_then(|s| s.load().stored());
-        *step = Some(key.algorithm.check(state, now, key.rate));
+        *step = Some(key.algorithm.check(state, now, key.rate, cost));
     }
     if steps.iter().flatten().all(|s| s.allowed) {
         return None;

@@ -87,6 +87,7 @@ impl<'a> Locks<'a> {
         keys: &[Key<'_>],
         slots: &[Option<&'a Slot>; MAX_KEYS],
         now: u64,
+        cost: u64,
     ) -> Outcomes {
         let before = |slot: &Slot| -> Cell {
             self.held
@@ -99,7 +100,7 @@ impl<'a> Locks<'a> {
         let mut steps: [Option<Step>; MAX_KEYS] = [None; MAX_KEYS];
         for ((step, key), slot) in steps.iter_mut().zip(keys).zip(slots) {
             let state = before(slot.expect("locked")).stored();
-            *step = Some(key.algorithm.check(state, now, key.rate));
+            *step = Some(key.algorithm.check(state, now, key.rate, cost));
         }
         let all = steps.iter().flatten().all(|s| s.allowed);
         if all {

@@ -30,9 +30,11 @@ use std::sync::atomic::Ordering;
 use check::Inner;
 use table::WINDOW;
 
-use super::{Outcomes, Store, StoreFuture, StoreRequest, StoreStats};
+use super::{Outcomes, SettleFuture, Settlement, Store, StoreFuture, StoreRequest, StoreStats};
 use crate::config::settings;
-use crate::key::{with_memory_ids, Key};
+use crate::key::with_memory_ids;
+#[cfg(test)]
+use crate::key::Key;
 
 /// Counters in this process: one shared limit per process.
 ///
@@ -90,10 +92,33 @@ impl MemoryStore {
         self.inner.room.evictions.load(Ordering::Relaxed)
     }
 
-    /// Checks and counts `keys` at `now` (µs since the epoch), all-or-nothing.
+    /// Checks and counts `request`, all-or-nothing.
     #[inline]
+    pub(crate) fn check_request(&self, request: &StoreRequest<'_>) -> Outcomes {
+        let (keys, now, cost) = (request.keys, request.now, request.cost);
+        with_memory_ids(keys, |ids| {
+            self.inner.check(&keys[..ids.len()], ids, now, cost)
+        })
+    }
+
+    /// Checks and counts one unit under `keys` at `now` (µs since the epoch).
+    #[cfg(test)]
     pub(crate) fn check_now(&self, keys: &[Key<'_>], now: u64) -> Outcomes {
-        with_memory_ids(keys, |ids| self.inner.check(&keys[..ids.len()], ids, now))
+        self.check_request(&StoreRequest::new(keys, now))
+    }
+
+    /// Applies `settlement` to the keys still stored.
+    pub(crate) fn settle_now(&self, settlement: &Settlement<'_>) {
+        let keys = settlement.keys;
+        with_memory_ids(keys, |ids| {
+            self.inner.settle(
+                &keys[..ids.len()],
+                ids,
+                settlement.outcomes,
+                settlement.delta,
+                settlement.now,
+            )
+        })
     }
 }
 
@@ -114,7 +139,12 @@ impl fmt::Debug for MemoryStore {
 
 impl Store for MemoryStore {
     fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
-        StoreFuture::Ready(Ok(self.check_now(request.keys, request.now)))
+        StoreFuture::Ready(Ok(self.check_request(request)))
+    }
+
+    fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
+        self.settle_now(settlement);
+        SettleFuture::Ready(Ok(()))
     }
 
     fn stats(&self) -> StoreStats {

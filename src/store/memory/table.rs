@@ -146,7 +146,7 @@ impl Table {
     }
 
     /// The slot holding the probed key and its cell, if stored. Reads only.
-    #[inline]
+    #[inline(always)]
     pub(super) fn find(&self, probe: &Probe) -> Option<(&Slot, Cell)> {
         let window = self.window(probe.window)?;
         (0..WINDOW)

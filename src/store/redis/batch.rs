@@ -213,6 +213,7 @@ mod tests {
         let job = Job {
             algorithm: Algorithm::FixedWindow,
             now: None,
+            cost: 1,
             keys: Vec::new().into(),
         };
         (

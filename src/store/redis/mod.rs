@@ -18,12 +18,12 @@
 //! On a cluster, a key's hash tag is its subject (`{=alice}`), so a user's keys, a tenant's
 //! and a tool's may sit on different nodes. A request whose keys share one slot is still
 //! one atomic script; one whose keys span slots reserves on each slot at once and gives
-//! back (`lua/refund.lua`) what it took where another slot refused: never more than the
+//! back (`lua/settle.lua`) what it took where another slot refused: never more than the
 //! limit is admitted, and a refused request stays counted only for the moment between its
 //! reservation and its refund (ARCHITECTURE.md, "Redis Cluster").
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ use redis::{Client, Script};
 use super::deny_cache::DenyCache;
 use super::primary::Primary;
 use super::{
-    Outcome, Outcomes, Store, StoreError, StoreErrorKind, StoreFuture, StoreRequest, StoreStats,
+    Outcome, Outcomes, SettleFuture, Settlement, Store, StoreError, StoreErrorKind, StoreFuture,
+    StoreRequest, StoreStats,
 };
 use crate::algorithm::Algorithm;
 use crate::config::{self, settings, BackendConfig, BackendKind};
@@ -87,11 +88,14 @@ struct Inner {
     pool_size: u32,
     caller_time: bool,
     next_socket: AtomicUsize,
-    refund: Script,
+    /// `lua/algorithms.lua` + `lua/settle.lua`: settles calls, refunds cluster reservations.
+    settle: Script,
     /// `None` when coalescing is off (`max_batch = 1`) or on a cluster.
     coalescer: Option<Coalescer>,
     deny: DenyCache,
     refund_log: RefundLog,
+    /// Settlements sent from a task that failed.
+    settle_failures: AtomicU64,
 }
 
 /// Where the store's Redis is.
@@ -344,13 +348,14 @@ impl RedisStore {
                 pool_size: b.pool_size,
                 caller_time: b.caller_time,
                 next_socket: AtomicUsize::new(0),
-                refund: Script::new(concat!(
+                settle: Script::new(concat!(
                     include_str!("../lua/algorithms.lua"),
-                    include_str!("../lua/refund.lua")
+                    include_str!("../lua/settle.lua")
                 )),
                 coalescer,
                 deny: DenyCache::new(b.deny_cache, deny_hold),
                 refund_log: RefundLog::new(),
+                settle_failures: AtomicU64::new(0),
             }),
         }
     }
@@ -420,7 +425,7 @@ impl RedisStore {
             }
             for ((job, answer), now) in jobs.iter().zip(&out).zip(times) {
                 if let (Ok(job), Ok(outcomes)) = (job, answer) {
-                    inner.deny.record(job.names(), outcomes, now);
+                    inner.deny.record(job.names(), outcomes, now, job.cost);
                 }
             }
             out
@@ -469,9 +474,14 @@ impl Store for RedisStore {
         }
     }
 
+    fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
+        self.inner.settle(settlement)
+    }
+
     fn stats(&self) -> StoreStats {
         StoreStats {
             deny_cache_keys: Some(self.inner.deny.len() as u64),
+            settle_failures: self.inner.settle_failures.load(Ordering::Relaxed),
             source: Some(Arc::as_ptr(&self.inner) as usize),
             ..StoreStats::default()
         }
@@ -481,9 +491,12 @@ impl Store for RedisStore {
 /// The deny cache is Redis's local answer: the breaker asks it apart from Redis itself.
 impl Primary for RedisStore {
     fn answer_locally(&self, request: &StoreRequest<'_>) -> Option<Outcomes> {
-        self.inner
-            .deny
-            .check(&self.inner.prefix, request.keys(), request.now_micros())
+        self.inner.deny.check(
+            &self.inner.prefix,
+            request.keys(),
+            request.now_micros(),
+            request.cost(),
+        )
     }
 
     fn check_backend(&self, request: &StoreRequest<'_>) -> StoreFuture {
@@ -504,7 +517,7 @@ impl Primary for RedisStore {
             } else {
                 inner.decide(&job, deadline).await?.0
             };
-            inner.deny.record(job.names(), &outcomes, now);
+            inner.deny.record(job.names(), &outcomes, now, job.cost);
             Ok(outcomes)
         }))
     }
@@ -530,6 +543,7 @@ impl Inner {
         Ok(Job {
             algorithm,
             now: self.caller_time.then_some(request.now_micros()),
+            cost: request.cost(),
             keys: keys
                 .iter()
                 .map(|key| CallKey {
@@ -576,6 +590,7 @@ impl Inner {
             .map(|group| Job {
                 algorithm: job.algorithm,
                 now: job.now,
+                cost: job.cost,
                 keys: group.iter().map(|&i| job.keys[i].clone()).collect(),
             })
             .collect();
@@ -650,7 +665,7 @@ impl Inner {
     }
 
     /// Gives back what `part`'s reservation, decided at `decided_at` with `outcomes`,
-    /// took; the number of its keys given back (`refund.lua` leaves a key alone when
+    /// took; the number of its keys given back (`settle.lua` leaves a key alone when
     /// taking the reservation out would not be exact).
     async fn refund(
         &self,
@@ -659,26 +674,112 @@ impl Inner {
         decided_at: u64,
         deadline: tokio::time::Instant,
     ) -> Result<usize, StoreError> {
-        let mut invocation = self.refund.prepare_invoke();
-        invocation.arg(i64::from(script::algorithm_code(part.algorithm)));
-        invocation.arg(decided_at as i64);
-        invocation.arg(part.now.map_or(-1, |now| now as i64));
-        for (key, outcome) in part.keys.iter().zip(outcomes.iter()) {
+        let delta = -i64::try_from(part.cost).unwrap_or(i64::MAX);
+        let keys = part.keys.iter().zip(outcomes.iter()).map(|(key, outcome)| {
             // A token bucket's reservation wrote its arrival time `reset_after` past the
             // time it was decided at (unused by the windows).
             let reserved = decided_at.saturating_add(outcome.reset_after);
+            (key, decided_at, reserved, delta)
+        });
+        self.adjust(part.algorithm, part.now, true, keys, deadline)
+            .await
+    }
+
+    /// One `settle.lua` call over keys of one hash slot: for each, when its call was
+    /// decided, the arrival time it wrote (token bucket) and the delta in units; `exact`
+    /// for a cluster refund. The number of keys changed.
+    async fn adjust<'k>(
+        &self,
+        algorithm: Algorithm,
+        now: Option<u64>,
+        exact: bool,
+        keys: impl Iterator<Item = (&'k CallKey, u64, u64, i64)>,
+        deadline: tokio::time::Instant,
+    ) -> Result<usize, StoreError> {
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.arg(i64::from(script::algorithm_code(algorithm)));
+        invocation.arg(now.map_or(-1, |now| now as i64));
+        invocation.arg(i64::from(exact));
+        for (key, at, reserved, delta) in keys {
             invocation.key(key.name.as_str());
             invocation
                 .arg(key.count)
                 .arg(key.period)
-                .arg(reserved as i64);
+                .arg(at as i64)
+                .arg(reserved as i64)
+                .arg(delta);
         }
         let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let given: i64 = self
+        let changed: i64 = self
             .connector()?
             .invoke(&invocation, lane, self.caller.timeout, deadline)
             .await?;
-        Ok(usize::try_from(given).unwrap_or(0))
+        Ok(usize::try_from(changed).unwrap_or(0))
+    }
+
+    /// Settles a call: one `settle.lua` call per hash slot its keys are on, from a task
+    /// of its own (a caller that goes away cannot cancel it half-way), bounded by the
+    /// timeout. A failure is counted and logged, never an identity.
+    fn settle(self: &Arc<Self>, settlement: &Settlement<'_>) -> SettleFuture {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return SettleFuture::Ready(Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "a redis settlement needs a tokio runtime to be sent from",
+            )));
+        };
+        let job = match self.job(&StoreRequest::new(settlement.keys, settlement.now)) {
+            Ok(job) => job,
+            Err(error) => return SettleFuture::Ready(Err(error)),
+        };
+        // The keys whose counts may now allow sooner are no longer refused here.
+        if settlement.delta < 0 {
+            self.deny.forget(job.names());
+        }
+        let per_key: Vec<(u64, u64)> = settlement
+            .outcomes
+            .iter()
+            .map(|o| (o.decided_at(), o.reset_at))
+            .collect();
+        let (delta, store) = (settlement.delta, Arc::clone(self));
+        let task = runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + store.caller.timeout;
+            let cluster = matches!(store.caller.connector, Some(Connector::Cluster { .. }));
+            let groups = if cluster {
+                by_slot(&job.keys)
+            } else {
+                vec![(0..job.keys.len()).collect()]
+            };
+            let calls = groups.iter().map(|group| {
+                let keys = group.iter().filter_map(|&i| {
+                    let (at, reserved) = *per_key.get(i)?;
+                    Some((&job.keys[i], at, reserved, delta))
+                });
+                store.adjust(job.algorithm, job.now, false, keys, deadline)
+            });
+            let mut outcome = Ok(());
+            for result in futures_join(calls).await {
+                if let Err(error) = result {
+                    store.settle_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = store.refund_log.may_log() {
+                        tracing::warn!(
+                            %error,
+                            suppressed,
+                            "tollgate: a call's cost could not be settled in redis; it stays counted at its estimate"
+                        );
+                    }
+                    outcome = Err(error);
+                }
+            }
+            outcome
+        });
+        SettleFuture::Pending(Box::pin(async move {
+            task.await.unwrap_or_else(|_| {
+                Err(StoreError::new(
+                    StoreErrorKind::Internal,
+                    "the redis settlement task stopped before it finished",
+                ))
+            })
+        }))
     }
 }
 

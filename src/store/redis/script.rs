@@ -85,6 +85,8 @@ pub(super) struct Job {
     pub(super) algorithm: Algorithm,
     /// The caller's time, when the store decides on it (else Redis `TIME`).
     pub(super) now: Option<u64>,
+    /// The call's cost in units.
+    pub(super) cost: u64,
     /// Shared, so handing a job to a lane copies no key.
     pub(super) keys: std::sync::Arc<[CallKey]>,
 }
@@ -126,7 +128,8 @@ pub(super) struct Encoded<'a> {
     /// ARGV[2]: how many requests.
     pub(super) requests: i64,
     /// ARGV[3]: the requests, packed (see the script's header): per request its
-    /// algorithm and number of keys (u8 each), then per key its index into KEYS (u16),
+    /// algorithm and number of keys (u8 each) and its cost (u32), then per key its index
+    /// into KEYS (u16),
     /// count (u32) and period in µs (f64, exact: periods are far below 2^53 µs),
     /// little-endian. One argument instead of 2 + 3n numbers, each of which Redis would
     /// parse and Lua convert.
@@ -147,6 +150,9 @@ pub(super) fn encode<'a>(jobs: impl Iterator<Item = &'a Job> + Clone) -> Encoded
         requests += 1;
         packed.push(algorithm_code(job.algorithm));
         packed.push(job.keys.len() as u8);
+        // The script decides a cost above a key's count as one more than it (never
+        // fits), so a larger one needs no more than 32 bits.
+        packed.extend_from_slice(&u32::try_from(job.cost).unwrap_or(u32::MAX).to_le_bytes());
         for key in job.keys.iter() {
             // At most max_batch (≤ 1 024, clamped by the builder and the config) requests
             // of four keys: far below u16::MAX.
@@ -218,6 +224,7 @@ pub(super) fn parse<'a>(
                 reset_after,
                 retry_after,
                 reset_at: decided_at.saturating_add(reset_after),
+                by_fallback: false,
             });
         }
         answers.push(match status[0] {
@@ -240,6 +247,7 @@ mod tests {
         Job {
             algorithm: Algorithm::FixedWindow,
             now: Some(7),
+            cost: 1,
             keys: keys
                 .iter()
                 .map(|k| CallKey {
@@ -260,6 +268,7 @@ mod tests {
         let mut expected = Vec::new();
         for (n, indices) in [(2u8, vec![1u16, 2]), (1, vec![2]), (2, vec![3, 1])] {
             expected.extend([1, n]);
+            expected.extend(1u32.to_le_bytes());
             for i in indices {
                 expected.extend(i.to_le_bytes());
                 expected.extend(5u32.to_le_bytes());

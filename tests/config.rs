@@ -547,3 +547,87 @@ fn mcp_section_defaults_and_sizes() {
         .unwrap();
     assert_eq!(built, cfg);
 }
+
+#[test]
+fn cost_tables_name_every_bad_entry() {
+    let lines = problems(
+        "[cost.tools]\nsearch = -1\nfetch = \"ten\"\nbig = 1000000001\nfree = 0\n\
+         \" Search \" = 3\nflag = true\n[cost.prompts]\n\"\" = 1\n[cost]\nextra = 1",
+    );
+    assert_eq!(
+        lines,
+        [
+            "cost.tools[\"big\"]: 1000000001 is out of range: a cost is 0 to 1000000000 units",
+            "cost.tools[\"fetch\"]: expected a number of units, found a string",
+            "cost.tools[\"flag\"]: expected a number of units, found a boolean",
+            "cost.tools[\"search\"]: -1 is out of range: a cost is 0 to 1000000000 units",
+            "cost.tools[\"search\"]: same tool as cost.tools[\" Search \"] after trimming and lower-casing",
+            "cost.prompts[\"\"]: prompt name is empty",
+            "cost.extra: unknown field",
+        ]
+    );
+    assert_eq!(
+        problems("[identity]\ncost_header = \"x-cost\""),
+        ["identity.cost_header: only used with a [cost] section (which turns budgets in units on)"]
+    );
+    assert_eq!(
+        problems("[cost]\n[identity]\ncost_header = \"bad header\""),
+        ["identity.cost_header: \"bad header\" is not a valid HTTP header name"]
+    );
+}
+
+#[test]
+fn cost_tables_read_as_documented() {
+    let cfg = RateLimitConfig::from_toml_str(
+        "by_user = \"100000/h\"\n[cost.tools]\nSearch = 10\nsummarise = 500\n\
+         [cost.prompts]\nsummary = 5\n[identity]\ncost_header = \"x-cost\"",
+    )
+    .unwrap();
+    let cost = cfg.cost().expect("[cost] is on");
+    assert_eq!(
+        cost.tools().collect::<Vec<_>>(),
+        [("search", 10), ("summarise", 500)]
+    );
+    assert_eq!(cost.prompts().collect::<Vec<_>>(), [("summary", 5)]);
+    assert_eq!(
+        cfg.identity().cost_header().map(|h| h.as_str()),
+        Some("x-cost")
+    );
+    // Without a [cost] section every call costs 1.
+    assert!(RateLimitConfig::from_toml_str("by_user = \"1/m\"")
+        .unwrap()
+        .cost()
+        .is_none());
+}
+
+#[test]
+fn a_table_of_the_wrong_shape_is_reported_under_its_field() {
+    for (toml, want) in [
+        (
+            "cost = 5",
+            "cost: invalid type: integer `5`, expected a table (line 1)",
+        ),
+        (
+            "[cost]\ntools = 5",
+            "cost.tools: invalid type: integer `5`, expected a table (line 2)",
+        ),
+        (
+            "by_tool = 5",
+            "by_tool: invalid type: integer `5`, expected a table (line 1)",
+        ),
+        (
+            "[tiers]\ngold = 3",
+            "tiers.gold: invalid type: integer `3`, expected a table (line 2)",
+        ),
+        (
+            "identity = \"x\"",
+            "identity: invalid type: string \"x\", expected a table (line 1)",
+        ),
+    ] {
+        assert_eq!(problems(toml), [want], "{toml:?}");
+    }
+    assert_eq!(
+        problems("by_user = \"1/m\"\nby_user = \"2/m\""),
+        ["toml: line 2: duplicate key"]
+    );
+}

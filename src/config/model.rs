@@ -483,11 +483,7 @@ pub struct RateLimitConfig {
 impl RateLimitConfig {
     /// Parses and validates TOML; syntax errors and every invalid value are reported.
     pub fn from_toml_str(text: &str) -> Result<RateLimitConfig, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let mut err = ConfigError::default();
-            err.push("toml", e.message().trim());
-            err
-        })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::from_toml(text, &e))?;
         RateLimitConfig::try_from(raw)
     }
 

@@ -724,6 +724,30 @@ async fn clones_of_the_layer_and_service_share_counters(b: &dyn Backend) {
     );
 }
 
+/// When the user's and the tool's rule refuse alike (same wait), the user's speaks for the
+/// headers, and the body still names the tool that was over its limit.
+async fn the_refusal_names_the_tool_when_rules_tie(b: &dyn Backend) {
+    let clock = ManualClock::new();
+    let layer = b.layer(
+        cfg("by_user = \"1/m\"\n[by_tool]\nsearch = \"1/m\""),
+        &clock,
+    );
+    let (svc, _) = counting_service(layer);
+    let call = || req(Some("alice"), None, Some("Search"));
+    assert_eq!(send(&svc, call()).await.status(), StatusCode::OK);
+    let refused = send(&svc, call()).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(decision(&refused).rule(), Some(RuleKind::User));
+    let json = body_json(refused).await;
+    assert_eq!(json["violated"], serde_json::json!(["user", "tool"]));
+    assert_eq!(json["tool"], "search");
+    // A refusal by the user's rule alone names no tool.
+    let other = send(&svc, req(Some("alice"), None, Some("fetch"))).await;
+    let json = body_json(other).await;
+    assert_eq!(json["violated"], serde_json::json!(["user"]));
+    assert!(json.get("tool").is_none(), "{json}");
+}
+
 async fn body_json(resp: Resp) -> serde_json::Value {
     let body = http_body_util::BodyExt::collect(resp.into_body())
         .await
@@ -1150,6 +1174,7 @@ common::suite!(
     concurrent_requests_allow_exactly_the_limit,
     clones_of_the_layer_and_service_share_counters,
     headers_agree_on_a_multi_rule_429,
+    the_refusal_names_the_tool_when_rules_tie,
     by_user_tool_gives_each_user_their_own_counter,
     a_refused_request_counts_under_none_of_four_keys,
     tiers_override_what_they_name_and_inherit_the_rest,

@@ -199,3 +199,93 @@ fn no_label_value_is_ever_a_user_or_tenant_id() {
     // Several series: allowed and limited, with and without the tool.
     assert!(values >= 9, "{recorded:#?}");
 }
+
+fn counter(recorded: &Recorded, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    match recorded.get(&(name.to_owned(), labels)) {
+        Some(DebugValue::Counter(n)) => *n,
+        Some(other) => panic!("not a counter: {other:?}"),
+        None => 0,
+    }
+}
+
+/// A store that counts but cannot settle.
+#[derive(Debug, Default)]
+struct NoSettle(tollgate::MemoryStore);
+
+impl Store for NoSettle {
+    fn check(&self, request: &StoreRequest<'_>) -> StoreFuture {
+        self.0.check(request)
+    }
+}
+
+#[test]
+fn units_are_counted_charged_and_refunded_per_rule_and_failed_settlements_too() {
+    use tollgate::Charge;
+    use tower::{service_fn, ServiceBuilder};
+
+    // Each call is settled at the units its `x-used` header says (when it has one).
+    async fn send(layer: &RateLimitLayer, req: Request<Body>) -> StatusCode {
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(service_fn(|req: Request<Body>| async move {
+                let used = req
+                    .headers()
+                    .get("x-used")
+                    .map(|v| v.to_str().unwrap().parse());
+                if let (Some(charge), Some(used)) = (req.extensions().get::<Charge>(), used) {
+                    let _ = charge.settle(used.unwrap()).await;
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(Body::new()))
+            }));
+        svc.oneshot(req).await.unwrap().status()
+    }
+    fn used(mut req: Request<Body>, units: u64) -> Request<Body> {
+        req.headers_mut().insert("x-used", units.into());
+        req
+    }
+    const TOML: &str = "by_user = \"100/m\"\n[by_tool]\nsummarise = \"1000/m\"\n\
+                        [cost.tools]\nsummarise = 50";
+    let recorded = with_recorder(async {
+        let clock = ManualClock::new();
+        let layer = layer(TOML, &clock);
+        // Charged 50 under both rules, settled down to 20: 30 back under each.
+        let first = used(call("alice", Some("summarise")), 20);
+        assert_eq!(send(&layer, first).await, StatusCode::OK);
+        // Charged 50, settled up to 70: 20 more under each.
+        let second = used(call("bob", Some("summarise")), 70);
+        assert_eq!(send(&layer, second).await, StatusCode::OK);
+        // An unpriced call without a tool: 1 under the user's rule.
+        assert_eq!(send(&layer, call("alice", None)).await, StatusCode::OK);
+        // Refused (bob has 30 left of 100): nothing charged.
+        let refused = call("bob", Some("summarise"));
+        assert_eq!(send(&layer, refused).await, StatusCode::TOO_MANY_REQUESTS);
+
+        // A store that cannot settle: the failure is counted.
+        let cfg = RateLimitConfig::from_toml_str(TOML).unwrap();
+        let stuck = RateLimitLayer::with_store(cfg, NoSettle::default()).with_clock(clock);
+        let third = used(call("carol", Some("summarise")), 10);
+        assert_eq!(send(&stuck, third).await, StatusCode::OK);
+    });
+    let units = |rule, direction| {
+        counter(
+            &recorded,
+            "tollgate_units_total",
+            &[("direction", direction), ("rule", rule)],
+        )
+    };
+    // Charged: alice's, bob's and carol's 50 and bob's 20 more under each rule, and the
+    // unpriced call under the user's; refunded: alice's 30 (carol's settlement failed).
+    assert_eq!(units("user", "charged"), 50 + 20 + 50 + 1 + 50);
+    assert_eq!(units("tool", "charged"), 50 + 20 + 50 + 50);
+    assert_eq!(units("user", "refunded"), 30);
+    assert_eq!(units("tool", "refunded"), 30);
+    assert_eq!(
+        counter(&recorded, "tollgate_settle_failures_total", &[]),
+        1,
+        "{recorded:#?}"
+    );
+}

@@ -146,9 +146,17 @@ impl Charge {
         let shared = &counted.shared;
         let now = shared.clock.now_micros();
         let answer = counted.keys.with(|keys| {
-            counted.policy.settled(keys.iter().map(|k| k.kind), delta);
             let settlement = Settlement::new(keys, &counted.outcomes, delta, now);
-            catch_unwind(AssertUnwindSafe(|| shared.store.settle(&settlement)))
+            let answer = catch_unwind(AssertUnwindSafe(|| shared.store.settle(&settlement)));
+            // Units are counted once the store has taken the settlement on; one that a
+            // store's task later fails to apply is counted among the failures too.
+            if matches!(
+                answer,
+                Ok(SettleFuture::Ready(Ok(())) | SettleFuture::Pending(_))
+            ) {
+                counted.policy.settled(keys.iter().map(|k| k.kind), delta);
+            }
+            answer
         });
         let error = match answer {
             Ok(SettleFuture::Ready(Ok(()))) => return Settling::done(),
@@ -164,6 +172,8 @@ impl Charge {
             .health
             .settle_failures
             .fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        metrics::counter!("tollgate_settle_failures_total").increment(1);
         if let Some(suppressed) = shared.health.settle_log.may_log(now) {
             tracing::warn!(
                 %error,

@@ -756,21 +756,25 @@ impl Inner {
                 });
                 store.adjust(job.algorithm, job.now, false, keys, deadline)
             });
-            let mut outcome = Ok(());
-            for result in futures_join(calls).await {
-                if let Err(error) = result {
-                    store.settle_failures.fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = store.refund_log.may_log() {
-                        tracing::warn!(
-                            %error,
-                            suppressed,
-                            "tollgate: a call's cost could not be settled in redis; it stays counted at its estimate"
-                        );
-                    }
-                    outcome = Err(error);
-                }
+            // A call whose keys sit in several slots fails once, however many failed.
+            let error = futures_join(calls)
+                .await
+                .into_iter()
+                .find_map(Result::err);
+            let Some(error) = error else {
+                return Ok(());
+            };
+            store.settle_failures.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!("tollgate_settle_failures_total").increment(1);
+            if let Some(suppressed) = store.refund_log.may_log() {
+                tracing::warn!(
+                    %error,
+                    suppressed,
+                    "tollgate: a call's cost could not be settled in redis; it stays counted at its estimate"
+                );
             }
-            outcome
+            Err(error)
         });
         SettleFuture::Pending(Box::pin(async move {
             task.await.unwrap_or_else(|_| {

@@ -4,12 +4,16 @@
 
 mod common;
 
+#[cfg(feature = "redis-tls")]
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::redis::{pings, run_bounded};
 use common::redis_cluster::RedisCluster;
-use common::redis_tls::TlsRedis;
+#[cfg(feature = "redis-tls")]
+use common::{
+    redis::{pings, run_bounded},
+    redis_tls::TlsRedis,
+};
 use redis::AsyncCommands;
 
 /// The longest one Redis command of these tests may take.
@@ -152,6 +156,7 @@ async fn killed_master_fails_over_and_its_slots_serve_again() {
 }
 
 /// `redis-cli --tls --cacert <ca> -p <port> ping`: its stdout, or why it failed.
+#[cfg(feature = "redis-tls")]
 fn tls_ping(port: u16, ca: &std::path::Path) -> Result<String, String> {
     let out = run_bounded(
         Command::new("redis-cli")
@@ -171,6 +176,7 @@ fn tls_ping(port: u16, ca: &std::path::Path) -> Result<String, String> {
     }
 }
 
+#[cfg(feature = "redis-tls")]
 #[test]
 fn tls_redis_answers_only_over_tls_with_its_ca() {
     let Some(mut redis) = TlsRedis::start("tls_redis_answers_only_over_tls_with_its_ca") else {

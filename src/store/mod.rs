@@ -116,6 +116,7 @@ pub struct Outcome {
     pub(crate) allowed: bool,
     /// A fallback answered, not the store asked (`FallbackStore`): a settlement of the
     /// call goes there. (Beside `allowed`, it costs no room.)
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) by_fallback: bool,
     pub(crate) remaining: u64,
     pub(crate) reset_after: u64,
@@ -250,6 +251,7 @@ impl Outcomes {
     }
 
     /// The same answers, marked as a fallback's.
+    #[cfg(feature = "redis")]
     pub(crate) fn by_fallback(mut self) -> Self {
         for outcome in self.items.iter_mut().flatten() {
             outcome.by_fallback = true;
@@ -258,6 +260,7 @@ impl Outcomes {
     }
 
     /// Whether a fallback gave these answers.
+    #[cfg(feature = "redis")]
     pub(crate) fn answered_by_fallback(&self) -> bool {
         self.items[0].is_some_and(|o| o.by_fallback)
     }

@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod redis;
 #[cfg(feature = "redis")]
 pub mod redis_cluster;
-#[cfg(feature = "redis")]
+#[cfg(feature = "redis-tls")]
 pub mod redis_tls;
 pub mod reply;
 
@@ -47,6 +47,7 @@ macro_rules! suite {
             )*
 
             /// Every case on one TLS-only server (one per case would start 20 servers).
+            #[cfg(feature = "redis-tls")]
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn every_case_over_tls() {
                 let Some(server) = crate::common::redis_tls::TlsRedis::start("every_case_over_tls") else {

@@ -496,6 +496,63 @@ async fn jsonrpc_error_carries_the_code_and_what_was_violated() {
     );
 }
 
+/// `[cost.tools]` prices a `tools/call` whether the tool came from the body or from the
+/// `Mcp-Name` header, and the refusal states the cost and what is left.
+#[tokio::test]
+async fn a_priced_tool_costs_its_price_and_its_refusal_says_so() {
+    const PRICED: &str = "[cost.tools]\nfetch = 2\n[cost.prompts]\nsummary = 2";
+    async fn spend(
+        svc: &(impl Service<Request<Full<Bytes>>, Response = Resp, Error = Infallible> + Clone),
+        read: &str,
+    ) {
+        // fetch has 3 units a minute: one call leaves 1, too few for another.
+        let (resp, _) = send(svc, modern(json!(1), "tools/call", Some("fetch"))).await;
+        assert_eq!(resp.headers()["x-ratelimit-remaining"], "1", "{read}");
+        let (resp, body) = send(svc, modern(json!(2), "tools/call", Some("fetch"))).await;
+        assert_eq!(resp.headers()["retry-after"], "60", "{read}");
+        let body = json_of(&body);
+        if read == "body" {
+            assert_eq!(
+                body["result"]["content"][0]["text"],
+                "Rate limit exceeded for tool 'fetch' (the call costs 2 units; 1 left). \
+                 Retry after 60 seconds."
+            );
+        } else {
+            // Without the body the JSON-RPC id is unknown: the problem+json 429.
+            assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                body["detail"],
+                "Rate limit exceeded for tool 'fetch' (the call costs 2 units; 1 left)"
+            );
+            assert_eq!((&body["cost"], &body["remaining"]), (&json!(2), &json!(1)));
+        }
+        // A prompt costing more than its whole limit (1/m) can never be fetched.
+        let (resp, body) = send(svc, modern(json!(3), "prompts/get", Some("summary"))).await;
+        assert!(resp.headers().get("retry-after").is_none(), "{read}");
+        let body = json_of(&body);
+        if read == "body" {
+            assert_eq!(
+                body["error"],
+                json!({"code":-31429,"message":"Cost exceeds the limit",
+                       "data":{"cost":2,"violated":["prompt"],"prompt":"summary"}})
+            );
+        } else {
+            assert_eq!(body["code"], "COST_EXCEEDS_LIMIT");
+            assert_eq!(body["prompt"], "summary");
+        }
+    }
+    spend(&with_body(PRICED).0, "body").await;
+    // The Mcp-* headers are read with an [mcp] section.
+    spend(&headers_only(&format!("{PRICED}\n[mcp]")).0, "headers").await;
+    let (svc, _) = with_body(&format!("{PRICED}\n[mcp]\nrefusal = \"jsonrpc_error\""));
+    send(&svc, rpc(json!(1), "tools/call", Some("fetch"))).await;
+    let (_, body) = send(&svc, rpc(json!(2), "tools/call", Some("fetch"))).await;
+    assert_eq!(
+        json_of(&body)["error"]["data"],
+        json!({"retry_after":60,"cost":2,"remaining":1,"violated":["tool"],"tool":"fetch"})
+    );
+}
+
 #[tokio::test]
 async fn http_refusal_is_the_problem_json_429() {
     let (resp, body) = refused("[mcp]\nrefusal = \"http\"", json!(1), BOTH).await;

@@ -82,6 +82,12 @@ pub(crate) fn refuse(
             if decision.cost() != 1 || decision.exceeds_limit() {
                 let _ = write!(buf, "\"cost\":{},", decision.cost());
             }
+            match decision.remaining() {
+                Some(left) if decision.cost() != 1 && !decision.exceeds_limit() => {
+                    let _ = write!(buf, "\"remaining\":{left},");
+                }
+                _ => {}
+            }
             buf.extend_from_slice(b"\"violated\":");
             violated_into(buf, decision);
             if let Some((kind, name)) = named {

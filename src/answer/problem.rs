@@ -111,19 +111,14 @@ pub(crate) fn detail_into(
     }
     let cost = decision.cost();
     match decision.speaking() {
-        Some(v) if decision.exceeds_limit() => {
+        Some(_) if decision.exceeds_limit() => {
             let _ = write!(
                 buf,
-                " (the call costs {cost} units, more than the whole {} limit of {}: retrying cannot help)",
-                v.kind, v.rate
+                " (the call costs {cost} units, more than the whole limit: retrying cannot help)"
             );
         }
         Some(v) if cost != 1 => {
-            let _ = write!(
-                buf,
-                " (the call costs {cost} units; {} are left)",
-                v.remaining
-            );
+            let _ = write!(buf, " (the call costs {cost} units; {} left)", v.remaining);
         }
         _ => {}
     }

@@ -11,6 +11,10 @@
 //! * `POST /tools/{name}` is a tool call. The tool is the path segment, handed to tollgate
 //!   as the [`ToolName`] request extension; the handler answers JSON
 //!   (`{"tool":"echo","ok":true,"echo":<request body>}`).
+//! * `summarise` is priced at 10 units in `[cost.tools]` (every other call costs 1), and
+//!   `POST /tools/{name}?used=N` makes the handler settle the call at N units with its
+//!   [`Charge`], as a tool that counts the tokens it used would; the reply then says
+//!   `"charge":{"estimate":10,"settled":N}`.
 //! * `GET /healthz` is never limited, nor is `GET /metrics` (Prometheus text; only when
 //!   built with `--features metrics`).
 //! * Identity comes from the `x-user-id` / `x-tenant-id` headers. This example plays the
@@ -35,14 +39,14 @@ mod shutdown;
 use std::process::ExitCode;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request};
+use axum::extract::{Path, RawQuery, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use tollgate::{Identity, RateLimitConfig, RateLimitLayer, ToolName, MAX_IDENTITY_LEN};
+use axum::{Extension, Json, Router};
+use tollgate::{Charge, Identity, RateLimitConfig, RateLimitLayer, ToolName, MAX_IDENTITY_LEN};
 use tower::ServiceBuilder;
 
 const USAGE: &str = "\
@@ -53,7 +57,8 @@ USAGE:
 
 OPTIONS:
     --config FILE   TOML rate-limit config (see examples/gateway.toml). Without it:
-                      by_user = \"30/m\", by_tenant = \"3000/m\", [by_tool] search = \"10/m\"
+                      by_user = \"30/m\", by_tenant = \"3000/m\", [by_tool] search = \"10/m\",
+                      [cost.tools] summarise = 10 (units; every other call costs 1)
     --listen ADDR   address to listen on [default: 127.0.0.1:3000]; port 0 picks a free
                     port, and the address actually bound is printed
     -h, --help      print this help
@@ -61,7 +66,8 @@ OPTIONS:
 Identity is read from the x-user-id and x-tenant-id headers, which this example trusts
 as if a proxy had set them. Requests carry their peer address, so a config with
 anonymous = \"by_ip\" (examples/gateway-policy.toml) counts anonymous callers per client
-address. SIGHUP reloads --config (a bad file is logged and changes nothing; a changed
+address. POST /tools/{name}?used=N settles the call at N units once it has run (with
+a [cost] section; the reply shows the charge). SIGHUP reloads --config (a bad file is logged and changes nothing; a changed
 [backend] needs a restart). Stop with Ctrl-C or SIGTERM (graceful shutdown).";
 
 /// The limits used without `--config`.
@@ -71,6 +77,9 @@ by_tenant = "3000/m"
 
 [by_tool]
 search = "10/m"
+
+[cost.tools]
+summarise = 10
 "#;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
@@ -207,12 +216,22 @@ fn summary(cfg: &RateLimitConfig) -> String {
         .map(|(name, rate)| format!("{name}={rate}"))
         .collect();
     let tiers: Vec<&str> = cfg.tiers().map(|(name, _)| name).collect();
+    let costs: Vec<String> = cfg.cost().map_or_else(Vec::new, |cost| {
+        cost.tools()
+            .map(|(name, units)| format!("{name}={units}"))
+            .chain(
+                cost.prompts()
+                    .map(|(name, units)| format!("prompt:{name}={units}")),
+            )
+            .collect()
+    });
     format!(
-        "by_user={} by_tenant={} by_tool=[{}] by_user_tool=[{}] tiers=[{}] anonymous={:?} algorithm={:?} mode={:?} backend={:?}",
+        "by_user={} by_tenant={} by_tool=[{}] by_user_tool=[{}] cost=[{}] tiers=[{}] anonymous={:?} algorithm={:?} mode={:?} backend={:?}",
         show(cfg.by_user()),
         show(cfg.by_tenant()),
         tools.join(", "),
         user_tools.join(", "),
+        costs.join(", "),
         tiers.join(", "),
         cfg.anonymous(),
         cfg.algorithm(),
@@ -226,16 +245,60 @@ async fn healthz() -> &'static str {
 }
 
 /// The tool call itself: `echo` sends the request body back, every other tool just
-/// says it ran.
-async fn call_tool(Path(name): Path<String>, body: Bytes) -> Json<serde_json::Value> {
+/// says it ran. With `?used=N` the call is settled at N units once it has run (the
+/// [`Charge`] is there when the config has a `[cost]` section), as a tool that counts the
+/// tokens it used would; the reply shows what it was charged and settled at.
+async fn call_tool(
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    charge: Option<Extension<Charge>>,
+    body: Bytes,
+) -> Response {
+    let used = match used(query.as_deref()) {
+        Ok(used) => used,
+        Err(detail) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid used",
+                "INVALID_USED",
+                detail,
+            )
+        }
+    };
+    let mut reply = serde_json::json!({ "tool": name, "ok": true });
     if name == "echo" {
-        let echo = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_else(|_| {
+        reply["echo"] = serde_json::from_slice(&body).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
         });
-        Json(serde_json::json!({ "tool": name, "ok": true, "echo": echo }))
-    } else {
-        Json(serde_json::json!({ "tool": name, "ok": true }))
     }
+    if let (Some(used), Some(Extension(charge))) = (used, charge) {
+        // Awaited only so the reply can say it is applied; a real tool may drop it.
+        let settled = charge.settle(used).await.is_ok();
+        reply["charge"] = serde_json::json!({
+            "estimate": charge.estimate(),
+            "settled": if settled { Some(used) } else { None },
+        });
+    }
+    Json(reply).into_response()
+}
+
+/// The `used` query parameter: absent, or a whole number of units.
+fn used(query: Option<&str>) -> Result<Option<u64>, &'static str> {
+    let mut used = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let Some(value) = pair.strip_prefix("used=") else {
+            continue;
+        };
+        if used.is_some() {
+            return Err("the used parameter appears more than once");
+        }
+        used = Some(
+            value
+                .parse::<u64>()
+                .map_err(|_| "the used parameter is not a whole number of units")?,
+        );
+    }
+    Ok(used)
 }
 
 /// Hands the `{name}` segment to tollgate as [`ToolName`] (tollgate trims and lower-cases
@@ -308,14 +371,24 @@ fn single(
 
 /// Same shape as tollgate's own 400 for identities it reads from headers.
 fn invalid_identity(detail: &'static str) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Invalid identity",
+        "INVALID_IDENTITY",
+        detail,
+    )
+}
+
+/// An `application/problem+json` answer, the shape tollgate's own refusals have.
+fn problem(status: StatusCode, title: &str, code: &str, detail: &str) -> Response {
     let body = serde_json::json!({
         "type": "about:blank",
-        "title": "Invalid identity",
-        "status": 400,
-        "code": "INVALID_IDENTITY",
+        "title": title,
+        "status": status.as_u16(),
+        "code": code,
         "detail": detail,
     });
-    let mut resp = (StatusCode::BAD_REQUEST, body.to_string()).into_response();
+    let mut resp = (status, body.to_string()).into_response();
     resp.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),

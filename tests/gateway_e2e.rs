@@ -221,6 +221,50 @@ fn search_is_limited_at_ten_for_all_callers_together() {
     );
 }
 
+/// `summarise` is priced at 10 units of alice's 30; `?used=N` settles a call at N, and
+/// the difference comes back to (or out of) her budget before her next call.
+#[test]
+fn summarise_costs_its_price_and_used_settles_it() {
+    let gw = Gateway::start(&[]);
+    let alice = [("x-user-id", "alice")];
+    let priced = gw.post("/tools/summarise", &alice, "{}");
+    assert_eq!(priced.status, 200, "{priced:?}");
+    assert_eq!(priced.number("x-ratelimit-remaining"), 20, "10 of 30 units");
+    assert!(priced.json().get("charge").is_none(), "{priced:?}");
+
+    let settled = gw.post("/tools/summarise?used=3", &alice, "{}");
+    assert_eq!(settled.status, 200, "{settled:?}");
+    assert_eq!(
+        settled.number("x-ratelimit-remaining"),
+        10,
+        "charged 10 up front"
+    );
+    assert_eq!(
+        settled.json()["charge"],
+        serde_json::json!({"estimate": 10, "settled": 3})
+    );
+    // 30 - 10 - 3 = 17 left, then this echo's 1 unit.
+    let echo = gw.post("/tools/echo", &alice, "{}");
+    assert_eq!(echo.number("x-ratelimit-remaining"), 16, "{echo:?}");
+
+    // Settling up: 12 used of an estimate of 10 leaves 16 - 10 - 2 = 4.
+    let over = gw.post("/tools/summarise?used=12", &alice, "{}");
+    assert_eq!(over.status, 200, "{over:?}");
+    let echo = gw.post("/tools/echo", &alice, "{}");
+    assert_eq!(echo.number("x-ratelimit-remaining"), 3, "{echo:?}");
+    let refused = gw.post("/tools/summarise", &alice, "{}");
+    assert_eq!(refused.status, 429, "10 units do not fit in 3: {refused:?}");
+    let problem = refused.json();
+    assert_eq!(problem["cost"], 10, "{problem}");
+    assert_eq!(problem["remaining"], 3, "{problem}");
+
+    let bad = gw.post("/tools/echo?used=lots", &[("x-user-id", "bob")], "{}");
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.json()["code"], "INVALID_USED", "{bad:?}");
+    let twice = gw.post("/tools/echo?used=1&used=2", &[("x-user-id", "bob")], "{}");
+    assert_eq!(twice.status, 400, "{twice:?}");
+}
+
 /// The example builds `Identity` itself, so it must refuse what tollgate refuses when it
 /// reads headers: a repeated or overlong identity is a 400 that echoes no value, and it
 /// spends nobody's quota.

@@ -5,8 +5,10 @@
 //! cargo run --example mcp_server -- --config examples/mcp_server.toml --listen 127.0.0.1:3001
 //! ```
 //!
-//! * Tools `echo`, `search` and `fetch` (they only pretend to search and fetch) and one
-//!   prompt, `summary`.
+//! * Tools `echo`, `search`, `fetch` and `summarise` (they only pretend to search, fetch
+//!   and summarise) and one prompt, `summary`. `summarise` is priced at 20 units in
+//!   `[cost.tools]` and settles its call at the tokens it reports using, through the
+//!   [`Charge`] tollgate put in the request (rmcp hands the tool the HTTP request's parts).
 //! * `GET /healthz` answers 200 and is never limited.
 //! * Callers are identified by the `x-user-id` and `x-tenant-id` headers, which the small
 //!   middleware [`identity_from_headers`] turns into tollgate's [`Identity`]. A real
@@ -37,18 +39,19 @@ use axum::routing::get;
 use axum::Router;
 use rmcp::handler::server::router::prompt::PromptRouter;
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::Extension;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{PromptMessage, Role, ServerCapabilities, ServerConfig};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::ServerHandler;
 use rmcp::{prompt, prompt_handler, prompt_router, schemars, tool, tool_handler, tool_router};
-use tollgate::{Identity, McpLayer, RateLimitConfig, RateLimitLayer, MAX_IDENTITY_LEN};
+use tollgate::{Charge, Identity, McpLayer, RateLimitConfig, RateLimitLayer, MAX_IDENTITY_LEN};
 use tower::ServiceBuilder;
 
 const USAGE: &str = "\
-tollgate example MCP server: tools echo, search, fetch and prompt summary at /mcp,
-rate-limited per user, tenant, tool and prompt.
+tollgate example MCP server: tools echo, search, fetch, summarise and prompt summary at
+/mcp, rate-limited per user, tenant, tool and prompt; summarise costs the tokens it uses.
 
 USAGE:
     mcp_server [--config FILE] [--listen ADDR]
@@ -89,12 +92,18 @@ struct FetchArgs {
 }
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct SummariseArgs {
+    /// The text to summarise.
+    text: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 struct SummaryArgs {
     /// The topic to summarise.
     topic: String,
 }
 
-/// The MCP server: three tools and one prompt.
+/// The MCP server: four tools and one prompt.
 #[derive(Debug, Clone)]
 pub struct Tools {
     tool_router: ToolRouter<Self>,
@@ -125,6 +134,24 @@ impl Tools {
     #[tool(description = "Fetch a URL (this example pretends): returns its length")]
     fn fetch(&self, Parameters(FetchArgs { url }): Parameters<FetchArgs>) -> String {
         format!("fetched {url}: 1234 bytes")
+    }
+
+    /// Charged its `[cost.tools]` price (an estimate) when it starts; settled at the
+    /// tokens it used (here: the words read and written) once it knows them. Awaiting the
+    /// settlement is optional; it makes the next call see it.
+    #[tool(description = "Summarise a text (this example keeps its first five words)")]
+    async fn summarise(
+        &self,
+        Extension(request): Extension<axum::http::request::Parts>,
+        Parameters(SummariseArgs { text }): Parameters<SummariseArgs>,
+    ) -> String {
+        let summary: Vec<&str> = text.split_whitespace().take(5).collect();
+        let tokens = (text.split_whitespace().count() + summary.len()) as u64;
+        if let Some(charge) = request.extensions.get::<Charge>() {
+            // A failure is logged and counted by tollgate; the call keeps its estimate.
+            let _ = charge.settle(tokens).await;
+        }
+        format!("{} ({tokens} tokens)", summary.join(" "))
     }
 }
 

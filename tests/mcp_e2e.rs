@@ -24,13 +24,14 @@ use serde_json::{json, Value};
 use tollgate::RateLimitConfig;
 
 /// One request as the server saw it: its JSON-RPC method (from the body), the `Mcp-Method`
-/// and `Mcp-Name` headers, and the `X-RateLimit-Limit` of the answer.
+/// and `Mcp-Name` headers, and the `X-RateLimit-Limit` and `-Remaining` of the answer.
 #[derive(Clone, Debug)]
 struct Seen {
     method: String,
     mcp_method: Option<String>,
     mcp_name: Option<String>,
     limit: Option<String>,
+    remaining: Option<u64>,
 }
 
 type Log = Arc<Mutex<Vec<Seen>>>;
@@ -71,11 +72,16 @@ async fn recorded(req: Request, next: Next, log: Log) -> Response {
         .headers()
         .get("x-ratelimit-limit")
         .map(|v| v.to_str().unwrap().to_owned());
+    let remaining = resp
+        .headers()
+        .get("x-ratelimit-remaining")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
     log.lock().unwrap().push(Seen {
         method,
         mcp_method,
         mcp_name,
         limit,
+        remaining,
     });
     resp
 }
@@ -133,7 +139,7 @@ async fn sixth_search_is_a_tool_error(revision: Revision) {
     let (url, log) = start().await;
     let alice = client(&url, "alice", revision).await;
     let tools = alice.list_tools(Default::default()).await.unwrap();
-    assert_eq!(tools.tools.len(), 3);
+    assert_eq!(tools.tools.len(), 4);
 
     for i in 0..5 {
         let result = alice
@@ -287,6 +293,54 @@ async fn disagreeing_headers_never_run_a_tool_counted_as_another() {
     assert_eq!(resp.status(), StatusCode::OK);
     let text = resp.text().await.unwrap();
     assert!(text.contains("3 results for"), "{text}");
+}
+
+/// `summarise` is charged its price (20 units of the user's 30) when it starts and settles
+/// at the tokens it reports using; a call that no longer fits is refused with a text that
+/// states its cost and what is left.
+#[tokio::test]
+async fn summarise_is_settled_at_the_tokens_it_used() {
+    let (url, log) = start().await;
+    let alice = client(&url, "alice", Revision::Headers).await;
+    let done = alice
+        .call_tool(call(
+            "summarise",
+            json!({"text": "one two three four five six seven"}),
+        ))
+        .await
+        .unwrap();
+    assert_ne!(done.is_error, Some(true), "{done:?}");
+    assert_eq!(text_of(&done), "one two three four five (12 tokens)");
+    let echoed = alice
+        .call_tool(call("echo", json!({"text": "x"})))
+        .await
+        .unwrap();
+    assert_ne!(echoed.is_error, Some(true));
+    let calls: Vec<u64> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method == "tools/call")
+        .map(|s| s.remaining.expect("rate headers on every call"))
+        .collect();
+    let [after_estimate, after_echo] = calls[..] else {
+        panic!("two tool calls: {calls:?}")
+    };
+    // Charged 20 up front, settled at 12: 8 came back before the echo took its 1.
+    assert_eq!(after_echo, after_estimate + 8 - 1, "{calls:?}");
+
+    // 20 more units do not fit in what is left: the refusal says what it costs.
+    let refused = alice
+        .call_tool(call("summarise", json!({"text": "again"})))
+        .await
+        .unwrap();
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    let text = text_of(&refused);
+    let expected = format!(
+        "Rate limit exceeded: user limit of 30/m (the call costs 20 units; {after_echo} left). Retry after "
+    );
+    assert!(text.starts_with(&expected), "{text}");
+    alice.cancel().await.unwrap();
 }
 
 /// The MCP guide (docs/mcp.md) quotes the example's config whole and the end of its `app`

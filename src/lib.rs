@@ -160,6 +160,10 @@ pub mod docs {
     pub mod policy {}
     #[doc = include_str!("../docs/behaviour.md")]
     pub mod behaviour {}
+    #[doc = include_str!("../docs/cost.md")]
+    pub mod cost {}
+    #[doc = include_str!("../docs/app.md")]
+    pub mod app {}
 }
 #[cfg(test)]
 mod size_probe {

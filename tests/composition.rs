@@ -1,8 +1,9 @@
-//! The composition the README recommends ("Composing with other tower layers"), outermost
-//! first: tower-http's `TraceLayer`, tollgate, tower's `TimeoutLayer`, then tower's
-//! `ConcurrencyLimitLayer` taken inside the call (a `service_fn` calling `oneshot`), then
-//! the handler. Time is tokio's paused clock (it jumps ahead only when every task waits),
-//! the rate limiter's time a `ManualClock` that never moves: no sleeps, nothing measured.
+//! The composition docs/app.md recommends ("Composing with other tower layers"),
+//! outermost first: tower-http's `TraceLayer`, tollgate, tower's `TimeoutLayer`, then
+//! tower's `ConcurrencyLimitLayer` taken inside the call (a `service_fn` calling
+//! `oneshot`), then the handler. Time is tokio's paused clock (it jumps ahead only when
+//! every task waits), the rate limiter's time a `ManualClock` that never moves: no
+//! sleeps, nothing measured.
 //!
 //! "Without waiting" below is `tokio::time::timeout(WAIT, ..)` on the paused clock: a
 //! request that waits for a permit lets the clock jump to `WAIT` and fails; one answered

@@ -216,17 +216,12 @@ fn the_readme_json_and_error_examples_are_what_tollgate_writes() {
             assert!(tool_error || error, "{block}");
             continue;
         }
-        for field in [
-            "type",
-            "title",
-            "status",
-            "code",
-            "detail",
-            "retry_after",
-            "violated",
-        ] {
+        for field in ["type", "title", "status", "code", "detail", "violated"] {
             assert!(value.get(field).is_some(), "{field} missing in {block}");
         }
+        // Waiting helps every refusal but one that can never fit.
+        let waits = value["code"] != "COST_EXCEEDS_LIMIT";
+        assert_eq!(value.get("retry_after").is_some(), waits, "{block}");
     }
     let errors = blocks(readme, "text")
         .into_iter()
@@ -403,4 +398,56 @@ async fn the_tiers_snippet_takes_the_tenant_from_its_header() {
             .as_deref(),
         Some("10")
     );
+}
+
+/// The budgets snippet (README): a priced tool spends its price from the user's budget,
+/// an unpriced call 1.
+#[tokio::test]
+async fn the_budgets_snippet_spends_each_tools_price() {
+    let svc = service(snippet("# with [cost]: units, not calls"));
+    let left = |resp: &http::Response<_>| resp.headers()["x-ratelimit-remaining"].clone();
+    let call = |tool: &str| {
+        let mut req = who("ann", None, "/");
+        req.extensions_mut().insert(tollgate::ToolName::new(tool));
+        req
+    };
+    use tower::ServiceExt;
+    let resp = svc.clone().oneshot(call("Search")).await.unwrap();
+    assert_eq!(left(&resp), "99990");
+    let resp = svc.clone().oneshot(call("summarise")).await.unwrap();
+    assert_eq!(left(&resp), "99490");
+    let resp = svc.clone().oneshot(call("echo")).await.unwrap();
+    assert_eq!(left(&resp), "99489");
+}
+
+/// The two refusals the budgets guide (docs/cost.md) shows are what tollgate writes for
+/// the calls it describes.
+#[tokio::test]
+async fn the_budgets_guide_refusals_are_what_tollgate_writes() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cost.md"))
+        .expect("docs/cost.md");
+    let shown: Vec<serde_json::Value> = blocks(&guide, "json")
+        .iter()
+        .map(|b| serde_json::from_str(b).expect(b))
+        .collect();
+    let svc = service(
+        RateLimitConfig::from_toml_str(
+            "by_user = \"1000/h\"\n[by_tool]\nsummarise = \"600/h\"\n\
+             [cost.tools]\nsummarise = 500\nimport = 2000",
+        )
+        .unwrap(),
+    );
+    let mut written = Vec::new();
+    for tool in ["summarise", "summarise", "import"] {
+        let mut req = who("ann", None, "/");
+        req.extensions_mut().insert(tollgate::ToolName::new(tool));
+        let resp = svc.clone().oneshot(req).await.unwrap();
+        if resp.status() == 429 {
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            written.push(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+        }
+    }
+    assert_eq!(shown, written);
 }

@@ -250,10 +250,12 @@ fn rejected_requests_allocations_are_reported() {
         per_request(svc, StatusCode::TOO_MANY_REQUESTS, false)
     });
     println!("allocations per rejected request (429 built by tollgate): {rejected:.3}");
-    // The 429 is a new response: its header map (indices and entries) and the Decision
-    // extension's three boxes; body and header values come from the per-thread chunk
-    // (a 16 KiB chunk holds some fifty 429 bodies).
-    assert!(rejected < 5.1, "{rejected} allocations per 429");
+    // The 429 is a new response: its header map (indices and entries), the Decision
+    // extension's three boxes, and the box of the refused request's head that a layer
+    // further out reads to give back its count (ARCHITECTURE.md, contract item 20); body
+    // and header values come from the per-thread chunk (a 16 KiB chunk holds some fifty
+    // 429 bodies).
+    assert!(rejected < 6.1, "{rejected} allocations per 429");
 }
 
 #[test]

@@ -2,14 +2,18 @@
 //! answered here (429, or 503 when failing closed), or forwarded undecided (fail-open)
 //! (ARCHITECTURE.md, behaviour contract items 7–11).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response};
 
+use super::hooks::{Refused, RequestView};
 use super::shared::Shared;
 use crate::answer::decision::Decision;
-use crate::answer::{mcp, problem};
+use crate::answer::headers::write_headers;
+use crate::answer::mcp;
 use crate::config::{FailMode, Mode};
 use crate::key::RuleKind;
 use crate::policy::metrics::Decided;
@@ -50,11 +54,11 @@ pub(crate) fn act<B>(
 ) -> Action {
     let outcomes = match result {
         Ok(outcomes) => outcomes,
-        Err(error) => return store_failed(shared, policy, plan, error),
+        Err(error) => return store_failed(shared, policy, plan, error, req),
     };
     // One answer per key, in key order, or the store is broken.
     if outcomes.len() != plan.rules.iter().flatten().count() {
-        return store_failed(shared, policy, plan, &miscounted());
+        return store_failed(shared, policy, plan, &miscounted(), req);
     }
     let decision = Decision::new(&plan.rules, outcomes.slots(), plan.now, plan.cost);
     if decision.is_allowed() {
@@ -109,18 +113,25 @@ pub(crate) fn refused<B>(
                 );
             }
             // An MCP call McpLayer read is answered in MCP form (it carries the `id`).
-            let mut resp = call
-                .and_then(|call| {
-                    mcp::refuse(
-                        policy.refusal,
-                        policy.headers,
-                        &decision,
-                        call,
-                        named,
-                        req.headers(),
-                    )
-                })
-                .unwrap_or_else(|| problem::too_many_requests(policy.headers, &decision, named));
+            let mcp = call.and_then(|call| {
+                mcp::refuse(
+                    policy.refusal,
+                    policy.headers,
+                    &decision,
+                    call,
+                    named,
+                    req.headers(),
+                )
+            });
+            let mut resp = mcp.unwrap_or_else(|| {
+                let refusal = Refused {
+                    request: RequestView::of(req),
+                    decision: Some(&decision),
+                    style: policy.headers,
+                    named,
+                };
+                answer(shared, &refusal, plan.now)
+            });
             if shared.insert_decision {
                 resp.extensions_mut().insert(decision);
             }
@@ -129,7 +140,13 @@ pub(crate) fn refused<B>(
     }
 }
 
-fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreError) -> Action {
+fn store_failed<B>(
+    shared: &Shared,
+    policy: &Policy,
+    plan: &Plan,
+    error: &StoreError,
+    req: &Request<B>,
+) -> Action {
     let health = &shared.health;
     health.store_errors.fetch_add(1, Ordering::Relaxed);
     let closed = policy.fail_mode == FailMode::Closed;
@@ -153,8 +170,45 @@ fn store_failed(shared: &Shared, policy: &Policy, plan: &Plan, error: &StoreErro
         );
     }
     if closed {
-        Action::Respond(problem::backend_unavailable())
+        let refusal = Refused {
+            request: RequestView::of(req),
+            decision: None,
+            style: policy.headers,
+            named: None,
+        };
+        Action::Respond(answer(shared, &refusal, plan.now))
     } else {
         Action::Forward(None)
     }
+}
+
+/// The response to `refusal`: the application's hook's (with tollgate's rate headers
+/// unless it opts out), else tollgate's own problem+json. A hook that panics is answered
+/// with tollgate's own response, and logged (rate-limited).
+fn answer(shared: &Shared, refusal: &Refused<'_>, now: u64) -> Response<Bytes> {
+    let Some(hook) = &shared.on_refusal else {
+        return refusal.default_response();
+    };
+    let Ok(mut resp) = catch_unwind(AssertUnwindSafe(|| hook.on_refusal(refusal))) else {
+        if let Some(suppressed) = shared.health.refusal_log.may_log(now) {
+            tracing::error!(
+                suppressed,
+                "tollgate: the on_refusal hook panicked; answered with tollgate's own refusal"
+            );
+        }
+        return refusal.default_response();
+    };
+    if hook.rate_headers() {
+        match refusal.decision {
+            Some(decision) if !decision.exceeds_limit() => {
+                write_headers(refusal.style, decision, resp.headers_mut(), true);
+            }
+            Some(_) => {}
+            None => {
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+        }
+    }
+    resp
 }

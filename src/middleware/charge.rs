@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::Request;
+
 use super::shared::Shared;
+use crate::answer::decision::Decision;
 use crate::key::{Key, OwnedKeys};
 use crate::policy::Policy;
 use crate::store::{Outcomes, SettleFuture, Settlement, StoreError, StoreErrorKind};
@@ -243,3 +246,27 @@ impl fmt::Debug for Settling {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Settle(pub u64);
+
+/// Puts `charge` (when `[cost]` is on) and, when asked for, the decision into the
+/// request's extensions, for the handler; the response future keeps the charge to settle
+/// a `Settle` the response carries.
+#[inline(always)]
+pub(crate) fn attach<B>(
+    shared: &Shared,
+    req: &mut Request<B>,
+    charge: Option<Charge>,
+    decision: Option<&Decision>,
+) -> Charge {
+    if shared.request_decision {
+        if let Some(decision) = decision {
+            req.extensions_mut().insert(*decision);
+        }
+    }
+    match charge {
+        Some(charge) => {
+            req.extensions_mut().insert(charge.clone());
+            charge
+        }
+        None => Charge::uncounted(),
+    }
+}

@@ -13,8 +13,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::act::{act, panicked, Action};
-use super::charge::{Charge, Settle};
+use super::charge::{attach, Charge, Settle};
 use super::shared::{Decorate, Shared};
+use super::stack::{Answered, Refund};
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::headers;
@@ -59,6 +60,8 @@ pin_project! {
             decorate: Decorate,
             // Settled by a `Settle` the response carries (`[cost]` only).
             charge: Charge,
+            // Given back if a layer inside refuses the request.
+            refund: Refund,
         },
         Respond {
             resp: Option<Response<Bytes>>,
@@ -90,6 +93,7 @@ where
         decision: Option<Decision>,
         decorate: Decorate,
         charge: Charge,
+        refund: Refund,
     ) -> Self {
         // Nothing to write and nothing to insert: nothing to carry.
         let decision = decision.filter(|_| decorate.writes());
@@ -99,6 +103,7 @@ where
                 decision,
                 decorate,
                 charge,
+                refund,
             },
         }
     }
@@ -155,7 +160,12 @@ where
                     started.answered(&policy.metrics);
                     let request = req.as_ref().expect("polled after completion");
                     let next = match act(shared, policy, plan, &result, request, find(request)) {
-                        Action::Respond(resp) => State::Respond { resp: Some(resp) },
+                        Action::Respond(resp) => {
+                            let req = req.take().expect("polled after completion");
+                            State::Respond {
+                                resp: Some(Answered::mark(resp, req)),
+                            }
+                        }
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
                             let mut req = req.take().expect("polled after completion");
@@ -167,14 +177,24 @@ where
                                 }
                                 _ => Charge::uncounted(),
                             };
-                            if policy.costed {
-                                req.extensions_mut().insert(charge.clone());
-                            }
+                            let refund = match (decision, &result) {
+                                (Some(d), Ok(outcomes)) if d.is_allowed() => {
+                                    Refund::counted(shared, policy, plan, outcomes)
+                                }
+                                _ => Refund::none(),
+                            };
+                            let charge = attach(
+                                shared,
+                                &mut req,
+                                policy.costed.then_some(charge),
+                                decision.as_ref(),
+                            );
                             State::Calling {
                                 fut: svc.call(req),
                                 decision,
                                 decorate: shared.decorate(policy),
                                 charge,
+                                refund,
                             }
                         }
                     };
@@ -185,8 +205,16 @@ where
                     decision,
                     decorate,
                     charge,
+                    refund,
                 } => {
                     let mut resp = ready!(fut.poll(cx))?;
+                    // A layer inside answered (refused) the request: it never ran, so this
+                    // layer gives back what it counted and leaves that answer as written.
+                    if let Some(answered) = Answered::on(&resp) {
+                        std::mem::replace(refund, Refund::none()).give_back(answered);
+                        let _settling = charge.settle(0);
+                        return Poll::Ready(Ok(resp.map(ResponseBody::inner)));
+                    }
                     if charge.is_counted() {
                         if let Some(Settle(units)) = resp.extensions_mut().remove::<Settle>() {
                             // Applied, or sent from the store's task: nothing to wait for.

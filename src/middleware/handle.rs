@@ -4,9 +4,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::shared::Live;
+use super::peek::{self, RuleState};
+use super::shared::Shared;
 use crate::config::{ConfigError, RateLimitConfig};
 use crate::policy::Policy;
+use crate::request::extensions::Identity;
+use crate::store::StoreError;
 
 /// Changes a [`RateLimitLayer`](crate::RateLimitLayer)'s rules while it serves, from
 /// [`RateLimitLayer::handle`](crate::RateLimitLayer::handle).
@@ -68,19 +71,60 @@ use crate::policy::Policy;
 /// ```
 #[derive(Clone)]
 pub struct RateLimitHandle {
-    live: Arc<Live>,
+    shared: Arc<Shared>,
 }
 
 impl RateLimitHandle {
-    pub(crate) fn new(live: Arc<Live>) -> Self {
-        RateLimitHandle { live }
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        RateLimitHandle { shared }
+    }
+
+    /// What each rule that applies to `identity` calling `tool` would say of a call now —
+    /// its rate, the units left, how long until it is whole again — read without counting
+    /// anything (a check of cost 0, which changes no counter and inserts no key), from
+    /// the store every instance shares. Rules in rule order; none when no rule applies. The
+    /// tier is the one `[tenants]` gives the identity's tenant.
+    ///
+    /// ```
+    /// use tollgate::{Identity, RateLimitConfig, RateLimitLayer, RuleKind};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let cfg = RateLimitConfig::from_toml_str("by_user = \"30/m\"\n[by_tool]\nsearch = \"10/m\"").unwrap();
+    /// let layer = RateLimitLayer::new(cfg);
+    /// let handle = layer.handle();
+    /// let ann = Identity::user("ann");
+    /// let rules = handle.peek(&ann, Some("search")).await.unwrap();
+    /// assert_eq!(rules.len(), 2);
+    /// assert_eq!((rules[1].rule, rules[1].remaining), (RuleKind::Tool, 10));
+    /// // Clears ann's counters and the search tool's (every caller's) alike.
+    /// handle.reset(&ann, Some("search")).await.unwrap();
+    /// # });
+    /// ```
+    pub async fn peek(
+        &self,
+        identity: &Identity,
+        tool: Option<&str>,
+    ) -> Result<Vec<RuleState>, StoreError> {
+        let policy = self.shared.live.policy.load_full();
+        peek::peek(&self.shared, &policy, identity, tool).await
+    }
+
+    /// Forgets what every rule that applies to `identity` calling `tool` has counted, so
+    /// the next such call starts afresh: the user's counter, the tenant's (every user of
+    /// it), the tool's (every caller), the user × tool one. In memory and Redis (every
+    /// slot of a cluster); the deny cache of this instance forgets the keys at once, and
+    /// another instance's refuses them for at most one second more. A store that cannot
+    /// reset answers [`StoreErrorKind::Unsupported`](crate::StoreErrorKind::Unsupported).
+    pub async fn reset(&self, identity: &Identity, tool: Option<&str>) -> Result<(), StoreError> {
+        let policy = self.shared.live.policy.load_full();
+        peek::reset(&self.shared, &policy, identity, tool).await
     }
 
     /// Applies `cfg` to the layer from the next request on (see the type's docs for what
     /// counters survive). Refuses, changing nothing, a config whose `[backend]` differs
     /// from the one the layer was built with: each changed field is named.
     pub fn update(&self, cfg: RateLimitConfig) -> Result<(), ConfigError> {
-        if let Some(backend) = &self.live.backend {
+        if let Some(backend) = &self.shared.live.backend {
             let changed = backend.changed_fields(cfg.backend());
             if !changed.is_empty() {
                 let mut err = ConfigError::default();
@@ -94,8 +138,8 @@ impl RateLimitHandle {
                 return Err(err);
             }
         }
-        let policy = Policy::new(&cfg, self.live.kind);
-        self.live.policy.store(Arc::new(policy));
+        let policy = Policy::new(&cfg, self.shared.live.kind);
+        self.shared.live.policy.store(Arc::new(policy));
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use tower_layer::Layer;
 
 use super::handle::RateLimitHandle;
+use super::hooks::{OnRefusal, RequestView};
 use super::service::RateLimit;
 use super::shared::{Live, Shared, Stats};
 use crate::clock::{Clock, SystemClock};
@@ -78,6 +79,9 @@ impl RateLimitLayer {
                     kind,
                 }),
                 insert_decision: true,
+                request_decision: false,
+                exempt: None,
+                on_refusal: None,
                 store,
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
@@ -88,7 +92,7 @@ impl RateLimitLayer {
     /// A handle that changes this layer's rules while it serves: see [`RateLimitHandle`].
     /// Every clone of the layer, and every service made from it, follows the handle.
     pub fn handle(&self) -> RateLimitHandle {
-        RateLimitHandle::new(self.shared.live.clone())
+        RateLimitHandle::new(self.shared.clone())
     }
 
     /// The same layer reading time from `clock` (e.g. a [`ManualClock`](crate::ManualClock)).
@@ -111,6 +115,77 @@ impl RateLimitLayer {
     /// the memory path then allocates nothing per allowed request.
     pub fn decision_extension(self, insert: bool) -> Self {
         self.modified(|shared| shared.insert_decision = insert)
+    }
+
+    /// Whether a forwarded request carries its [`Decision`](crate::Decision) in its
+    /// extensions, for the handler (default: no). The handler then reads what tollgate
+    /// decided for it (`Option<Extension<Decision>>` in axum): limit, remaining, when the
+    /// speaking rule resets, the cost charged. Like the response's, it costs a few small
+    /// heap allocations per request, so it is off unless asked for.
+    ///
+    /// ```
+    /// use axum::{extract::Extension, routing::get, Router};
+    /// use tollgate::{Decision, RateLimitConfig, RateLimitLayer};
+    ///
+    /// async fn search(decision: Option<Extension<Decision>>) -> String {
+    ///     match decision.and_then(|Extension(d)| d.remaining()) {
+    ///         Some(left) => format!("found; {left} searches left"),
+    ///         None => "found".to_owned(),
+    ///     }
+    /// }
+    /// let cfg = RateLimitConfig::from_toml_str(r#"by_user = "30/m""#).unwrap();
+    /// let app: Router = Router::new()
+    ///     .route("/search", get(search))
+    ///     .layer(RateLimitLayer::new(cfg).decision_in_request(true));
+    /// ```
+    pub fn decision_in_request(self, insert: bool) -> Self {
+        self.modified(|shared| shared.request_decision = insert)
+    }
+
+    /// Forwards the requests `exempt` picks untouched: nothing counted, no rate headers,
+    /// no `Decision`, whatever the rules say (a health check, a metrics scrape). Called
+    /// once per request before anything else; a second `exempt` adds to the first (a
+    /// request either picks is exempt).
+    ///
+    /// ```
+    /// use tollgate::{RateLimitConfig, RateLimitLayer};
+    ///
+    /// let cfg = RateLimitConfig::from_toml_str(r#"by_user = "30/m""#).unwrap();
+    /// let layer = RateLimitLayer::new(cfg)
+    ///     .exempt(|req| matches!(req.uri().path(), "/healthz" | "/metrics"));
+    /// ```
+    pub fn exempt(self, exempt: impl Fn(&RequestView<'_>) -> bool + Send + Sync + 'static) -> Self {
+        self.modified(|shared| {
+            shared.exempt = Some(match shared.exempt.take() {
+                None => Arc::new(exempt),
+                Some(first) => Arc::new(move |req: &RequestView<'_>| first(req) || exempt(req)),
+            });
+        })
+    }
+
+    /// Builds the response of every refusal (a `429`, and a `503` when failing closed)
+    /// with `hook` instead of tollgate's problem+json: see [`OnRefusal`].
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{header, Response};
+    /// use tollgate::{RateLimitConfig, RateLimitLayer, Refused};
+    ///
+    /// let cfg = RateLimitConfig::from_toml_str(r#"by_user = "30/m""#).unwrap();
+    /// let layer = RateLimitLayer::new(cfg).on_refusal(|refusal: &Refused<'_>| {
+    ///     let wait = refusal.decision().and_then(|d| d.retry_after()).map_or(1, |w| w.as_secs());
+    ///     let mut resp = Response::new(Bytes::from(format!(
+    ///         "<p>Slow down: try again in {wait} s.</p>"
+    ///     )));
+    ///     *resp.status_mut() = refusal.status();
+    ///     resp.headers_mut()
+    ///         .insert(header::CONTENT_TYPE, "text/html".parse().unwrap());
+    ///     resp // tollgate adds Retry-After and the rate headers
+    /// });
+    /// ```
+    pub fn on_refusal(self, hook: impl OnRefusal) -> Self {
+        let hook: Arc<dyn OnRefusal> = Arc::new(hook);
+        self.modified(|shared| shared.on_refusal = Some(hook))
     }
 
     /// Failure counts so far.

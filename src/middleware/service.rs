@@ -10,9 +10,11 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::act::{act, panicked, refused, Action};
-use super::charge::Charge;
+use super::charge::{attach, Charge};
 use super::future::{Checking, ResponseFuture};
+use super::hooks::RequestView;
 use super::shared::Shared;
+use super::stack::{Answered, Refund};
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::problem;
@@ -101,16 +103,28 @@ impl<S> RateLimit<S> {
         S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
     {
         let shared = &*self.shared;
+        if let Some(exempt) = &shared.exempt {
+            if exempt(&RequestView::of(&req)) {
+                return ResponseFuture::calling(
+                    self.inner.call(req),
+                    None,
+                    shared.decorate(&policy),
+                    Charge::uncounted(),
+                    Refund::none(),
+                );
+            }
+        }
         if policy.mode == Mode::Disabled {
             metrics::gauges(|| shared.clock.now_micros());
             let charge = policy.costed.then(Charge::uncounted);
             return {
-                let charge = attach(&mut req, charge);
+                let charge = attach(shared, &mut req, charge, None);
                 ResponseFuture::calling(
                     self.inner.call(req),
                     None,
                     shared.decorate(&policy),
                     charge,
+                    Refund::none(),
                 )
             };
         }
@@ -134,7 +148,10 @@ impl<S> RateLimit<S> {
                     );
                 }
                 policy.count(Decided::InvalidIdentity, None, None);
-                return ResponseFuture::respond(problem::bad_identity(bad.detail()));
+                return ResponseFuture::respond(Answered::mark(
+                    problem::bad_identity(bad.detail()),
+                    req,
+                ));
             }
             Err(bad) => {
                 if let Some(suppressed) = shared.health.identity_log.may_log(now) {
@@ -183,12 +200,13 @@ impl<S> RateLimit<S> {
             policy.count(Decided::Allowed, None, None);
             let decision = Decision::unlimited(now, cost);
             return {
-                let charge = attach(&mut req, charge);
+                let charge = attach(shared, &mut req, charge, Some(&decision));
                 ResponseFuture::calling(
                     self.inner.call(req),
                     Some(decision),
                     shared.decorate(&policy),
                     charge,
+                    Refund::none(),
                 )
             };
         }
@@ -204,14 +222,15 @@ impl<S> RateLimit<S> {
         if let Some(rule) = exceeded {
             let decision = Decision::exceeding(&plan.rules, rule, now, cost);
             return match refused(shared, &policy, &plan, decision, &req, call) {
-                Action::Respond(resp) => ResponseFuture::respond(resp),
+                Action::Respond(resp) => ResponseFuture::respond(Answered::mark(resp, req)),
                 Action::Forward(decision) => {
-                    let charge = attach(&mut req, charge);
+                    let charge = attach(shared, &mut req, charge, decision.as_ref());
                     ResponseFuture::calling(
                         self.inner.call(req),
                         decision,
                         shared.decorate(&policy),
                         charge,
+                        Refund::none(),
                     )
                 }
             };
@@ -226,8 +245,14 @@ impl<S> RateLimit<S> {
             StoreFuture::Ready(ref result) => {
                 started.answered(&policy.metrics);
                 match act(shared, &policy, &plan, result, &req, call) {
-                    Action::Respond(resp) => ResponseFuture::respond(resp),
+                    Action::Respond(resp) => ResponseFuture::respond(Answered::mark(resp, req)),
                     Action::Forward(decision) => {
+                        let refund = match (decision, result) {
+                            (Some(d), Ok(outcomes)) if d.is_allowed() => {
+                                Refund::counted(&self.shared, &policy, &plan, outcomes)
+                            }
+                            _ => Refund::none(),
+                        };
                         let charge = charge.map(|uncounted| match (decision, result) {
                             (Some(d), Ok(outcomes)) if d.is_allowed() && cost > 0 => {
                                 Charge::counted(&self.shared, &policy, &keys[..n], outcomes, cost)
@@ -235,12 +260,13 @@ impl<S> RateLimit<S> {
                             _ => uncounted,
                         });
                         {
-                            let charge = attach(&mut req, charge);
+                            let charge = attach(shared, &mut req, charge, decision.as_ref());
                             ResponseFuture::calling(
                                 self.inner.call(req),
                                 decision,
                                 shared.decorate(&policy),
                                 charge,
+                                refund,
                             )
                         }
                     }
@@ -267,18 +293,5 @@ impl<S> RateLimit<S> {
                 ResponseFuture::checking(checking)
             }
         }
-    }
-}
-
-/// Puts `charge` (when `[cost]` is on) into the request's extensions, for the handler;
-/// the response future keeps the charge to settle a `Settle` the response carries.
-#[inline(always)]
-fn attach<B>(req: &mut Request<B>, charge: Option<Charge>) -> Charge {
-    match charge {
-        Some(charge) => {
-            req.extensions_mut().insert(charge.clone());
-            charge
-        }
-        None => Charge::uncounted(),
     }
 }

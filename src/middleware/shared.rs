@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use super::hooks::{Exempt, OnRefusal};
 use crate::clock::Clock;
 use crate::config::{BackendConfig, HeaderStyle};
 use crate::log_gate::LogGate;
@@ -19,6 +20,12 @@ pub(crate) struct Shared {
     /// The rules and settings a reload replaces (ARCHITECTURE.md, "Hot reload").
     pub(crate) live: Arc<Live>,
     pub(crate) insert_decision: bool,
+    /// Whether a forwarded request carries its `Decision` to the handler.
+    pub(crate) request_decision: bool,
+    /// Requests forwarded untouched (`RateLimitLayer::exempt`).
+    pub(crate) exempt: Option<Exempt>,
+    /// Shapes refusals in place of the problem+json (`RateLimitLayer::on_refusal`).
+    pub(crate) on_refusal: Option<Arc<dyn OnRefusal>>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,

@@ -9,10 +9,12 @@
 //! the cached keys as refused, and the others as allowing with nothing known of their
 //! quota.
 //!
-//! On a Redis Cluster a refusal can be transient: a request whose keys span slots holds a
-//! reservation on one slot until another slot's refusal gives it back (a round trip), and
-//! a request refused meanwhile would be allowed right after. There the cache refuses
-//! locally for at most [`CLUSTER_HOLD`], still stating the wait Redis gave.
+//! A refusal can also end early: another instance may reset the key
+//! (`RateLimitHandle::reset`), and on a Redis Cluster a request whose keys span slots
+//! holds a reservation on one slot until another slot's refusal gives it back (a round
+//! trip), so a request refused meanwhile would be allowed right after. So the cache
+//! refuses locally for at most [`DENY_HOLD`], still stating the wait Redis gave: a reset
+//! anywhere is seen by every instance within that.
 
 use std::cell::RefCell;
 use std::hash::BuildHasher;
@@ -26,10 +28,11 @@ use crate::key::Key;
 
 const SHARDS: usize = 16;
 
-/// How long a Redis Cluster store's cache refuses locally (µs), whatever wait Redis
-/// stated: an abusive caller costs one round trip a second per key and instance, and a
-/// refusal another request's passing reservation caused is not repeated for long.
-pub(crate) const CLUSTER_HOLD: u64 = 1_000_000;
+/// How long the cache refuses a key locally (µs), whatever wait Redis stated: an abusive
+/// caller costs one round trip a second per key and instance, a reset on another instance
+/// is seen here within a second, and on a cluster a refusal another request's passing
+/// reservation caused is not repeated for long.
+pub(crate) const DENY_HOLD: u64 = 1_000_000;
 
 /// Keys refused by Redis, with when they allow again; bounded.
 pub(crate) struct DenyCache {
@@ -267,19 +270,17 @@ mod tests {
 
     #[test]
     fn a_bounded_hold_refuses_briefly_but_states_redis_wait() {
-        let cache = DenyCache::new(100, CLUSTER_HOLD);
+        let cache = DenyCache::new(100, DENY_HOLD);
         let minute = 60_000_000;
         cache.record([key(b"a").encode("rl").as_str()], &refused(minute), 0, 1);
-        let hit = cache
-            .check("rl", &[key(b"a")], CLUSTER_HOLD - 1, 1)
-            .unwrap();
+        let hit = cache.check("rl", &[key(b"a")], DENY_HOLD - 1, 1).unwrap();
         assert_eq!(
             hit.iter().next().unwrap().retry_after,
-            minute - CLUSTER_HOLD + 1,
+            minute - DENY_HOLD + 1,
             "the wait Redis stated"
         );
         assert!(
-            cache.check("rl", &[key(b"a")], CLUSTER_HOLD, 1).is_none(),
+            cache.check("rl", &[key(b"a")], DENY_HOLD, 1).is_none(),
             "Redis decides again after the hold"
         );
         // A wait shorter than the hold is kept as it is.

@@ -19,7 +19,7 @@ use super::{
     Outcomes, SettleFuture, Settlement, Store, StoreError, StoreErrorKind, StoreFuture,
     StoreRequest, StoreStats,
 };
-use crate::key::OwnedKeys;
+use crate::key::{Key, OwnedKeys};
 use crate::log_gate::LogGate;
 
 /// Consecutive failures that open the circuit.
@@ -93,6 +93,15 @@ impl Store for FallbackStore {
             }
             _ => self.inner.primary.settle(settlement),
         }
+    }
+
+    /// Both forget the keys: the fallback's counts would otherwise answer again the next
+    /// time Redis fails.
+    fn reset(&self, keys: &[Key<'_>]) -> SettleFuture {
+        if let Some(memory) = &self.inner.fallback {
+            memory.reset_now(keys);
+        }
+        self.inner.primary.reset(keys)
     }
 
     fn stats(&self) -> StoreStats {

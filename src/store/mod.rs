@@ -436,6 +436,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         )))
     }
 
+    /// Forgets what the store has counted under `keys`, so that their next check starts
+    /// as if nothing had been counted ([`RateLimitHandle::reset`](crate::RateLimitHandle::reset)).
+    /// Ready or from a task of its own, as [`Store::settle`]. The default refuses.
+    fn reset(&self, keys: &[Key<'_>]) -> SettleFuture {
+        let _ = keys;
+        SettleFuture::Ready(Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            "this store cannot reset counters",
+        )))
+    }
+
     /// What the store has counted about itself, read by
     /// [`RateLimitLayer::stats`](crate::RateLimitLayer::stats). The default says nothing
     /// happened ([`StoreStats::default`]).
@@ -452,6 +463,10 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
 
     fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
         (**self).settle(settlement)
+    }
+
+    fn reset(&self, keys: &[Key<'_>]) -> SettleFuture {
+        (**self).reset(keys)
     }
 
     fn stats(&self) -> StoreStats {

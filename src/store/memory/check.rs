@@ -3,6 +3,8 @@
 //! order and decided together (`locks.rs`); a key not stored yet is inserted first
 //! (`evict.rs`), under its window's insert lock.
 
+use std::sync::atomic::Ordering;
+
 use super::cell::{next_state, outcome, Cell, Status};
 use super::digest::random_seeds;
 use super::evict::{refused_by_stored, Room};
@@ -141,6 +143,32 @@ impl Inner {
                 let next = Cell::new(state, cell.generation(), Status::Live);
                 match slot.swap(cell, next) {
                     Ok(()) => break,
+                    Err(actual) => cell = actual,
+                }
+            }
+        }
+    }
+
+    /// Forgets each of `keys` that is stored ([`crate::store::Store::reset`]): its slot is
+    /// freed under its window's insert lock, as if its state had expired, so the key's
+    /// next check starts afresh.
+    pub(super) fn reset(&self, keys: &[Key<'_>], ids: &[&[u8]]) {
+        for (key, id) in keys.iter().zip(ids) {
+            let probe = self.probe(key, id);
+            let _insert = InsertGuard::lock(&self.table.insert_locks[probe.window]);
+            let Some((slot, mut cell)) = self.table.find(&probe) else {
+                continue;
+            };
+            loop {
+                cell = slot.unlocked(cell);
+                if cell.status() == Status::Free || !slot.holds(&probe.ident) {
+                    break;
+                }
+                match slot.swap(cell, cell.with_status(Status::Free)) {
+                    Ok(()) => {
+                        self.room.held.fetch_sub(1, Ordering::AcqRel);
+                        break;
+                    }
                     Err(actual) => cell = actual,
                 }
             }

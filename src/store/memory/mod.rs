@@ -32,9 +32,7 @@ use table::WINDOW;
 
 use super::{Outcomes, SettleFuture, Settlement, Store, StoreFuture, StoreRequest, StoreStats};
 use crate::config::settings;
-use crate::key::with_memory_ids;
-#[cfg(test)]
-use crate::key::Key;
+use crate::key::{with_memory_ids, Key};
 
 /// Counters in this process: one shared limit per process.
 ///
@@ -122,6 +120,13 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Forgets the counts of `keys` ([`Store::reset`]).
+    pub(crate) fn reset_now(&self, keys: &[Key<'_>]) {
+        with_memory_ids(keys, |ids| self.inner.reset(&keys[..ids.len()], ids));
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
@@ -144,6 +149,11 @@ impl Store for MemoryStore {
 
     fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
         self.settle_now(settlement);
+        SettleFuture::Ready(Ok(()))
+    }
+
+    fn reset(&self, keys: &[Key<'_>]) -> SettleFuture {
+        self.reset_now(keys);
         SettleFuture::Ready(Ok(()))
     }
 

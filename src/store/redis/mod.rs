@@ -39,7 +39,7 @@ use super::{
 };
 use crate::algorithm::Algorithm;
 use crate::config::{self, settings, BackendConfig, BackendKind};
-use crate::key::MAX_KEYS;
+use crate::key::{Key, MAX_KEYS};
 use crate::log_gate::LogGate;
 
 mod batch;
@@ -90,6 +90,8 @@ struct Inner {
     next_socket: AtomicUsize,
     /// `lua/algorithms.lua` + `lua/settle.lua`: settles calls, refunds cluster reservations.
     settle: Script,
+    /// `reset.lua`: deletes counters.
+    reset: Script,
     /// `None` when coalescing is off (`max_batch = 1`) or on a cluster.
     coalescer: Option<Coalescer>,
     deny: DenyCache,
@@ -335,12 +337,10 @@ impl RedisStore {
             )),
             _ => None,
         };
-        // A cluster refusal may come from another request's passing reservation: cached
-        // only briefly (see the deny cache's docs).
-        let deny_hold = match &connector {
-            Some(Connector::Cluster { .. }) => super::deny_cache::CLUSTER_HOLD,
-            _ => u64::MAX,
-        };
+        // A refusal is cached only briefly (see the deny cache's docs): another instance
+        // may reset the key, and on a cluster it may come from another request's passing
+        // reservation.
+        let deny_hold = super::deny_cache::DENY_HOLD;
         RedisStore {
             inner: Arc::new(Inner {
                 caller: Arc::new(Caller::new(connector, b.timeout)),
@@ -348,6 +348,7 @@ impl RedisStore {
                 pool_size: b.pool_size,
                 caller_time: b.caller_time,
                 next_socket: AtomicUsize::new(0),
+                reset: Script::new(include_str!("../lua/reset.lua")),
                 settle: Script::new(concat!(
                     include_str!("../lua/algorithms.lua"),
                     include_str!("../lua/settle.lua")
@@ -476,6 +477,10 @@ impl Store for RedisStore {
 
     fn settle(&self, settlement: &Settlement<'_>) -> SettleFuture {
         self.inner.settle(settlement)
+    }
+
+    fn reset(&self, keys: &[Key<'_>]) -> SettleFuture {
+        self.inner.reset(keys)
     }
 
     fn stats(&self) -> StoreStats {
@@ -717,6 +722,22 @@ impl Inner {
         Ok(usize::try_from(changed).unwrap_or(0))
     }
 
+    /// Deletes the counters `names` (on one hash slot) with `reset.lua`.
+    async fn delete<'k>(
+        &self,
+        names: impl Iterator<Item = &'k str>,
+        deadline: tokio::time::Instant,
+    ) -> Result<i64, StoreError> {
+        let mut invocation = self.reset.prepare_invoke();
+        for name in names {
+            invocation.key(name);
+        }
+        let lane = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        self.connector()?
+            .invoke(&invocation, lane, self.caller.timeout, deadline)
+            .await
+    }
+
     /// Settles a call: one `settle.lua` call per hash slot its keys are on, from a task
     /// of its own (a caller that goes away cannot cancel it half-way), bounded by the
     /// timeout. A failure is counted and logged, never an identity.
@@ -781,6 +802,52 @@ impl Inner {
                 Err(StoreError::new(
                     StoreErrorKind::Internal,
                     "the redis settlement task stopped before it finished",
+                ))
+            })
+        }))
+    }
+}
+
+impl Inner {
+    /// Deletes the counters of `keys` (one `reset.lua` call per hash slot) and forgets
+    /// them in this instance's deny cache. Another instance's deny cache may refuse them
+    /// for at most [`DENY_HOLD`](super::deny_cache::DENY_HOLD) more. From a task of its
+    /// own, bounded by the timeout.
+    fn reset(self: &Arc<Self>, keys: &[Key<'_>]) -> SettleFuture {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return SettleFuture::Ready(Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "a redis reset needs a tokio runtime to be sent from",
+            )));
+        };
+        let job = match self.job(&StoreRequest::new(keys, 0)) {
+            Ok(job) => job,
+            Err(error) => return SettleFuture::Ready(Err(error)),
+        };
+        self.deny.forget(job.names());
+        let store = Arc::clone(self);
+        let task = runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + store.caller.timeout;
+            let cluster = matches!(store.caller.connector, Some(Connector::Cluster { .. }));
+            let groups = if cluster {
+                by_slot(&job.keys)
+            } else {
+                vec![(0..job.keys.len()).collect()]
+            };
+            let calls = groups.iter().map(|group| {
+                let keys = group.iter().map(|&i| job.keys[i].name.as_str());
+                store.delete(keys, deadline)
+            });
+            match futures_join(calls).await.into_iter().find_map(Result::err) {
+                Some(error) => Err(error),
+                None => Ok(()),
+            }
+        });
+        SettleFuture::Pending(Box::pin(async move {
+            task.await.unwrap_or_else(|_| {
+                Err(StoreError::new(
+                    StoreErrorKind::Internal,
+                    "the redis reset task stopped before it finished",
                 ))
             })
         }))

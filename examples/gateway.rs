@@ -25,7 +25,13 @@
 //!   every request carries its peer address and `anonymous = "by_ip"` (see
 //!   `examples/gateway-policy.toml`) counts callers without `x-user-id` per client address.
 //!
-//! Flags: `--config FILE`, `--listen ADDR`, `--help` (see [`USAGE`]). `kill -HUP <pid>`
+//! * `--admin ADDR` opens a second listener for operators (never the public one; bind it
+//!   to loopback or protect it, as it answers for any user): `GET
+//!   /limits?user=U&tool=T` says what each rule has left for that user calling that tool,
+//!   counting nothing; `POST /limits/reset?user=U&tool=T` clears those counters (204).
+//!   `tenant=` may be added to both.
+//!
+//! Flags: `--config FILE`, `--listen ADDR`, `--admin ADDR`, `--help` (see [`USAGE`]). `kill -HUP <pid>`
 //! reloads `--config`: a good file replaces the rules, a bad one is logged and changes
 //! nothing.
 
@@ -33,27 +39,31 @@
 mod cli;
 #[path = "common/flags.rs"]
 mod flags;
+// `serve` binds and serves in one: the gateway binds its two listeners itself.
+#[allow(dead_code)]
 #[path = "common/shutdown.rs"]
 mod shutdown;
 
 use std::process::ExitCode;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, Request};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use tollgate::{Charge, Identity, RateLimitConfig, RateLimitLayer, ToolName, MAX_IDENTITY_LEN};
+use tollgate::{
+    Charge, Identity, RateLimitConfig, RateLimitHandle, RateLimitLayer, ToolName, MAX_IDENTITY_LEN,
+};
 use tower::ServiceBuilder;
 
 const USAGE: &str = "\
 tollgate example gateway: POST /tools/{name} rate-limited per user, tenant and tool.
 
 USAGE:
-    gateway [--config FILE] [--listen ADDR]
+    gateway [--config FILE] [--listen ADDR] [--admin ADDR]
 
 OPTIONS:
     --config FILE   TOML rate-limit config (see examples/gateway.toml). Without it:
@@ -61,6 +71,10 @@ OPTIONS:
                       [cost.tools] summarise = 10 (units; every other call costs 1)
     --listen ADDR   address to listen on [default: 127.0.0.1:3000]; port 0 picks a free
                     port, and the address actually bound is printed
+    --admin ADDR    also listen on ADDR for operators (keep it private: loopback or
+                    behind your auth): GET /limits?user=U&tool=T shows what each rule
+                    has left, counting nothing; POST /limits/reset?user=U&tool=T clears
+                    those counters (tenant=T too). Its address is printed second
     -h, --help      print this help
 
 Identity is read from the x-user-id and x-tenant-id headers, which this example trusts
@@ -92,6 +106,7 @@ const CLI: cli::Cli = cli::Cli {
     usage: USAGE,
     default_config: (DEFAULT_CONFIG, "the embedded default config"),
     default_listen: DEFAULT_LISTEN,
+    admin: true,
 };
 
 fn main() -> ExitCode {
@@ -111,12 +126,22 @@ async fn serve(cfg: RateLimitConfig, args: cli::Args) -> Result<(), String> {
     // reloads instead of ending the process (its default action).
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(hangups()?, limiter.handle(), args.config));
+    let handle = limiter.handle();
     let app = app(limiter);
     #[cfg(feature = "metrics")]
     let app = app.merge(metrics);
     // Served with the peer address in every request (`ConnectInfo<SocketAddr>`), so
     // tollgate can count anonymous callers by client address (`anonymous = "by_ip"`).
-    shutdown::serve(app, &args.listen, "gateway", "tollgate gateway", "").await?;
+    let listener = shutdown::bind(&args.listen, "tollgate gateway", "").await?;
+    if let Some(admin) = &args.admin {
+        let admin = shutdown::bind(admin, "tollgate gateway admin", "").await?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, admin_app(handle)).await {
+                eprintln!("gateway: admin listener: {e}");
+            }
+        });
+    }
+    shutdown::serve_on(listener, app, "gateway").await?;
     eprintln!("gateway: shut down cleanly");
     Ok(())
 }
@@ -237,6 +262,101 @@ fn summary(cfg: &RateLimitConfig) -> String {
         cfg.algorithm(),
         cfg.mode(),
         cfg.backend().kind(),
+    )
+}
+
+// ---- the admin listener (`--admin ADDR`) ----
+
+/// The operators' routes: peek and reset through the layer's handle. Nothing here logs an
+/// identity.
+fn admin_app(handle: RateLimitHandle) -> Router {
+    Router::new()
+        .route("/limits", get(peek))
+        .route("/limits/reset", post(reset))
+        .with_state(handle)
+}
+
+/// `GET /limits?user=U&tool=T`: each applicable rule's `rule`, `limit` (its count),
+/// `rate`, `remaining` and `reset_after` (seconds, rounded up), counting nothing.
+async fn peek(State(handle): State<RateLimitHandle>, RawQuery(query): RawQuery) -> Response {
+    let (identity, tool) = match lookup(query.as_deref()) {
+        Ok(found) => found,
+        Err(detail) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid query",
+                "INVALID_QUERY",
+                detail,
+            )
+        }
+    };
+    match handle.peek(&identity, tool.as_deref()).await {
+        Ok(rules) => {
+            let rules: Vec<serde_json::Value> = rules
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "rule": r.rule.as_str(),
+                        "limit": r.limit.count(),
+                        "rate": r.limit.to_string(),
+                        "remaining": r.remaining,
+                        "reset_after": r.reset_after.as_micros().div_ceil(1_000_000) as u64,
+                    })
+                })
+                .collect();
+            Json(serde_json::json!({ "rules": rules })).into_response()
+        }
+        Err(_) => store_unavailable(),
+    }
+}
+
+/// `POST /limits/reset?user=U&tool=T`: clears those counters; 204.
+async fn reset(State(handle): State<RateLimitHandle>, RawQuery(query): RawQuery) -> Response {
+    let (identity, tool) = match lookup(query.as_deref()) {
+        Ok(found) => found,
+        Err(detail) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid query",
+                "INVALID_QUERY",
+                detail,
+            )
+        }
+    };
+    match handle.reset(&identity, tool.as_deref()).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) => store_unavailable(),
+    }
+}
+
+/// `user`, `tenant` and `tool` from the query (percent-decoded; each at most once, each
+/// at most 256 bytes; no `user`: the shared anonymous counter).
+fn lookup(query: Option<&str>) -> Result<(Identity, Option<String>), &'static str> {
+    let (mut user, mut tenant, mut tool) = (None, None, None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let slot = match &*name {
+            "user" => &mut user,
+            "tenant" => &mut tenant,
+            "tool" => &mut tool,
+            _ => return Err("the query takes only user, tenant and tool"),
+        };
+        if slot.is_some() {
+            return Err("user, tenant and tool may each appear once");
+        }
+        if value.len() > MAX_IDENTITY_LEN {
+            return Err("user, tenant and tool are at most 256 bytes");
+        }
+        *slot = Some(value.into_owned());
+    }
+    Ok((Identity::new(user, tenant), tool))
+}
+
+fn store_unavailable() -> Response {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Store unavailable",
+        "BACKEND_UNAVAILABLE",
+        "the rate-limit store did not answer",
     )
 }
 

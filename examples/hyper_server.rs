@@ -73,6 +73,7 @@ const CLI: cli::Cli = cli::Cli {
     usage: USAGE,
     default_config: (DEFAULT_CONFIG, "the embedded default config"),
     default_listen: "127.0.0.1:3002",
+    admin: false,
 };
 
 fn main() -> ExitCode {

@@ -263,6 +263,7 @@ const CLI: cli::Cli = cli::Cli {
     usage: USAGE,
     default_config: (DEFAULT_CONFIG, "the embedded examples/mcp_server.toml"),
     default_listen: DEFAULT_LISTEN,
+    admin: false,
 };
 
 fn main() -> ExitCode {

@@ -265,6 +265,58 @@ fn summarise_costs_its_price_and_used_settles_it() {
     assert_eq!(twice.status, 400, "{twice:?}");
 }
 
+/// `--admin ADDR`: a second listener where `GET /limits` shows what each rule has left
+/// (counting nothing) and `POST /limits/reset` clears it; the public listener has neither.
+#[test]
+fn the_admin_listener_peeks_and_resets() {
+    let gw = Gateway::start(&["--admin", "127.0.0.1:0"]);
+    let admin = gw.next_address("tollgate gateway admin");
+    let alice = [("x-user-id", "alice")];
+    for _ in 0..3 {
+        assert_eq!(gw.post("/tools/search", &alice, "{}").status, 200);
+    }
+    let peek = || {
+        let reply = request(admin, "GET", "/limits?user=alice&tool=search", &[], "");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.json()["rules"].clone()
+    };
+    for _ in 0..2 {
+        let rules = peek();
+        assert_eq!(rules[0]["rule"], "user", "{rules}");
+        assert_eq!(rules[0]["limit"], 30);
+        assert_eq!(rules[0]["rate"], "30/m");
+        assert_eq!(rules[0]["remaining"], 27, "peeking counts nothing: {rules}");
+        assert_eq!(rules[1]["rule"], "tool");
+        assert_eq!(rules[1]["remaining"], 7);
+        let reset_after = rules[0]["reset_after"].as_u64().unwrap();
+        assert!((1..=60).contains(&reset_after), "{rules}");
+    }
+    let reset = request(
+        admin,
+        "POST",
+        "/limits/reset?user=alice&tool=search",
+        &[],
+        "",
+    );
+    assert_eq!(reset.status, 204, "{reset:?}");
+    let rules = peek();
+    assert_eq!(
+        (
+            rules[0]["remaining"].as_u64(),
+            rules[1]["remaining"].as_u64()
+        ),
+        (Some(30), Some(10))
+    );
+    // Percent-encoded ids are decoded; a bad query is a 400 naming no value.
+    let odd = request(admin, "GET", "/limits?user=a%3Ab%7Bc&tenant=acme", &[], "");
+    assert_eq!(odd.json()["rules"].as_array().unwrap().len(), 2, "{odd:?}");
+    let bad = request(admin, "GET", "/limits?user=a&user=b", &[], "");
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(!bad.body.contains("user=a"), "{bad:?}");
+    // The public listener has no admin routes.
+    assert_eq!(gw.get("/limits?user=alice").status, 404);
+}
+
 /// The example builds `Identity` itself, so it must refuse what tollgate refuses when it
 /// reads headers: a repeated or overlong identity is a 400 that echoes no value, and it
 /// spends nobody's quota.

@@ -16,12 +16,16 @@ pub struct Cli {
     /// The config used without `--config`, and how messages name it.
     pub default_config: (&'static str, &'static str),
     pub default_listen: &'static str,
+    /// Whether the server takes `--admin ADDR` (an admin listener of its own).
+    pub admin: bool,
 }
 
 /// The parsed command line.
 pub struct Args {
     pub config: Option<String>,
     pub listen: String,
+    /// `--admin ADDR`, where the server takes one.
+    pub admin: Option<String>,
 }
 
 impl Cli {
@@ -30,6 +34,7 @@ impl Cli {
         let mut parsed = Args {
             config: None,
             listen: self.default_listen.to_owned(),
+            admin: None,
         };
         let mut flags = Flags::new(args);
         while let Some(flag) = flags.next_flag() {
@@ -37,6 +42,7 @@ impl Cli {
                 "-h" | "--help" => return Ok(None),
                 "--config" => parsed.config = Some(flags.value(&flag)?),
                 "--listen" => parsed.listen = flags.value(&flag)?,
+                "--admin" if self.admin => parsed.admin = Some(flags.value(&flag)?),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }

@@ -16,6 +16,15 @@ pub async fn serve(
     path: &str,
 ) -> Result<(), String> {
     let listener = bind(listen, banner, path).await?;
+    serve_on(listener, app, name).await
+}
+
+/// Serves `app` on `listener` as [`serve`] does.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    name: &'static str,
+) -> Result<(), String> {
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -88,6 +88,8 @@ pub struct Running {
     /// The address it printed.
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The lines it printed after the first.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Running {
@@ -105,28 +107,44 @@ impl Running {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
-            let mut first = String::new();
-            let mut reader = BufReader::new(stdout);
-            let _ = reader.read_line(&mut first);
-            let _ = tx.send(first);
-            // Keep reading so the child never blocks on a full pipe.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            // Every line is read (so the child never blocks on a full pipe) and handed on.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
         });
         // The guard exists before any assertion, so a failed start still kills the child.
+        let line = rx.recv_timeout(START_TIMEOUT);
         let mut running = Running {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stderr,
+            lines: rx,
         };
-        let line = rx
-            .recv_timeout(START_TIMEOUT)
-            .unwrap_or_else(|_| panic!("{banner} printed no address within {START_TIMEOUT:?}"));
+        let line =
+            line.unwrap_or_else(|_| panic!("{banner} printed no address within {START_TIMEOUT:?}"));
         let addr = line
             .trim()
             .strip_prefix(&format!("{banner} listening on http://"))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         running.addr = addr.parse().expect("a socket address");
         running
+    }
+
+    /// The address on the next stdout line, `{banner} listening on http://{addr}` (a
+    /// second listener's), waited for (bounded).
+    pub fn next_address(&self, banner: &str) -> SocketAddr {
+        let line = self
+            .lines
+            .recv_timeout(START_TIMEOUT)
+            .unwrap_or_else(|_| panic!("{banner} printed no address within {START_TIMEOUT:?}"));
+        line.trim()
+            .strip_prefix(&format!("{banner} listening on http://"))
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+            .parse()
+            .expect("a socket address")
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.

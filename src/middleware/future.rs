@@ -179,7 +179,7 @@ where
                             };
                             let refund = match (decision, &result) {
                                 (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                    Refund::counted(shared, policy, plan, outcomes)
+                                    Refund::awaited(shared, policy, plan, outcomes)
                                 }
                                 _ => Refund::none(),
                             };

@@ -249,7 +249,7 @@ impl<S> RateLimit<S> {
                     Action::Forward(decision) => {
                         let refund = match (decision, result) {
                             (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                Refund::counted(&self.shared, &policy, &plan, outcomes)
+                                Refund::ready(&self.shared, &policy, &plan, outcomes)
                             }
                             _ => Refund::none(),
                         };

@@ -4,6 +4,7 @@
 //! ([`Refund`]) and leaves the answer as the refusing layer wrote it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -18,7 +19,7 @@ use crate::rate::Rate;
 use crate::request::identity;
 use crate::request::jsonrpc::McpCall;
 use crate::request::target::Target;
-use crate::store::Outcomes;
+use crate::store::{Outcome, Outcomes};
 
 /// The mark on an answer a tollgate layer wrote itself (a refusal, a 503, a 400), with the
 /// head of the request it answered, so that a layer further out can find the keys it
@@ -34,74 +35,112 @@ impl Answered {
         resp
     }
 
-    /// The mark on `resp`, if a tollgate layer wrote it.
+    /// The mark on `resp`, if a tollgate layer wrote it (most responses have no
+    /// extensions at all: that is asked first, inline).
+    #[inline(always)]
     pub(crate) fn on<B>(resp: &Response<B>) -> Option<&Answered> {
-        resp.extensions().get::<Answered>()
+        let extensions = resp.extensions();
+        if extensions.is_empty() {
+            return None;
+        }
+        extensions.get::<Answered>()
     }
 }
 
 /// What a layer that counted a forwarded request needs to give the count back if a layer
 /// inside it refuses the request. With `[cost]` the request's `Charge` does it instead.
-pub(crate) struct Refund(Option<Counted>);
+///
+/// A store that answered at once (the memory store) decided on the caller's clock, at the
+/// plan's time: that time is all the refund needs of its answer, so the refund stays a few
+/// words in every response future (ARCHITECTURE.md, "One request"). A store that awaited
+/// (Redis) may have decided on its own clock: its answer is kept whole, boxed, beside a
+/// round trip that costs far more.
+pub(crate) enum Refund {
+    None,
+    /// Counted by a store that answered at once.
+    Ready(Counted),
+    /// Counted by a store that awaited, with its answer.
+    Awaited(Box<(Counted, Outcomes)>),
+}
 
-struct Counted {
+/// Without `[cost]` a call counts one unit, so that is what is given back.
+pub(crate) struct Counted {
     shared: Arc<Shared>,
-    policy: Arc<Policy>,
-    rules: [Option<(RuleKind, Rate)>; MAX_KEYS],
+    /// The policy the request was counted under (`Policy::generation`): the refund finds
+    /// the keys again only under that one.
+    generation: u64,
     tool: Option<(Target, u32)>,
     now: u64,
-    cost: u64,
-    outcomes: Outcomes,
+    /// A fallback answered the check (a `FallbackStore` settles there).
+    by_fallback: bool,
 }
 
 impl Refund {
     /// Nothing counted, or a `Charge` gives it back.
     pub(crate) fn none() -> Refund {
-        Refund(None)
+        Refund::None
     }
 
-    /// The request planned as `plan` was counted, and its check answered `outcomes`.
-    pub(crate) fn counted(
+    /// The request planned as `plan` was counted by a store that answered at once with
+    /// `outcomes`.
+    #[inline(always)]
+    pub(crate) fn ready(
         shared: &Arc<Shared>,
-        policy: &Arc<Policy>,
+        policy: &Policy,
         plan: &Plan,
         outcomes: &Outcomes,
     ) -> Refund {
-        if policy.costed || plan.cost == 0 {
-            return Refund::none();
+        match Counted::new(shared, policy, plan, outcomes) {
+            Some(counted) => Refund::Ready(counted),
+            None => Refund::None,
         }
-        Refund(Some(Counted {
-            shared: Arc::clone(shared),
-            policy: Arc::clone(policy),
-            rules: plan.rules,
-            tool: plan.tool,
-            now: plan.now,
-            cost: plan.cost,
-            outcomes: *outcomes,
-        }))
+    }
+
+    /// The request planned as `plan` was counted by a store that awaited, answering
+    /// `outcomes`.
+    pub(crate) fn awaited(
+        shared: &Arc<Shared>,
+        policy: &Policy,
+        plan: &Plan,
+        outcomes: &Outcomes,
+    ) -> Refund {
+        match Counted::new(shared, policy, plan, outcomes) {
+            Some(counted) => Refund::Awaited(Box::new((counted, *outcomes))),
+            None => Refund::None,
+        }
     }
 
     /// Gives back what was counted for the request an inner layer answered (`answered`
     /// holds its head): the keys are found again from the head as the check found them;
     /// if they differ (nothing to find them by), the count stays (strict, never lenient).
     pub(crate) fn give_back(self, answered: &Answered) {
-        let Some(c) = self.0 else { return };
+        let (c, outcomes) = match self {
+            Refund::None => return,
+            Refund::Ready(c) => (c, None),
+            Refund::Awaited(boxed) => {
+                let (c, outcomes) = *boxed;
+                (c, Some(outcomes))
+            }
+        };
+        let policy = c.shared.live.policy.load_full();
+        if policy.generation != c.generation {
+            return; // reloaded since: the keys may be other ones now
+        }
         let req = Request::from_parts(answered.0.clone(), ());
         // A tool or prompt found in the body (`McpLayer`) is not in the head: named again
         // as the call that was read.
         let call = c.tool.map(|(target, i)| match target {
             Target::Tool => McpCall {
                 method: b"tools/call",
-                name: Some(c.policy.rules.tool_name(i).as_bytes()),
+                name: Some(policy.rules.tool_name(i).as_bytes()),
                 id: None,
             },
             Target::Prompt => McpCall {
                 method: b"prompts/get",
-                name: Some(c.policy.rules.prompt_name(i).as_bytes()),
+                name: Some(policy.rules.prompt_name(i).as_bytes()),
                 id: None,
             },
         });
-        let policy = &*c.policy;
         let Ok(who) = identity::extract(
             &req,
             &policy.identity,
@@ -119,21 +158,54 @@ impl Refund {
         );
         let mut keys = [placeholder; MAX_KEYS];
         let mut rules = [None; MAX_KEYS];
-        let (n, _, _) = plan::keys(
+        let (n, tool, _) = plan::keys(
             &c.shared.health.plan,
-            policy,
+            &policy,
             &req,
             &who,
             c.now,
             &mut keys,
             &mut rules,
         );
-        if rules != c.rules {
+        if tool != c.tool {
+            return;
+        }
+        // A store that answered at once decided at the plan's time, on the caller's clock.
+        let outcomes = outcomes.unwrap_or_else(|| {
+            let mut decided = Outcomes::new();
+            for _ in 0..n {
+                decided.push(Outcome::allowed(0, Duration::ZERO).with_reset_at_micros(c.now));
+            }
+            if c.by_fallback {
+                decided.by_fallback()
+            } else {
+                decided
+            }
+        });
+        if outcomes.len() != n {
             return;
         }
         // Applied at once in memory, from the store's task in Redis; a failure is logged
         // and counted as a failed settlement.
-        let charge = Charge::counted(&c.shared, &c.policy, &keys[..n], &c.outcomes, c.cost);
+        let charge = Charge::counted(&c.shared, &policy, &keys[..n], &outcomes, 1);
         let _settling = charge.settle(0);
+    }
+}
+
+impl Counted {
+    #[inline(always)]
+    fn new(
+        shared: &Arc<Shared>,
+        policy: &Policy,
+        plan: &Plan,
+        outcomes: &Outcomes,
+    ) -> Option<Counted> {
+        (!policy.costed).then(|| Counted {
+            shared: Arc::clone(shared),
+            generation: policy.generation,
+            tool: plan.tool,
+            now: plan.now,
+            by_fallback: outcomes.answered_by_fallback(),
+        })
     }
 }

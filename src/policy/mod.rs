@@ -16,6 +16,9 @@ use rules::Rules;
 
 /// What a config says about requests: everything but `[backend]`.
 pub(crate) struct Policy {
+    /// Which policy this is: a number no other policy of the process has (a request
+    /// that outlives a reload can tell that the policy it started on has been replaced).
+    pub(crate) generation: u64,
     pub(crate) rules: Rules,
     pub(crate) algorithm: Algorithm,
     pub(crate) mode: Mode,
@@ -35,8 +38,10 @@ pub(crate) struct Policy {
 impl Policy {
     /// `backend`: the store's kind, as the latency metric labels it.
     pub(crate) fn new(cfg: &RateLimitConfig, backend: &'static str) -> Policy {
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let rules = Rules::new(cfg);
         Policy {
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             metrics: Metrics::new(rules.tool_names(), rules.prompt_names(), backend),
             rules,
             algorithm: cfg.algorithm(),

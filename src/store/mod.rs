@@ -94,7 +94,11 @@ impl<'a> Settlement<'a> {
         self.keys
     }
 
-    /// The check's answer, one outcome per key.
+    /// The check's answer, one outcome per key. One exception: when a layer gives back a
+    /// call that a layer inside it refused (ARCHITECTURE.md, behaviour contract item 20)
+    /// and the store had answered that call's check at once ([`StoreFuture::Ready`]), each
+    /// outcome states only when the call was decided: `reset_at_micros` is the caller's
+    /// time of the check and `reset_after` is zero.
     pub fn outcomes(&self) -> &'a Outcomes {
         self.outcomes
     }
@@ -116,7 +120,6 @@ pub struct Outcome {
     pub(crate) allowed: bool,
     /// A fallback answered, not the store asked (`FallbackStore`): a settlement of the
     /// call goes there. (Beside `allowed`, it costs no room.)
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) by_fallback: bool,
     pub(crate) remaining: u64,
     pub(crate) reset_after: u64,
@@ -251,7 +254,6 @@ impl Outcomes {
     }
 
     /// The same answers, marked as a fallback's.
-    #[cfg(feature = "redis")]
     pub(crate) fn by_fallback(mut self) -> Self {
         for outcome in self.items.iter_mut().flatten() {
             outcome.by_fallback = true;
@@ -260,7 +262,6 @@ impl Outcomes {
     }
 
     /// Whether a fallback gave these answers.
-    #[cfg(feature = "redis")]
     pub(crate) fn answered_by_fallback(&self) -> bool {
         self.items[0].is_some_and(|o| o.by_fallback)
     }

@@ -222,6 +222,66 @@ async fn the_handler_reads_its_remaining() {
     );
 }
 
+/// A layer between the two that replaces the identity: the outer layer counted ann, the
+/// inner one refused "bob"; nothing is given back to bob's counter (it was never counted
+/// for this request) and ann's keeps the refused call (strict, never lenient).
+#[tokio::test]
+async fn a_refund_never_goes_to_another_identity() {
+    let clock = ManualClock::new();
+    let outer = RateLimitLayer::new(cfg(
+        "by_user = \"5/h\"\n[identity]\nuser_header = \"x-user-id\"",
+    ))
+    .with_clock(clock.clone());
+    let handle = outer.handle();
+    // bob has used 2 of his 5 on the outer rule, on another route.
+    let outer_only = ServiceBuilder::new()
+        .layer(outer.clone())
+        .service(handler());
+    for _ in 0..2 {
+        let bob = Request::builder()
+            .header("x-user-id", "bob")
+            .body(Body::new())
+            .unwrap();
+        assert_eq!(send(&outer_only, bob).await.status(), StatusCode::OK);
+    }
+    let inner = RateLimitLayer::new(cfg("by_user = \"2/m\"")).with_clock(clock.clone());
+    let svc = ServiceBuilder::new()
+        .layer(outer)
+        .map_request(|mut req: Request<Body>| {
+            req.extensions_mut().insert(Identity::user("bob"));
+            req
+        })
+        .layer(inner)
+        .service(handler());
+    let ann = || {
+        Request::builder()
+            .header("x-user-id", "ann")
+            .body(Body::new())
+            .unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(send(&svc, ann()).await.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        send(&svc, ann()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let left = |user: &'static str| {
+        let handle = handle.clone();
+        async move { handle.peek(&Identity::user(user), None).await.unwrap()[0].remaining }
+    };
+    assert_eq!(
+        left("ann").await,
+        2,
+        "ann's outer counter keeps the refused call"
+    );
+    assert_eq!(
+        left("bob").await,
+        3,
+        "bob's outer counter was not given ann's refund"
+    );
+}
+
 /// A hook shapes the 429: its body and content type, with tollgate's rate headers added.
 #[tokio::test]
 async fn a_refusal_hook_shapes_the_429() {

@@ -68,14 +68,23 @@ pub(crate) fn too_many_requests(
     resp
 }
 
+/// The call's tool or prompt (`named`) when its rule is among those that refused it (a
+/// user × tool rule is the tool's), whichever rule speaks.
+pub(crate) fn refusing_target<'n>(
+    decision: &Decision,
+    named: Option<(RuleKind, &'n str)>,
+) -> Option<(RuleKind, &'n str)> {
+    let (kind, name) = named?;
+    decision
+        .violated()
+        .any(|v| v == kind || (kind == RuleKind::Tool && v == RuleKind::UserTool))
+        .then_some((kind, name))
+}
+
 /// `,"tool":"search"` (or `"prompt"`) when the call's tool or prompt has a rule among
 /// those that refused it, whichever rule speaks.
 pub(crate) fn named_into(buf: &mut BytesMut, decision: &Decision, named: Option<(RuleKind, &str)>) {
-    let Some((kind, name)) = named else { return };
-    let violated = decision
-        .violated()
-        .any(|v| v == kind || (kind == RuleKind::Tool && v == RuleKind::UserTool));
-    if violated {
+    if let Some((kind, name)) = refusing_target(decision, named) {
         let _ = write!(buf, ",\"{kind}\":\"");
         json_escape_into(buf, name);
         buf.extend_from_slice(b"\"");

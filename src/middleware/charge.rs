@@ -17,7 +17,7 @@ use crate::key::{Key, OwnedKeys};
 use crate::policy::Policy;
 use crate::store::{Outcomes, SettleFuture, Settlement, StoreError, StoreErrorKind};
 
-/// A forwarded call's charge, in the request's extensions when the config has a `[cost]`
+/// A forwarded call's charge, in the request's extensions (not an exempt one's) when the config has a `[cost]`
 /// section: settle the call at its real cost once it is known (tokens used, bytes
 /// streamed, time spent) with [`Charge::settle`], and tollgate charges, or gives back,
 /// the difference from what the call was charged when it was let through, under every

@@ -82,6 +82,8 @@ pub(crate) struct Checking<S, ReqB> {
     pub(crate) find: FindCall<ReqB>,
     /// The request's keys, kept when `[cost]` is on (its `Charge` settles under them).
     pub(crate) keys: Option<OwnedKeys>,
+    /// Which identity the keys named (`stack::identity_of`), for a refund.
+    pub(crate) identity: u64,
 }
 
 impl<S, ReqB> ResponseFuture<S, ReqB>
@@ -153,6 +155,7 @@ where
                         plan,
                         find,
                         keys,
+                        identity,
                     } = &mut **checking;
                     let polled = catch_unwind(AssertUnwindSafe(|| check.as_mut().poll(cx)))
                         .unwrap_or_else(|_| Poll::Ready(Err(panicked())));
@@ -179,7 +182,7 @@ where
                             };
                             let refund = match (decision, &result) {
                                 (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                    Refund::awaited(shared, policy, plan, outcomes)
+                                    Refund::awaited(shared, policy, plan, *identity, outcomes)
                                 }
                                 _ => Refund::none(),
                             };

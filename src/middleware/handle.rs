@@ -82,8 +82,11 @@ impl RateLimitHandle {
     /// What each rule that applies to `identity` calling `tool` would say of a call now —
     /// its rate, the units left, how long until it is whole again — read without counting
     /// anything (a check of cost 0, which changes no counter and inserts no key), from
-    /// the store every instance shares. Rules in rule order; none when no rule applies. The
-    /// tier is the one `[tenants]` gives the identity's tenant.
+    /// the store every instance shares. Rules in rule order; none when no rule applies.
+    /// `tool` is a tool (not an MCP prompt); the tier is the one `[tenants]` gives the
+    /// identity's tenant (not a `Tier` extension's); an anonymous caller counted by address
+    /// cannot be named. Peek and reset read the clock the layer had when the handle was
+    /// taken: take it after [`with_clock`](crate::RateLimitLayer::with_clock).
     ///
     /// ```
     /// use tollgate::{Identity, RateLimitConfig, RateLimitLayer, RuleKind};

@@ -107,12 +107,7 @@ impl<'a> Refused<'a> {
 
     /// The tool or prompt of the call, when its rule is among those that refused it.
     pub fn tool(&self) -> Option<&'a str> {
-        let (kind, name) = self.named?;
-        let decision = self.decision?;
-        decision
-            .violated()
-            .any(|v| v == kind || (kind == RuleKind::Tool && v == RuleKind::UserTool))
-            .then_some(name)
+        problem::refusing_target(self.decision?, self.named).map(|(_, name)| name)
     }
 
     /// The answer tollgate writes without a hook (problem+json, rate headers included), to

@@ -10,7 +10,7 @@ use tower_layer::Layer;
 use super::handle::RateLimitHandle;
 use super::hooks::{OnRefusal, RequestView};
 use super::service::RateLimit;
-use super::shared::{Live, Shared, Stats};
+use super::shared::{Live, RegistryId, Shared, Stats};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{BackendConfig, BackendKind, RateLimitConfig};
 use crate::policy::metrics;
@@ -72,7 +72,7 @@ impl RateLimitLayer {
         };
         metrics::register(&store);
         RateLimitLayer {
-            shared: Arc::new(Shared {
+            shared: Shared::registered(Shared {
                 live: Arc::new(Live {
                     policy: ArcSwap::from_pointee(Policy::new(cfg, kind)),
                     backend,
@@ -85,6 +85,7 @@ impl RateLimitLayer {
                 store,
                 clock: Arc::new(SystemClock::new()),
                 health: Arc::default(),
+                id: RegistryId::default(),
             }),
         }
     }
@@ -105,7 +106,7 @@ impl RateLimitLayer {
         let mut shared = (*self.shared).clone();
         change(&mut shared);
         RateLimitLayer {
-            shared: Arc::new(shared),
+            shared: Shared::registered(shared),
         }
     }
 

@@ -9,19 +9,18 @@ use std::time::Duration;
 use http::Request;
 
 use super::shared::Shared;
-use crate::key::{Key, RuleKind, Subject, MAX_KEYS};
+use crate::key::{Key, RuleKind, MAX_KEYS};
 use crate::policy::plan;
 use crate::policy::Policy;
 use crate::rate::Rate;
 use crate::request::extensions::{Identity, ToolName};
-use crate::request::identity;
 use crate::store::{SettleFuture, StoreError, StoreErrorKind, StoreFuture, StoreRequest};
 
 /// One rule as [`RateLimitHandle::peek`](crate::RateLimitHandle::peek) found it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RuleState {
-    /// The rule: user, tenant, tool, prompt or user × tool.
+    /// The rule: user, tenant, tool or user × tool.
     pub rule: RuleKind,
     /// Its rate (for the identity's tier).
     pub limit: Rate,
@@ -60,29 +59,23 @@ fn with_keys<R>(
     policy: &Policy,
     identity: &Identity,
     tool: Option<&str>,
+    now: u64,
     with: impl FnOnce(&[Key<'_>], &[(RuleKind, Rate)]) -> R,
 ) -> Result<R, StoreError> {
     let req = request(identity, tool);
-    let who = identity::extract(&req, &policy.identity, false, false, None)
-        .map_err(|bad| StoreError::new(StoreErrorKind::Unsupported, bad.detail()))?;
-    let placeholder = Key::new(
-        RuleKind::User,
-        Subject::Anonymous,
-        Rate::per_second(1),
-        policy.algorithm,
-    );
-    let mut keys = [placeholder; MAX_KEYS];
+    let mut keys = plan::blank_keys(policy.algorithm);
     let mut rules = [None; MAX_KEYS];
-    let now = shared.clock.now_micros();
-    let (n, _, _) = plan::keys(
+    let (n, _) = plan::keys_of(
         &shared.health.plan,
         policy,
         &req,
-        &who,
+        None,
+        false,
         now,
         &mut keys,
         &mut rules,
-    );
+    )
+    .map_err(|bad| StoreError::new(StoreErrorKind::Unsupported, bad.detail()))?;
     let mut kinds = [(RuleKind::User, Rate::per_second(1)); MAX_KEYS];
     for (slot, rule) in kinds.iter_mut().zip(rules.iter().flatten()) {
         *slot = *rule;
@@ -97,7 +90,7 @@ pub(crate) async fn peek(
     tool: Option<&str>,
 ) -> Result<Vec<RuleState>, StoreError> {
     let now = shared.clock.now_micros();
-    let (answer, rules) = with_keys(shared, policy, identity, tool, |keys, rules| {
+    let (answer, rules) = with_keys(shared, policy, identity, tool, now, |keys, rules| {
         let request = StoreRequest::new(keys, now).with_cost(0);
         (shared.store.check(&request), rules.to_vec())
     })?;
@@ -126,7 +119,8 @@ pub(crate) async fn reset(
     identity: &Identity,
     tool: Option<&str>,
 ) -> Result<(), StoreError> {
-    let answer = with_keys(shared, policy, identity, tool, |keys, _| {
+    let now = shared.clock.now_micros();
+    let answer = with_keys(shared, policy, identity, tool, now, |keys, _| {
         (!keys.is_empty()).then(|| shared.store.reset(keys))
     })?;
     match answer {

@@ -14,16 +14,15 @@ use super::charge::{attach, Charge};
 use super::future::{Checking, ResponseFuture};
 use super::hooks::RequestView;
 use super::shared::Shared;
-use super::stack::{Answered, Refund};
+use super::stack::{self, Answered, Refund};
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::problem;
 use crate::config::Mode;
-use crate::key::{Key, OwnedKeys, RuleKind, Subject, MAX_KEYS};
+use crate::key::{OwnedKeys, MAX_KEYS};
 use crate::policy::metrics::{self, Decided, Started};
 use crate::policy::plan::{self, Plan};
 use crate::policy::Policy;
-use crate::rate::Rate;
 use crate::request::identity;
 use crate::request::jsonrpc::{no_call, FindCall};
 use crate::store::{StoreFuture, StoreRequest};
@@ -171,13 +170,7 @@ impl<S> RateLimit<S> {
             }
         };
 
-        let placeholder = Key::new(
-            RuleKind::User,
-            Subject::Anonymous,
-            Rate::per_second(1),
-            policy.algorithm,
-        );
-        let mut keys = [placeholder; MAX_KEYS];
+        let mut keys = plan::blank_keys(policy.algorithm);
         let mut plan = Plan {
             rules: [None; MAX_KEYS],
             tool: None,
@@ -249,7 +242,7 @@ impl<S> RateLimit<S> {
                     Action::Forward(decision) => {
                         let refund = match (decision, result) {
                             (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                Refund::ready(&self.shared, &policy, &plan, outcomes)
+                                Refund::ready(shared, &policy, &plan, &keys[..n], outcomes)
                             }
                             _ => Refund::none(),
                         };
@@ -277,6 +270,7 @@ impl<S> RateLimit<S> {
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 // A settlement after the response needs the keys, which borrow the request.
+                let identity = stack::identity_of(&keys[..n]);
                 let keys = policy.costed.then(|| OwnedKeys::new(&keys[..n]));
                 let policy = Guard::into_inner(policy);
                 let checking = Checking {
@@ -289,6 +283,7 @@ impl<S> RateLimit<S> {
                     plan,
                     find,
                     keys,
+                    identity,
                 };
                 ResponseFuture::checking(checking)
             }

@@ -2,7 +2,7 @@
 //! reload), the store, the clock, and the health counters with their log gates.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use arc_swap::ArcSwap;
 
@@ -29,9 +29,55 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) health: Arc<Health>,
+    /// This value's place in [`REGISTRY`] and the serial number it was registered under
+    /// (a place is taken again once its layer has gone), given by [`Shared::registered`].
+    pub(crate) id: RegistryId,
 }
 
+/// Where a [`Shared`] is in [`REGISTRY`]: its place, and its serial number there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RegistryId {
+    place: u32,
+    serial: u32,
+}
+
+/// Every `Shared` of the process, by [`RegistryId`]: a response future names the layer
+/// that counted its request by number (a refund after an inner layer's refusal finds it
+/// here), so an allowed request writes no reference count shared with other threads
+/// (ARCHITECTURE.md, contract item 20). A place whose layer has gone is taken again,
+/// under a new serial number.
+static REGISTRY: Mutex<Vec<(u32, Weak<Shared>)>> = Mutex::new(Vec::new());
+
 impl Shared {
+    /// `shared` under a number of its own in the registry.
+    pub(crate) fn registered(mut shared: Shared) -> Arc<Shared> {
+        static SERIALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let serial = SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+        let free = registry.iter().position(|(_, w)| w.strong_count() == 0);
+        let place = free.unwrap_or(registry.len());
+        shared.id = RegistryId {
+            place: u32::try_from(place).unwrap_or(u32::MAX),
+            serial,
+        };
+        let arc = Arc::new(shared);
+        let entry = (serial, Arc::downgrade(&arc));
+        match registry.get_mut(place) {
+            Some(slot) => *slot = entry,
+            None => registry.push(entry),
+        }
+        arc
+    }
+
+    /// The `Shared` registered as `id`, while its layer or a service of it lives.
+    pub(crate) fn by_id(id: RegistryId) -> Option<Arc<Shared>> {
+        let registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+        registry
+            .get(id.place as usize)
+            .filter(|(serial, _)| *serial == id.serial)
+            .and_then(|(_, weak)| weak.upgrade())
+    }
+
     pub(crate) fn decorate(&self, policy: &Policy) -> Decorate {
         Decorate {
             style: policy.headers,

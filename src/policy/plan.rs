@@ -12,7 +12,9 @@ use crate::log_gate::LogGate;
 use crate::rate::Rate;
 use crate::request::client_ip;
 use crate::request::extensions::Tier;
-use crate::request::identity::Who;
+use crate::request::identity::{self, Who};
+use crate::request::jsonrpc::McpCall;
+use crate::request::target::BadIdentity;
 use crate::request::target::Target;
 
 /// Which rules a request is counted under: at most one each of user, tenant, tool and
@@ -42,6 +44,38 @@ pub(crate) struct Warnings {
 /// costs in units: its `Cost` extension or cost header, else its tool's or prompt's
 /// `[cost]` price, else 1. A prompt (`[by_prompt]`) takes the tool's place: one shared
 /// counter per prompt, no tiers.
+/// Keys to be filled by [`keys`]: every slot a placeholder until then.
+#[inline(always)]
+pub(crate) fn blank_keys<'r>(algorithm: crate::algorithm::Algorithm) -> [Key<'r>; MAX_KEYS] {
+    let placeholder = Key::new(
+        RuleKind::User,
+        Subject::Anonymous,
+        Rate::per_second(1),
+        algorithm,
+    );
+    [placeholder; MAX_KEYS]
+}
+
+/// The keys of `req` found as its check found them (its identity read as `call`, the
+/// policy and `mcp_headers`, whether the `Mcp-*` headers are read, say), with each key's rule; the number of keys and the tool whose rule applies.
+/// Peek and reset find an identity's keys this way, and an outer layer the keys it counted
+/// a request under.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn keys_of<'r, B>(
+    warnings: &Warnings,
+    policy: &'r Policy,
+    req: &'r Request<B>,
+    call: Option<McpCall<'r>>,
+    mcp_headers: bool,
+    now: u64,
+    keys_out: &mut [Key<'r>; MAX_KEYS],
+    rules_out: &mut [Option<(RuleKind, Rate)>; MAX_KEYS],
+) -> Result<(usize, Option<(Target, u32)>), BadIdentity> {
+    let who = identity::extract(req, &policy.identity, mcp_headers, policy.costed, call)?;
+    let (n, tool, _) = keys(warnings, policy, req, &who, now, keys_out, rules_out);
+    Ok((n, tool))
+}
+
 pub(crate) fn keys<'r, B>(
     warnings: &Warnings,
     policy: &'r Policy,

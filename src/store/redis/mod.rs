@@ -722,6 +722,15 @@ impl Inner {
         Ok(usize::try_from(changed).unwrap_or(0))
     }
 
+    /// The indices of `keys` one script call each may take: all of them on one server,
+    /// those of one hash slot on a cluster.
+    fn groups(&self, keys: &[CallKey]) -> Vec<Vec<usize>> {
+        match self.caller.connector {
+            Some(Connector::Cluster { .. }) => by_slot(keys),
+            _ => vec![(0..keys.len()).collect()],
+        }
+    }
+
     /// Deletes the counters `names` (on one hash slot) with `reset.lua`.
     async fn delete<'k>(
         &self,
@@ -764,12 +773,7 @@ impl Inner {
         let (delta, store) = (settlement.delta, Arc::clone(self));
         let task = runtime.spawn(async move {
             let deadline = tokio::time::Instant::now() + store.caller.timeout;
-            let cluster = matches!(store.caller.connector, Some(Connector::Cluster { .. }));
-            let groups = if cluster {
-                by_slot(&job.keys)
-            } else {
-                vec![(0..job.keys.len()).collect()]
-            };
+            let groups = store.groups(&job.keys);
             let calls = groups.iter().map(|group| {
                 let keys = group.iter().filter_map(|&i| {
                     let (at, reserved) = *per_key.get(i)?;
@@ -828,17 +832,16 @@ impl Inner {
         let store = Arc::clone(self);
         let task = runtime.spawn(async move {
             let deadline = tokio::time::Instant::now() + store.caller.timeout;
-            let cluster = matches!(store.caller.connector, Some(Connector::Cluster { .. }));
-            let groups = if cluster {
-                by_slot(&job.keys)
-            } else {
-                vec![(0..job.keys.len()).collect()]
-            };
+            let groups = store.groups(&job.keys);
             let calls = groups.iter().map(|group| {
                 let keys = group.iter().map(|&i| job.keys[i].name.as_str());
                 store.delete(keys, deadline)
             });
-            match futures_join(calls).await.into_iter().find_map(Result::err) {
+            let failed = futures_join(calls).await.into_iter().find_map(Result::err);
+            // A check that was in flight while the keys were deleted may have cached its
+            // refusal since: forgotten again.
+            store.deny.forget(job.names());
+            match failed {
                 Some(error) => Err(error),
                 None => Ok(()),
             }

@@ -281,14 +281,7 @@ fn admin_app(handle: RateLimitHandle) -> Router {
 async fn peek(State(handle): State<RateLimitHandle>, RawQuery(query): RawQuery) -> Response {
     let (identity, tool) = match lookup(query.as_deref()) {
         Ok(found) => found,
-        Err(detail) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid query",
-                "INVALID_QUERY",
-                detail,
-            )
-        }
+        Err(detail) => return bad_query(detail),
     };
     match handle.peek(&identity, tool.as_deref()).await {
         Ok(rules) => {
@@ -314,19 +307,22 @@ async fn peek(State(handle): State<RateLimitHandle>, RawQuery(query): RawQuery) 
 async fn reset(State(handle): State<RateLimitHandle>, RawQuery(query): RawQuery) -> Response {
     let (identity, tool) = match lookup(query.as_deref()) {
         Ok(found) => found,
-        Err(detail) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid query",
-                "INVALID_QUERY",
-                detail,
-            )
-        }
+        Err(detail) => return bad_query(detail),
     };
     match handle.reset(&identity, tool.as_deref()).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(_) => store_unavailable(),
     }
+}
+
+/// The 400 for a query `lookup` refuses (naming no value).
+fn bad_query(detail: &str) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Invalid query",
+        "INVALID_QUERY",
+        detail,
+    )
 }
 
 /// `user`, `tenant` and `tool` from the query (percent-decoded; each at most once, each
@@ -365,17 +361,64 @@ async fn healthz() -> &'static str {
 }
 
 /// The tool call itself: `echo` sends the request body back, every other tool just
-/// says it ran. With `?used=N` the call is settled at N units once it has run (the
-/// [`Charge`] is there when the config has a `[cost]` section), as a tool that counts the
-/// tokens it used would; the reply shows what it was charged and settled at.
+/// says it ran. With `?used=N` ([`Used`]) the call is settled at N units once it has run
+/// (the [`Charge`] is there when the config has a `[cost]` section), as a tool that
+/// counts the tokens it used would; the reply shows what it was charged and settled at.
 async fn call_tool(
     Path(name): Path<String>,
-    RawQuery(query): RawQuery,
+    used: Option<Extension<Used>>,
     charge: Option<Extension<Charge>>,
     body: Bytes,
-) -> Response {
-    let used = match used(query.as_deref()) {
-        Ok(used) => used,
+) -> Json<serde_json::Value> {
+    let mut reply = serde_json::json!({ "tool": name, "ok": true });
+    if name == "echo" {
+        reply["echo"] = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        });
+    }
+    if let (Some(Extension(Used(used))), Some(Extension(charge))) = (used, charge) {
+        // Awaited only so the reply can say it is applied; a real tool may drop it. A call
+        // nothing counted (free, or let through while the store failed) settles nothing.
+        let settled = charge.estimate() > 0 && charge.settle(used).await.is_ok();
+        reply["charge"] = serde_json::json!({
+            "estimate": charge.estimate(),
+            "settled": if settled { Some(used) } else { None },
+        });
+    }
+    Json(reply)
+}
+
+/// `?used=N`: the units a call used, read before the call is counted.
+#[derive(Clone, Copy)]
+struct Used(u64);
+
+/// The `used` query parameter: absent, or a whole number of units (percent-decoded).
+fn used(query: Option<&str>) -> Result<Option<Used>, &'static str> {
+    let mut used = None;
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if name != "used" {
+            continue;
+        }
+        if used.is_some() {
+            return Err("the used parameter appears more than once");
+        }
+        let units = value
+            .parse::<u64>()
+            .map_err(|_| "the used parameter is not a whole number of units")?;
+        used = Some(Used(units));
+    }
+    Ok(used)
+}
+
+/// Hands the `{name}` segment to tollgate as [`ToolName`] (tollgate trims and lower-cases
+/// it, so `/tools/Search` and `/tools/search` share the `search` limit).
+/// A bad `?used` is refused here, before tollgate counts the call.
+async fn tool_from_path(Path(name): Path<String>, mut req: Request, next: Next) -> Response {
+    match used(req.uri().query()) {
+        Ok(Some(used)) => {
+            req.extensions_mut().insert(used);
+        }
+        Ok(None) => {}
         Err(detail) => {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -384,46 +427,7 @@ async fn call_tool(
                 detail,
             )
         }
-    };
-    let mut reply = serde_json::json!({ "tool": name, "ok": true });
-    if name == "echo" {
-        reply["echo"] = serde_json::from_slice(&body).unwrap_or_else(|_| {
-            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
-        });
     }
-    if let (Some(used), Some(Extension(charge))) = (used, charge) {
-        // Awaited only so the reply can say it is applied; a real tool may drop it.
-        let settled = charge.settle(used).await.is_ok();
-        reply["charge"] = serde_json::json!({
-            "estimate": charge.estimate(),
-            "settled": if settled { Some(used) } else { None },
-        });
-    }
-    Json(reply).into_response()
-}
-
-/// The `used` query parameter: absent, or a whole number of units.
-fn used(query: Option<&str>) -> Result<Option<u64>, &'static str> {
-    let mut used = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let Some(value) = pair.strip_prefix("used=") else {
-            continue;
-        };
-        if used.is_some() {
-            return Err("the used parameter appears more than once");
-        }
-        used = Some(
-            value
-                .parse::<u64>()
-                .map_err(|_| "the used parameter is not a whole number of units")?,
-        );
-    }
-    Ok(used)
-}
-
-/// Hands the `{name}` segment to tollgate as [`ToolName`] (tollgate trims and lower-cases
-/// it, so `/tools/Search` and `/tools/search` share the `search` limit).
-async fn tool_from_path(Path(name): Path<String>, mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(ToolName::new(name));
     next.run(req).await
 }

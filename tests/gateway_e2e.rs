@@ -263,6 +263,9 @@ fn summarise_costs_its_price_and_used_settles_it() {
     assert_eq!(bad.json()["code"], "INVALID_USED", "{bad:?}");
     let twice = gw.post("/tools/echo?used=1&used=2", &[("x-user-id", "bob")], "{}");
     assert_eq!(twice.status, 400, "{twice:?}");
+    // Refused before tollgate counted them; a percent-encoded number is a number.
+    let counted = gw.post("/tools/echo?used=%31", &[("x-user-id", "bob")], "{}");
+    assert_eq!(counted.number("x-ratelimit-remaining"), 29, "{counted:?}");
 }
 
 /// `--admin ADDR`: a second listener where `GET /limits` shows what each rule has left

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::Backend;
+use common::{eventually, Backend};
 use http::{header, Request, Response, StatusCode};
 use tollgate::{
     Decision, Identity, ManualClock, OnRefusal, RateLimitConfig, RateLimitHandle, RateLimitLayer,
@@ -55,8 +55,7 @@ where
 }
 
 /// What `handle` says is left under `rule` for `user` (calling `tool`), once it reads
-/// `want`: settlements and refunds a Redis store sends from a task of their own land a
-/// moment later.
+/// `want` (a Redis store's refund lands a moment later).
 async fn left(
     handle: &RateLimitHandle,
     user: &str,
@@ -64,20 +63,15 @@ async fn left(
     rule: RuleKind,
     want: u64,
 ) -> u64 {
-    let mut seen = 0;
-    for _ in 0..100 {
+    let read = || async {
         let rules = handle.peek(&Identity::user(user), tool).await.unwrap();
-        seen = rules
+        rules
             .iter()
             .find(|r| r.rule == rule)
             .unwrap_or_else(|| panic!("no {rule:?} rule in {rules:?}"))
-            .remaining;
-        if seen == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    seen
+            .remaining
+    };
+    eventually(read, want).await
 }
 
 // ---- on every store ----

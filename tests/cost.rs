@@ -10,7 +10,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use common::Backend;
+use common::{eventually, Backend};
 use http::{Request, Response, StatusCode};
 use tollgate::{
     Algorithm, Charge, Cost, Decision, Identity, ManualClock, RateLimitConfig, RateLimitLayer,
@@ -465,24 +465,6 @@ async fn concurrent_mixed_costs_admit_only_what_fits(b: &dyn Backend) {
             }
         }
     }
-}
-
-/// Waits for a settlement a store sends from a task of its own to show (the test's awaits
-/// already cover every store but the fallback paths; this bounds a slow machine).
-async fn eventually<F, Fut>(mut read: F, want: u64) -> u64
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = u64>,
-{
-    let mut seen = read().await;
-    for _ in 0..100 {
-        if seen == want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        seen = read().await;
-    }
-    seen
 }
 
 common::suite!(

@@ -69,6 +69,19 @@ pub(crate) fn act<B>(
     refused(shared, policy, plan, decision, req, call)
 }
 
+/// The store's answer for a forwarded request that its rules allowed, so counted (a
+/// `Charge` settles it, a `Refund` gives it back); `None` when nothing was counted
+/// (permissive mode's refusals, a failed store, no decision).
+pub(crate) fn counted(
+    decision: Option<Decision>,
+    result: &Result<Outcomes, StoreError>,
+) -> Option<&Outcomes> {
+    match (decision, result) {
+        (Some(d), Ok(outcomes)) if d.is_allowed() => Some(outcomes),
+        _ => None,
+    }
+}
+
 /// A refused call (its rules refused it, or it costs more than one's whole limit): in
 /// enforce mode the 429 (in MCP form for a call `McpLayer` read), in permissive mode a
 /// logged forward.

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::act::{act, panicked, Action};
+use super::act::{act, counted, panicked, Action};
 use super::charge::{attach, Charge, Settle};
 use super::shared::{Decorate, Shared};
 use super::stack::{Answered, Refund};
@@ -110,9 +110,13 @@ where
         }
     }
 
-    pub(crate) fn respond(resp: Response<Bytes>) -> Self {
+    /// tollgate's own answer to `req`, marked as such for any tollgate layer further out
+    /// (`stack::Answered`).
+    pub(crate) fn respond(resp: Response<Bytes>, req: Request<ReqB>) -> Self {
         ResponseFuture {
-            state: State::Respond { resp: Some(resp) },
+            state: State::Respond {
+                resp: Some(Answered::mark(resp, req)),
+            },
         }
     }
 
@@ -172,20 +176,16 @@ where
                         Action::Forward(decision) => {
                             let mut svc = svc.take().expect("polled after completion");
                             let mut req = req.take().expect("polled after completion");
-                            let charge = match (keys.take(), decision, &result) {
-                                (Some(keys), Some(d), Ok(outcomes))
-                                    if d.is_allowed() && plan.cost > 0 =>
-                                {
+                            let counted = counted(decision, &result);
+                            let charge = match (keys.take(), counted) {
+                                (Some(keys), Some(outcomes)) if plan.cost > 0 => {
                                     Charge::counted_owned(shared, policy, keys, outcomes, plan.cost)
                                 }
                                 _ => Charge::uncounted(),
                             };
-                            let refund = match (decision, &result) {
-                                (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                    Refund::awaited(shared, policy, plan, *identity, outcomes)
-                                }
-                                _ => Refund::none(),
-                            };
+                            let refund = counted.map_or_else(Refund::none, |outcomes| {
+                                Refund::awaited(shared, policy, plan, *identity, outcomes)
+                            });
                             let charge = attach(
                                 shared,
                                 &mut req,

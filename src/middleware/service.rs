@@ -9,12 +9,12 @@ use arc_swap::Guard;
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::act::{act, panicked, refused, Action};
+use super::act::{act, counted, panicked, refused, Action};
 use super::charge::{attach, Charge};
 use super::future::{Checking, ResponseFuture};
 use super::hooks::RequestView;
 use super::shared::Shared;
-use super::stack::{self, Answered, Refund};
+use super::stack::{self, Refund};
 use crate::answer::body::ResponseBody;
 use crate::answer::decision::Decision;
 use crate::answer::problem;
@@ -147,10 +147,7 @@ impl<S> RateLimit<S> {
                     );
                 }
                 policy.count(Decided::InvalidIdentity, None, None);
-                return ResponseFuture::respond(Answered::mark(
-                    problem::bad_identity(bad.detail()),
-                    req,
-                ));
+                return ResponseFuture::respond(problem::bad_identity(bad.detail()), req);
             }
             Err(bad) => {
                 if let Some(suppressed) = shared.health.identity_log.may_log(now) {
@@ -215,7 +212,7 @@ impl<S> RateLimit<S> {
         if let Some(rule) = exceeded {
             let decision = Decision::exceeding(&plan.rules, rule, now, cost);
             return match refused(shared, &policy, &plan, decision, &req, call) {
-                Action::Respond(resp) => ResponseFuture::respond(Answered::mark(resp, req)),
+                Action::Respond(resp) => ResponseFuture::respond(resp, req),
                 Action::Forward(decision) => {
                     let charge = attach(shared, &mut req, charge, decision.as_ref());
                     ResponseFuture::calling(
@@ -238,16 +235,14 @@ impl<S> RateLimit<S> {
             StoreFuture::Ready(ref result) => {
                 started.answered(&policy.metrics);
                 match act(shared, &policy, &plan, result, &req, call) {
-                    Action::Respond(resp) => ResponseFuture::respond(Answered::mark(resp, req)),
+                    Action::Respond(resp) => ResponseFuture::respond(resp, req),
                     Action::Forward(decision) => {
-                        let refund = match (decision, result) {
-                            (Some(d), Ok(outcomes)) if d.is_allowed() => {
-                                Refund::ready(shared, &policy, &plan, &keys[..n], outcomes)
-                            }
-                            _ => Refund::none(),
-                        };
-                        let charge = charge.map(|uncounted| match (decision, result) {
-                            (Some(d), Ok(outcomes)) if d.is_allowed() && cost > 0 => {
+                        let counted = counted(decision, result);
+                        let refund = counted.map_or_else(Refund::none, |outcomes| {
+                            Refund::ready(shared, &policy, &plan, &keys[..n], outcomes)
+                        });
+                        let charge = charge.map(|uncounted| match counted {
+                            Some(outcomes) if cost > 0 => {
                                 Charge::counted(&self.shared, &policy, &keys[..n], outcomes, cost)
                             }
                             _ => uncounted,

@@ -133,6 +133,24 @@ pub fn counting_service(
     (svc, calls)
 }
 
+/// Waits for a settlement a store sends from a task of its own to show (the test's awaits
+/// already cover every store but the fallback paths; this bounds a slow machine).
+pub async fn eventually<F, Fut>(mut read: F, want: u64) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut seen = read().await;
+    for _ in 0..100 {
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        seen = read().await;
+    }
+    seen
+}
+
 /// Captures every log line of the current thread's `tracing` subscriber while it lives.
 pub struct CapturedLogs {
     lines: Arc<Mutex<Vec<u8>>>,

@@ -127,25 +127,12 @@ impl Inner {
         let now = now.min(NOW_MAX);
         for ((key, id), outcome) in keys.iter().zip(ids).zip(outcomes.iter()) {
             let at = outcome.decided_at().min(NOW_MAX);
-            let probe = self.probe(key, id);
-            let Some((slot, mut cell)) = self.table.find(&probe) else {
-                continue;
-            };
-            loop {
-                cell = slot.unlocked(cell);
-                if cell.status() == Status::Free || !slot.holds(&probe.ident) {
-                    break;
-                }
-                let Some(state) = key.algorithm.settle(cell.state(), at, now, key.rate, delta)
-                else {
-                    break;
-                };
-                let next = Cell::new(state, cell.generation(), Status::Live);
-                match slot.swap(cell, next) {
-                    Ok(()) => break,
-                    Err(actual) => cell = actual,
-                }
-            }
+            self.swap_stored(&self.probe(key, id), |cell| {
+                let state = key
+                    .algorithm
+                    .settle(cell.state(), at, now, key.rate, delta)?;
+                Some(Cell::new(state, cell.generation(), Status::Live))
+            });
         }
     }
 
@@ -156,21 +143,30 @@ impl Inner {
         for (key, id) in keys.iter().zip(ids) {
             let probe = self.probe(key, id);
             let _insert = InsertGuard::lock(&self.table.insert_locks[probe.window]);
-            let Some((slot, mut cell)) = self.table.find(&probe) else {
-                continue;
+            if self.swap_stored(&probe, |cell| Some(cell.with_status(Status::Free))) {
+                self.room.held.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Replaces the cell of the probed key, if it is stored, with what `next` makes of it
+    /// (`None`: leave it), by compare-and-swap, retried on the cell another check left;
+    /// whether it was replaced. A slot that changed owner meanwhile is left alone.
+    fn swap_stored(&self, probe: &Probe, mut next: impl FnMut(Cell) -> Option<Cell>) -> bool {
+        let Some((slot, mut cell)) = self.table.find(probe) else {
+            return false;
+        };
+        loop {
+            cell = slot.unlocked(cell);
+            if cell.status() == Status::Free || !slot.holds(&probe.ident) {
+                return false;
+            }
+            let Some(new) = next(cell) else {
+                return false;
             };
-            loop {
-                cell = slot.unlocked(cell);
-                if cell.status() == Status::Free || !slot.holds(&probe.ident) {
-                    break;
-                }
-                match slot.swap(cell, cell.with_status(Status::Free)) {
-                    Ok(()) => {
-                        self.room.held.fetch_sub(1, Ordering::AcqRel);
-                        break;
-                    }
-                    Err(actual) => cell = actual,
-                }
+            match slot.swap(cell, new) {
+                Ok(()) => return true,
+                Err(actual) => cell = actual,
             }
         }
     }
